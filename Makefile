@@ -1,0 +1,52 @@
+# The README's commands. Everything a fresh machine needs is installed here.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch comes in pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned
+# `torch` could pull a several-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+JOBS   ?= 2
+
+.PHONY: setup setup-bench test demo bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+$(VENV)/.bench: $(STAMP)
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $(VENV)/.bench
+
+setup-bench: $(VENV)/.bench
+
+# TRITON_INTERPRET=1 runs the Triton kernels on the CPU (set before triton is imported).
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(JOBS) --durations=15
+
+demo: setup
+	$(VENV)/bin/llm-train --data data/pretrain.json --chat-data data/chat.json \
+		--preset seed --out runs/demo --pretrain-steps 600 --sft-steps 300
+	$(VENV)/bin/llm-chat runs/demo --prompt "What is a tokenizer?" --temperature 0
+
+bench: setup-bench
+	$(PY) benchmarks/bench_tokenizer.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/kernel_report.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

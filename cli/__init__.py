@@ -1,0 +1,1 @@
+"""argparse front ends: parse, validate, call the engine, print."""

@@ -1,0 +1,54 @@
+"""The only entry point the engine uses for attention, RMSNorm and the loss.
+
+Backends: ``auto`` picks the Triton kernels for CUDA tensors (when triton is installed)
+and the torch reference otherwise; ``triton`` forces the kernels (CPU tensors need
+``TRITON_INTERPRET=1`` set before triton is imported); ``torch`` forces the references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import attention as _attention
+from . import cross_entropy as _cross_entropy
+from . import rmsnorm as _rmsnorm
+from ._triton import HAS_TRITON
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Return the concrete backend ("torch" or "triton") for `tensor`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if (HAS_TRITON and tensor.is_cuda) else "torch"
+    if backend == "triton" and not HAS_TRITON:
+        raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
+    return backend
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto"):
+    if resolve_backend(backend, x) == "triton":
+        return _rmsnorm.rms_norm_triton(x, weight, eps)
+    return _rmsnorm.rms_norm_reference(x, weight, eps)
+
+
+def attention(q, k, v, lengths=None, scale=None, backend: str = "auto"):
+    """Causal attention over [B, H, T, D]; see :mod:`tritonlm.kernels.attention`."""
+    if resolve_backend(backend, q) == "triton":
+        return _attention.attention_triton(q, k, v, lengths, scale)
+    return _attention.attention_reference(q, k, v, lengths, scale)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, backend: str = "auto"):
+    if resolve_backend(backend, logits) == "triton":
+        return _cross_entropy.cross_entropy_triton(logits, targets, ignore_index)
+    return _cross_entropy.cross_entropy_reference(logits, targets, ignore_index)
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100, backend: str = "auto"):
+    """Loss of (hidden @ weight.T) without materializing all logits on the Triton path."""
+    if resolve_backend(backend, hidden) == "triton":
+        return _cross_entropy.linear_cross_entropy_triton(hidden, weight, targets, ignore_index)
+    return _cross_entropy.linear_cross_entropy_reference(hidden, weight, targets, ignore_index)
