@@ -1,0 +1,513 @@
+"""Checkpoints: one directory, safetensors + JSON, written atomically, never pickled.
+
+Layout (format version 1)::
+
+    ckpt/
+      config.json            {"format": "tritonlm-checkpoint", "format_version": 1,
+                              "model_config": {...ModelConfig...}, "train_config": {...}|null,
+                              "tokenizer_file": "tokenizer.json", "resumable": bool}
+      model.safetensors      weights by parameter name (see engine.model.Transformer);
+                             tied embeddings are stored once, as tok_emb.weight
+      tokenizer.json         the tokenizer's own save format (BpeTokenizer.save)
+      optimizer.safetensors  resumable only: optimizer tensors named
+                             "state.<parameter name>.<key>" (e.g. state.norm.weight.exp_avg)
+      trainer_state.json     resumable only: {"trainer_state": {...caller's JSON...},
+                              "optimizer": {"class", "param_groups" (params given by name),
+                              "scalars": {param name: {key: non-tensor value}}}}
+      manifest.json          {"format": ..., "files": {name: {"size": int, "sha256": hex}}}
+                             for every file above
+
+Saving writes everything into a sibling temporary directory ``.<name>.tmp-<random>``,
+fsyncs each file and the directory, then renames it into place. When ``<name>`` already
+exists it is first renamed aside to ``.<name>.old``, the new one is renamed in, and the
+aside copy is deleted. Renames are atomic, so after a crash at any point either
+``<name>`` or ``.<name>.old`` is a complete checkpoint. Recovery rule: ``load_checkpoint``
+uses ``<name>`` when it exists and otherwise falls back to ``.<name>.old``; the next
+successful save removes leftover ``.old`` and ``.tmp-*`` directories.
+
+Loading checks the manifest (size and sha256 of every file) first, then the config's magic
+and format version (newer: refused; older: migrated through MIGRATIONS), rebuilds the
+tokenizer, takes the vocabulary size from it, builds the model from its config and loads
+the weights with strict name and shape checks. Every problem is a one-line
+CheckpointError that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .model import Transformer
+from .tokenizer import BpeTokenizer, TokenizerError
+
+FORMAT_MAGIC = "tritonlm-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved or loaded; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- migrations
+
+
+def _migrate_v0(cfg: dict[str, Any]) -> dict[str, Any]:
+    """v0 (pre-release layout): keys "model"/"train", tokenizer always tokenizer.json."""
+    cfg = dict(cfg)
+    cfg["model_config"] = cfg.pop("model", None)
+    cfg["train_config"] = cfg.pop("train", None)
+    cfg.setdefault("tokenizer_file", TOKENIZER_FILE)
+    cfg.setdefault("resumable", False)
+    return cfg
+
+
+# MIGRATIONS[v] turns a version-v config.json dict into version v + 1.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_v0}
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """os.rename, behind a name tests can patch to simulate a crash."""
+    os.rename(src, dst)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: cannot be written as JSON ({e})") from None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+
+
+def _unwrap(model: torch.nn.Module) -> Transformer:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if not isinstance(model, Transformer):
+        raise CheckpointError(f"can only save a Transformer, got {type(model).__name__}")
+    return model
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def _optimizer_names(optimizer: torch.optim.Optimizer, model: Transformer) -> list[str]:
+    """Parameter names in the optimizer's own order (the order of its state_dict ids)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise CheckpointError("optimizer holds a tensor that is not a model parameter")
+            names.append(by_id[id(p)])
+    return names
+
+
+def _flatten_optimizer(optimizer, model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    names = _optimizer_names(optimizer, model)
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{names[index]}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(names[index], {})[key] = value
+    groups = []
+    for group in sd["param_groups"]:
+        g = {k: v for k, v in group.items() if k != "params"}
+        for k, v in g.items():
+            if isinstance(v, torch.Tensor):
+                g[k] = v.item() if v.numel() == 1 else v.tolist()
+            elif isinstance(v, tuple):
+                g[k] = list(v)
+        g["params"] = [names[i] for i in group["params"]]
+        groups.append(g)
+    meta = {"class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars}
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    tokenizer: BpeTokenizer,
+    train_config: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write a checkpoint directory at ``path`` (replacing any old one).
+
+    With ``optimizer`` (and optionally ``trainer_state``, a JSON-serializable dict such as
+    step, RNG states as lists of ints, data position) the checkpoint is resumable.
+    Returns the checkpoint path.
+    """
+    model = _unwrap(model)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"model vocab_size {model.config.vocab_size} != tokenizer vocab_size "
+            f"{tokenizer.vocab_size}"
+        )
+    if trainer_state is not None and optimizer is None:
+        raise CheckpointError("trainer_state needs the optimizer too (resumable checkpoint)")
+    target = Path(path)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    aside = parent / f".{target.name}.old"
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a directory")
+
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    # Swap into place. Invariant: target or aside is always a complete checkpoint.
+    try:
+        if target.exists():
+            if aside.exists():  # stale: target is complete, so the aside copy is not needed
+                shutil.rmtree(aside)
+            _rename(target, aside)
+            _fsync_dir(parent)
+        _rename(tmp, target)
+        _fsync_dir(parent)
+    except BaseException:
+        if not target.exists() and aside.exists():
+            try:
+                _rename(aside, target)
+            except OSError:
+                pass  # load_checkpoint falls back to the aside copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    for stale in parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state) -> None:
+    files = [CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE]
+    config = {
+        "format": FORMAT_MAGIC,
+        "format_version": FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "train_config": train_config,
+        "tokenizer_file": TOKENIZER_FILE,
+        "resumable": optimizer is not None,
+    }
+    _write_json(tmp / CONFIG_FILE, config)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": FORMAT_MAGIC})
+    tokenizer.save(tmp / TOKENIZER_FILE)
+    if optimizer is not None:
+        tensors, meta = _flatten_optimizer(optimizer, model)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT_MAGIC})
+        _write_json(
+            tmp / TRAINER_STATE_FILE, {"trainer_state": trainer_state or {}, "optimizer": meta}
+        )
+        files += [OPTIMIZER_FILE, TRAINER_STATE_FILE]
+    manifest = {
+        "format": FORMAT_MAGIC,
+        "files": {
+            name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in files
+        },
+    }
+    _write_json(tmp / MANIFEST_FILE, manifest)
+    for name in [*files, MANIFEST_FILE]:
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. ``trainer_state`` is None unless the checkpoint is resumable."""
+
+    path: Path
+    model: Transformer
+    tokenizer: BpeTokenizer
+    model_config: ModelConfig
+    train_config: dict[str, Any] | None
+    trainer_state: dict[str, Any] | None
+    format_version: int
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def resumable(self) -> bool:
+        return self.trainer_state is not None
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Load the saved optimizer state into ``optimizer`` (built over ``self.model``'s
+        parameters, same parameter groups); raises CheckpointError on any mismatch."""
+        if not self.resumable:
+            raise CheckpointError(f"{self.path}: not a resumable checkpoint (no optimizer state)")
+        meta = _read_json(self.path / TRAINER_STATE_FILE)["optimizer"]
+        opt_path = self.path / OPTIMIZER_FILE
+        _verify_file(self.path, OPTIMIZER_FILE, self.manifest)
+        if meta["class"] != type(optimizer).__name__:
+            raise CheckpointError(
+                f"{opt_path}: saved for {meta['class']}, not {type(optimizer).__name__}"
+            )
+        names = _optimizer_names(optimizer, self.model)
+        saved_names = [n for g in meta["param_groups"] for n in g["params"]]
+        if names != saved_names or len(meta["param_groups"]) != len(optimizer.param_groups):
+            raise CheckpointError(
+                f"{opt_path}: parameter groups differ from the optimizer's "
+                f"({len(saved_names)} saved parameters, {len(names)} in the optimizer)"
+            )
+        tensors = _load_safetensors(opt_path)
+        index = {n: i for i, n in enumerate(names)}
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            pname, _, skey = key[len("state.") :].rpartition(".")
+            if not key.startswith("state.") or pname not in index:
+                raise CheckpointError(f"{opt_path}: unexpected tensor {key!r}")
+            state.setdefault(index[pname], {})[skey] = value
+        for pname, values in meta["scalars"].items():
+            if pname not in index:
+                raise CheckpointError(f"{opt_path}: scalars for unknown parameter {pname!r}")
+            state.setdefault(index[pname], {}).update(values)
+        groups, start = [], 0
+        for g in meta["param_groups"]:
+            n = len(g["params"])
+            groups.append({**g, "params": list(range(start, start + n))})
+            start += n
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{opt_path}: cannot load optimizer state ({e})") from None
+
+
+def _resolve(path: Path) -> Path:
+    """The checkpoint to read: ``path``, or its aside copy left by an interrupted save."""
+    if path.is_dir():
+        return path
+    aside = path.parent / f".{path.name}.old"
+    if not path.exists() and aside.is_dir():
+        return aside
+    if path.exists():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    raise CheckpointError(f"{path}: checkpoint directory does not exist")
+
+
+def _verify_file(root: Path, name: str, manifest: dict[str, Any]) -> None:
+    entry = manifest["files"].get(name)
+    path = root / name
+    if entry is None:
+        raise CheckpointError(f"{path}: not listed in {MANIFEST_FILE}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise CheckpointError(
+            f"{path}: size {size} bytes, manifest says {entry['size']} (truncated or modified)"
+        )
+    if _sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 mismatch with {MANIFEST_FILE} (file corrupted)")
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    manifest = _read_json(root / MANIFEST_FILE)
+    path = root / MANIFEST_FILE
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_MAGIC:
+        raise CheckpointError(f"{path}: not a {FORMAT_MAGIC} manifest")
+    files = manifest.get("files")
+    ok = isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
+    )
+    if not ok:
+        raise CheckpointError(f"{path}: malformed file list")
+    for name in files:
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise CheckpointError(f"{path}: bad file name {name!r}")
+    return manifest
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG_FILE
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_MAGIC:
+        raise CheckpointError(f"{path}: not a {FORMAT_MAGIC} config (wrong format magic)")
+    version = cfg.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{path}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version} is newer than this tritonlm supports "
+            f"({FORMAT_VERSION}); upgrade tritonlm to load it"
+        )
+    while version < FORMAT_VERSION:
+        cfg = MIGRATIONS[version](cfg)
+        version += 1
+    cfg["format_version"] = version
+    if not isinstance(cfg.get("model_config"), dict):
+        raise CheckpointError(f"{path}: model_config is missing")
+    name = cfg.get("tokenizer_file")
+    if not isinstance(name, str) or "/" in name or "\\" in name:
+        raise CheckpointError(f"{path}: bad tokenizer_file {name!r}")
+    return cfg
+
+
+def _load_weights(model: Transformer, path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        what = "not a tritonlm model file" if len(missing) == len(expected) else "names differ"
+        raise CheckpointError(
+            f"{path}: {what}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(found[name])}, model expects {list(shape)}"
+            )
+    tensors = _load_safetensors(path)
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name} has non-float dtype {t.dtype}")
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto"
+) -> Checkpoint:
+    """Verify and load a checkpoint directory (see the module docstring for the order).
+
+    The model comes back in eval mode on ``device`` with float32 weights (as saved).
+    For a resumable checkpoint call ``ckpt.load_optimizer_state(optimizer)`` after building
+    the optimizer over ``ckpt.model``'s parameters.
+    """
+    root = _resolve(Path(path))
+    manifest = _read_manifest(root)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {name}")
+    for name in manifest["files"]:
+        _verify_file(root, name, manifest)
+    cfg = _read_config(root)
+
+    tok_path = root / cfg["tokenizer_file"]
+    if cfg["tokenizer_file"] not in manifest["files"]:
+        raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {cfg['tokenizer_file']}")
+    try:
+        tokenizer = BpeTokenizer.load(tok_path)
+    except (TokenizerError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{tok_path}: cannot load tokenizer ({e})") from None
+
+    model_dict = dict(cfg["model_config"])
+    if model_dict.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"{root / CONFIG_FILE}: model vocab_size {model_dict['vocab_size']} does not match "
+            f"the tokenizer's {tokenizer.vocab_size}"
+        )
+    model_dict["vocab_size"] = tokenizer.vocab_size
+    try:
+        model_config = ModelConfig.from_dict(model_dict)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{root / CONFIG_FILE}: bad model_config ({e})") from None
+
+    model = Transformer(model_config, backend=backend)
+    _load_weights(model, root / MODEL_FILE)
+    model.to(device).eval()
+
+    trainer_state = None
+    if cfg.get("resumable"):
+        for name in (OPTIMIZER_FILE, TRAINER_STATE_FILE):
+            if name not in manifest["files"]:
+                raise CheckpointError(f"{root / MANIFEST_FILE}: resumable but {name} not listed")
+        state = _read_json(root / TRAINER_STATE_FILE)
+        if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+            raise CheckpointError(f"{root / TRAINER_STATE_FILE}: malformed trainer state")
+        trainer_state = state.get("trainer_state") or {}
+
+    return Checkpoint(
+        path=root,
+        model=model,
+        tokenizer=tokenizer,
+        model_config=model_config,
+        train_config=cfg.get("train_config"),
+        trainer_state=trainer_state,
+        format_version=cfg["format_version"],
+        manifest=manifest,
+    )

@@ -1,0 +1,358 @@
+"""ModelConfig validation and presets; Transformer forward, loss, padding, KV cache parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tritonlm.engine.config import PRESETS, ConfigError, ModelConfig
+from tritonlm.engine.model import KVCache, Transformer, left_pad
+
+TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=24)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(d_model=-8), "d_model"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(n_heads=0), "n_heads"),
+        (dict(d_ff=0), "d_ff"),
+        (dict(max_seq_len=0), "max_seq_len"),
+        (dict(d_model=30, n_heads=4), "divisible"),
+        (dict(d_model=12, n_heads=4), "even"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(dropout=float("nan")), "dropout"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(init_std=-1.0), "init_std"),
+        (dict(d_model=32.0), "d_model"),
+        (dict(n_layers=True), "n_layers"),
+        (dict(tie_embeddings="yes"), "tie_embeddings"),
+    ],
+)
+def test_config_rejects_bad_values(change, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{**TINY, **change})
+
+
+def test_config_dict_roundtrip_and_unknown_keys():
+    cfg = ModelConfig(**TINY, dropout=0.1, tie_embeddings=False)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown model config key.*n_embd"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_embd": 3})
+    with pytest.raises(ConfigError, match="missing vocab_size"):
+        ModelConfig.from_dict({"d_model": 32})
+    with pytest.raises(ConfigError, match="JSON object"):
+        ModelConfig.from_dict([1, 2])
+    assert cfg.replace(d_ff=64).d_ff == 64
+    with pytest.raises(ConfigError):
+        cfg.replace(n_heads=3)
+
+
+def test_presets():
+    seed = ModelConfig.preset("seed", vocab_size=300)
+    assert (seed.d_model, seed.d_ff, seed.n_layers, seed.n_heads, seed.max_seq_len) == (
+        128,
+        256,
+        3,
+        4,
+        80,
+    )
+    assert seed.vocab_size == 300
+    assert ModelConfig.preset("small", 8192, dropout=0.1).dropout == 0.1
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ModelConfig.preset("huge", 100)
+    assert set(PRESETS) == {"seed", "small", "gpt2"}
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+@pytest.mark.parametrize("vocab", [8192, 12288, 16384])
+def test_small_preset_is_about_10m_params(vocab):
+    cfg = ModelConfig.preset("small", vocab)
+    n = meta_model(cfg).num_parameters()
+    assert n == cfg.num_parameters()
+    assert 8.5e6 <= n <= 11.5e6, n
+    assert cfg.max_seq_len == 256
+
+
+def test_gpt2_preset_is_about_124m_params():
+    cfg = ModelConfig.preset("gpt2", 50257)
+    n = meta_model(cfg).num_parameters()
+    assert n == cfg.num_parameters() == 123_551_232
+    assert abs(n - 124e6) < 1.5e6
+    assert cfg.max_seq_len == 1024 and cfg.tie_embeddings
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_parameter_count_matches_formula(tie):
+    m = tiny_model(tie_embeddings=tie)
+    by_hand = sum(p.numel() for p in m.parameters())  # parameters() de-duplicates ties
+    assert m.num_parameters() == by_hand == m.config.num_parameters()
+    emb = TINY["vocab_size"] * TINY["d_model"] * (1 if tie else 2)
+    assert m.num_parameters(exclude_embeddings=True) == by_hand - emb
+    assert (m.lm_head is None) == tie
+    names = set(m.state_dict())
+    assert ("lm_head.weight" in names) != tie
+    assert not any("rope" in n for n in names), "RoPE tables must not be saved"
+
+
+def test_flops_per_token():
+    m = tiny_model()
+    c = m.config
+    n = c.n_layers * (4 * c.d_model**2 + 3 * c.d_model * c.d_ff) + c.vocab_size * c.d_model
+    assert m.flops_per_token(10) == 6 * n + 12 * c.n_layers * c.d_model * 10
+    assert m.flops_per_token() == m.flops_per_token(c.max_seq_len)
+
+
+def test_scaled_init():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=8, n_heads=4, d_ff=256)
+    m = Transformer(cfg)
+    assert abs(m.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(m.blocks[0].ffn.down.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(m.blocks[3].attn.proj.weight.std().item() - 0.02 / 4) < 0.0005
+    assert torch.equal(m.norm.weight, torch.ones(128))
+
+
+# ----------------------------------------------------------------------------- forward / loss
+
+
+def test_forward_shape_and_backend_setter():
+    m = tiny_model()
+    idx = torch.randint(0, 61, (2, 7))
+    assert m(idx).shape == (2, 7, 61)
+    m.backend = "torch"
+    assert m.blocks[1].attn.backend == "torch" and m.norm.backend == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        m.backend = "cuda"
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    m = tiny_model()
+    idx = torch.randint(0, 61, (1, 12))
+    changed = idx.clone()
+    changed[0, 8] = (idx[0, 8] + 1) % 61
+    a, b = m(idx), m(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=1e-6)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-4
+
+
+def test_right_padding_with_lengths_equals_alone():
+    m = tiny_model()
+    seqs = [torch.randint(0, 61, (n,)) for n in (9, 4, 1)]
+    batch = torch.zeros(3, 9, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, : len(s)] = s
+        batch[i, len(s) :] = 7  # garbage in the padding
+    lengths = torch.tensor([9, 4, 1])
+    out = m(batch, lengths=lengths)
+    for i, s in enumerate(seqs):
+        alone = m(s[None])
+        torch.testing.assert_close(out[i, : len(s)], alone[0], rtol=1e-5, atol=1e-5)
+    # The loss over the padded batch is the token-weighted mean of the per-sequence losses.
+    targets = torch.randint(0, 61, (3, 9))
+    total = sum(
+        F.cross_entropy(m(s[None])[0], targets[i, : len(s)], reduction="sum")
+        for i, s in enumerate(seqs)
+    )
+    torch.testing.assert_close(m.loss(batch, targets, lengths=lengths), total / 14)
+
+
+def test_left_padding_forward_equals_alone():
+    m = tiny_model()
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (6, 2, 4)]
+    idx, pad = left_pad(prompts, pad_id=0)
+    assert pad.tolist() == [0, 4, 2]
+    out = m(idx, pad=pad)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(out[i, pad[i] :], m(torch.tensor([p]))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_matches_cross_entropy_and_masks():
+    m = tiny_model(tie_embeddings=False)
+    idx = torch.randint(0, 61, (2, 10))
+    targets = torch.randint(0, 61, (2, 10))
+    logits = m(idx)
+    ref = F.cross_entropy(logits.reshape(-1, 61), targets.reshape(-1))
+    torch.testing.assert_close(m.loss(idx, targets), ref)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[0, 3:6] = 1
+    mask[1, 9] = 1
+    sel = mask.bool()
+    torch.testing.assert_close(
+        m.loss(idx, targets, loss_mask=mask), F.cross_entropy(logits[sel], targets[sel])
+    )
+    ignored = targets.clone()
+    ignored[:, :5] = -100
+    torch.testing.assert_close(
+        m.loss(idx, ignored), F.cross_entropy(logits[:, 5:].reshape(-1, 61), targets[:, 5:].ravel())
+    )
+    assert m.loss(idx, targets, loss_mask=torch.zeros(2, 10)).item() == 0.0
+
+
+def test_backward_reaches_every_parameter():
+    m = tiny_model(tie_embeddings=False).train()
+    idx = torch.randint(0, 61, (2, 8))
+    m.loss(idx, torch.roll(idx, -1, 1)).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_dropout_only_in_train_mode():
+    m = tiny_model(dropout=0.5)
+    idx = torch.randint(0, 61, (1, 8))
+    torch.testing.assert_close(m(idx), m(idx), rtol=0, atol=0)
+    m.train()
+    assert not torch.equal(m(idx), m(idx))
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def greedy_uncached(m: Transformer, prompt: list[int], steps: int):
+    ids, logits = list(prompt), []
+    for _ in range(steps):
+        last = m(torch.tensor([ids]))[0, -1]
+        logits.append(last)
+        ids.append(int(last.argmax()))
+    return ids[len(prompt) :], torch.stack(logits)
+
+
+def greedy_cached(m: Transformer, prompts: list[list[int]], steps: int):
+    idx, pad = left_pad(prompts, pad_id=0)
+    cache = m.new_cache(len(prompts), pad=pad)
+    last = m.forward_cached(idx, cache)[:, -1]
+    out, logits = [], []
+    for step in range(steps):
+        logits.append(last)
+        nxt = last.argmax(-1)
+        out.append(nxt)
+        if step + 1 < steps:
+            last = m.forward_cached(nxt[:, None], cache)[:, -1]
+    return torch.stack(out, 1).tolist(), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 17])
+def test_cache_greedy_matches_recompute_up_to_context_limit(prompt_len):
+    m = tiny_model(seed=1)
+    torch.manual_seed(prompt_len)
+    prompt = torch.randint(0, 61, (prompt_len,)).tolist()
+    steps = m.config.max_seq_len - prompt_len  # the last step's input fills the context
+    ref_tokens, ref_logits = greedy_uncached(m, prompt, steps)
+    tokens, logits = greedy_cached(m, [prompt], steps)
+    assert tokens[0] == ref_tokens
+    torch.testing.assert_close(logits[0], ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_batched_left_padding_matches_alone():
+    m = tiny_model(seed=2)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 11, 1, 7)]
+    steps = 10
+    tokens, logits = greedy_cached(m, prompts, steps)
+    for i, p in enumerate(prompts):
+        ref_tokens, ref_logits = greedy_uncached(m, p, steps)
+        assert tokens[i] == ref_tokens, i
+        torch.testing.assert_close(logits[i], ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_each_row_can_reach_the_context_limit():
+    m = tiny_model(seed=4)
+    prompts = [[1, 2, 3, 4, 5, 6], [7]]
+    # The short row may generate until its own real length hits max_seq_len.
+    steps = m.config.max_seq_len - 1
+    idx, pad = left_pad(prompts, pad_id=0)
+    cache = m.new_cache(2, pad=pad)
+    assert cache.max_len == m.config.max_seq_len + 5
+    m.forward_cached(idx, cache)
+    for _ in range(m.config.max_seq_len - 6):
+        m.forward_cached(torch.tensor([[3], [3]]), cache)
+    assert cache.pos == m.config.max_seq_len
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.forward_cached(torch.tensor([[3], [3]]), cache)  # row 0 is at the limit
+    tokens, _ = greedy_cached(m, [[7]], steps)
+    ref, _ = greedy_uncached(m, [7], steps)
+    assert tokens[0] == ref
+
+
+def test_cache_errors_and_reset():
+    m = tiny_model()
+    cache = m.new_cache(1, max_len=4)
+    assert isinstance(cache, KVCache) and len(cache.k) == m.config.n_layers
+    assert cache.k[0].shape == (1, 4, 4, 8)
+    m.forward_cached(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.raises(ValueError, match="cache full"):
+        m.forward_cached(torch.tensor([[1, 2]]), cache)
+    with pytest.raises(ValueError, match="batch"):
+        m.forward_cached(torch.tensor([[1], [2]]), cache)
+    cache.reset()
+    a = m.forward_cached(torch.tensor([[5, 6]]), cache)
+    torch.testing.assert_close(a, m(torch.tensor([[5, 6]])), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pad"):
+        m.new_cache(2, pad=torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1], []], 0)
+
+
+def test_forward_cached_needs_no_grad():
+    m = tiny_model().train()
+    cache = m.new_cache(1)
+    out = m.forward_cached(torch.tensor([[1, 2]]), cache)
+    assert not out.requires_grad and not cache.k[0].requires_grad
+    assert math.isfinite(out.sum().item())
+
+
+def test_triton_backend_matches_torch_end_to_end():
+    """The kernel seam: the same model on backend "triton" (interpreter on CPU) agrees
+    with backend "torch" on logits, loss and every gradient, with right padding."""
+    m = tiny_model(seed=5, n_heads=2, max_seq_len=16)
+    idx, targets = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
+    lengths = torch.tensor([9, 5])
+    results = {}
+    for backend in ("torch", "triton"):
+        m.backend = backend
+        m.zero_grad()
+        loss = m.loss(idx, targets, lengths=lengths)
+        loss.backward()
+        logits = m(idx, lengths=lengths).detach()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        results[backend] = (loss.detach(), logits, grads)
+    (l0, g0, d0), (l1, g1, d1) = results["torch"], results["triton"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1[0], g0[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1[1, :5], g0[1, :5], rtol=1e-5, atol=1e-5)
+    for name in d0:
+        torch.testing.assert_close(d1[name], d0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cache_in_lower_precision_and_bf16_model():
+    m = tiny_model(seed=6)
+    idx = torch.randint(0, 61, (1, 6))
+    cache = m.new_cache(1, dtype=torch.bfloat16)
+    out = m.forward_cached(idx, cache)
+    assert cache.k[0].dtype == torch.bfloat16 and out.dtype == torch.float32
+    torch.testing.assert_close(out, m(idx), rtol=0.05, atol=0.05)
+    m16 = tiny_model(seed=6).to(torch.bfloat16)
+    assert m16.rope_cos.dtype == torch.float32 and "rope_cos" in dict(m16.named_buffers())
+    out16 = m16.forward_cached(idx, m16.new_cache(1))
+    assert out16.dtype == torch.bfloat16
+    assert torch.isfinite(m16.loss(idx, idx)).item()
