@@ -1,0 +1,12 @@
+"""Shared test setup, applied before any test module imports torch or triton.
+
+- Triton's interpreter must be chosen before triton is imported (kernels run on the CPU).
+- The suite runs under pytest-xdist with one worker per core, so each worker uses one
+  intra-op thread; more would oversubscribe CI's two cores.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
