@@ -1,0 +1,285 @@
+"""Tokenize a corpus once into memory-mapped files on disk, keyed by data + tokenizer.
+
+A cache entry is a directory ``<cache_dir>/<kind>-<key[:16]>/`` holding raw little-endian
+arrays plus ``meta.json`` (dtypes, lengths, counts, the full key)::
+
+    pretrain  tokens.bin    <|bos|> doc <|eos|> for every document, concatenated
+              doc_offsets.bin  int64 [n_docs + 1]: document i is tokens[off[i]:off[i+1]]
+              doc_bytes.bin    int64 [n_docs]: UTF-8 bytes of each document (bits per byte)
+    sft       tokens.bin    render_chat ids of every conversation, concatenated
+              mask.bin      uint8, 1 where the token is assistant output (trained on)
+              doc_offsets.bin / doc_bytes.bin as above (bytes = message contents)
+
+Tokens are uint16 when the vocabulary fits (< 65536 ids), else uint32. Documents are
+encoded one at a time and streamed to disk in chunks, so a large corpus never sits in RAM
+as Python ints. The entry is written to a temporary sibling directory and renamed into
+place, so a crash leaves no half-written cache; a second build with the same data and
+tokenizer finds the entry and only maps it.
+
+    >>> cache = build_pretrain_cache(["a b", "c"], tok, "runs/.cache")   # doctest: +SKIP
+    >>> cache.tokens[: cache.doc_offsets[1]]       # <|bos|> a b <|eos|>   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+_CHUNK_TOKENS = 1 << 20  # flush to disk every ~1M tokens
+
+
+class TokenCacheError(ValueError):
+    """A cache entry that cannot be built or read (the message names the path)."""
+
+
+@dataclass
+class TokenCache:
+    """A memory-mapped token cache entry (read-only arrays).
+
+    ``mask`` is None for pretraining caches. ``n_bytes`` is the total UTF-8 size of the
+    source text, used for bits per byte.
+    """
+
+    path: Path
+    kind: str
+    key: str
+    tokens: np.ndarray
+    doc_offsets: np.ndarray
+    doc_bytes: np.ndarray
+    mask: np.ndarray | None
+    vocab_size: int
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.doc_offsets[-1])
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.doc_bytes.sum())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32.
+
+    >>> token_dtype(512), token_dtype(100_000)
+    (dtype('uint16'), dtype('uint32'))
+    """
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def cache_key(kind: str, items: Iterable, tokenizer_json: str) -> str:
+    """sha256 over the cache format, the kind, the tokenizer JSON and every item's content.
+
+    Items are hashed as length-prefixed UTF-8 (chats as canonical JSON), so ["ab"] and
+    ["a", "b"] differ.
+    """
+    h = hashlib.sha256()
+    h.update(f"tritonlm-token-cache/{FORMAT_VERSION}/{kind}\n".encode())
+    h.update(hashlib.sha256(tokenizer_json.encode()).digest())
+    for item in items:
+        s = item if isinstance(item, str) else json.dumps(item, sort_keys=True, ensure_ascii=False)
+        b = s.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Canonical JSON of the tokenizer (its ``to_dict()``), the tokenizer part of the key."""
+    return json.dumps(tokenizer.to_dict(), sort_keys=True, ensure_ascii=False)
+
+
+def build_pretrain_cache(
+    texts: Sequence[str],
+    tokenizer,
+    cache_dir: str | os.PathLike,
+    progress: Callable[[int, int], None] | None = None,
+) -> TokenCache:
+    """Encode each text as ``<|bos|> text <|eos|>`` into a cache entry (or reuse it).
+
+    ``progress(done, total)`` is called every few documents while encoding.
+    """
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+
+    def encode(text):
+        ids = tokenizer.encode(text)
+        return [bos, *ids, eos], None, len(text.encode("utf-8"))
+
+    return _build("pretrain", texts, tokenizer, cache_dir, encode, progress)
+
+
+def build_chat_cache(
+    chats: Sequence[list[dict]],
+    tokenizer,
+    cache_dir: str | os.PathLike,
+    progress: Callable[[int, int], None] | None = None,
+) -> TokenCache:
+    """Render each conversation with the chat template; keep ids and the assistant mask."""
+
+    def encode(messages):
+        ids, mask = tokenizer.render_chat(messages)
+        n_bytes = sum(len(m["content"].encode("utf-8")) for m in messages)
+        return ids, mask, n_bytes
+
+    return _build("sft", chats, tokenizer, cache_dir, encode, progress)
+
+
+def open_cache(path: str | os.PathLike) -> TokenCache:
+    """Map an existing cache entry directory (raises TokenCacheError when broken)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TokenCacheError(f"{path}: unreadable token cache ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TokenCacheError(f"{path}: token cache format {meta.get('format_version')!r}")
+    n_tok, n_docs = int(meta["n_tokens"]), int(meta["n_docs"])
+    dtype = np.dtype(meta["token_dtype"])
+
+    def mmap(name, dt, n):
+        file = path / name
+        expected = n * np.dtype(dt).itemsize
+        if not file.is_file() or file.stat().st_size != expected:
+            raise TokenCacheError(f"{file}: missing or wrong size (expected {expected} bytes)")
+        if n == 0:
+            return np.zeros(0, dtype=dt)
+        return np.memmap(file, dtype=dt, mode="r", shape=(n,))
+
+    tokens = mmap("tokens.bin", dtype, n_tok)
+    offsets = mmap("doc_offsets.bin", np.int64, n_docs + 1)
+    doc_bytes = mmap("doc_bytes.bin", np.int64, n_docs)
+    mask = mmap("mask.bin", np.uint8, n_tok) if meta["kind"] == "sft" else None
+    if int(offsets[-1]) != n_tok:
+        raise TokenCacheError(f"{path}: document offsets do not match the token count")
+    return TokenCache(
+        path=path,
+        kind=meta["kind"],
+        key=meta["key"],
+        tokens=tokens,
+        doc_offsets=offsets,
+        doc_bytes=doc_bytes,
+        mask=mask,
+        vocab_size=int(meta["vocab_size"]),
+    )
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _build(kind, items, tokenizer, cache_dir, encode, progress) -> TokenCache:
+    key = cache_key(kind, items, tokenizer_fingerprint(tokenizer))
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"{kind}-{key[:16]}"
+    if final.is_dir():
+        try:
+            cache = open_cache(final)
+            if cache.key == key:
+                return cache
+        except (TokenCacheError, KeyError):
+            pass
+        shutil.rmtree(final, ignore_errors=True)  # stale or broken: rebuild
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    try:
+        _write_entry(tmp, kind, key, items, tokenizer.vocab_size, encode, progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process finished the same entry first; use theirs.
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_cache(final)
+
+
+def _write_entry(tmp: Path, kind, key, items, vocab_size, encode, progress) -> None:
+    dtype = token_dtype(vocab_size)
+    n_items = len(items)
+    n_tokens = 0
+    buf_tok: list[np.ndarray] = []
+    buf_mask: list[np.ndarray] = []
+    buffered = 0
+    offsets = [0]
+    doc_bytes = []
+    with (
+        open(tmp / "tokens.bin", "wb") as f_tok,
+        open(tmp / "mask.bin", "wb") if kind == "sft" else _Null() as f_mask,
+        open(tmp / "doc_offsets.bin", "wb") as f_off,
+        open(tmp / "doc_bytes.bin", "wb") as f_bytes,
+    ):
+
+        def flush():
+            nonlocal buffered
+            if buf_tok:
+                np.concatenate(buf_tok).astype(dtype, copy=False).tofile(f_tok)
+                buf_tok.clear()
+            if buf_mask:
+                np.concatenate(buf_mask).astype(np.uint8, copy=False).tofile(f_mask)
+                buf_mask.clear()
+            np.asarray(offsets[:-1], dtype=np.int64).tofile(f_off)
+            del offsets[:-1]
+            np.asarray(doc_bytes, dtype=np.int64).tofile(f_bytes)
+            doc_bytes.clear()
+            buffered = 0
+
+        for i, item in enumerate(items):
+            ids, mask, nb = encode(item)
+            arr = np.asarray(ids, dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                raise TokenCacheError(f"item {i}: token id outside the vocabulary")
+            buf_tok.append(arr)
+            if mask is not None:
+                m = np.asarray(mask, dtype=np.uint8)
+                if m.shape != arr.shape:
+                    raise TokenCacheError(f"item {i}: mask length differs from ids length")
+                buf_mask.append(m)
+            n_tokens += arr.size
+            buffered += arr.size
+            offsets.append(n_tokens)
+            doc_bytes.append(nb)
+            if buffered >= _CHUNK_TOKENS:
+                flush()
+            if progress is not None and (i % 256 == 0 or i + 1 == n_items):
+                progress(i + 1, n_items)
+        flush()
+        np.asarray(offsets, dtype=np.int64).tofile(f_off)  # the final end offset
+        for f in (f_tok, f_mask, f_off, f_bytes):
+            if not isinstance(f, _Null):
+                f.flush()
+                os.fsync(f.fileno())
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "key": key,
+        "vocab_size": int(vocab_size),
+        "token_dtype": dtype.name,
+        "n_tokens": int(n_tokens),
+        "n_docs": int(n_items),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+class _Null:
+    """A do-nothing file for the pretraining case (no mask file)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
