@@ -221,6 +221,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state)
+        if target.is_dir():
+            _carry_over_extras(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -246,6 +248,26 @@ def save_checkpoint(
     for stale in parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+CHECKPOINT_FILES = frozenset(
+    {CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, MANIFEST_FILE}
+)
+
+
+def _carry_over_extras(old: Path, new: Path) -> None:
+    """Copy files that are not part of the checkpoint (metrics, plots, notes) into ``new``.
+
+    Replacing a checkpoint swaps whole directories; without this a run's metrics.jsonl, or
+    anything a user put beside the weights, would be lost. Extras are not in the manifest.
+    """
+    for entry in sorted(old.iterdir()):
+        if entry.name in CHECKPOINT_FILES or (new / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state) -> None:

@@ -100,6 +100,24 @@ def test_save_overwrites_and_leaves_no_temp_dirs(tmp_path, tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_replacing_keeps_extra_files_but_not_stale_optimizer(tmp_path, tokenizer):
+    path = tmp_path / "ck"
+    model = make_model(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(IDX).sum().backward()
+    optimizer.step()
+    save_checkpoint(path, model, tokenizer, optimizer=optimizer, trainer_state={"step": 1})
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (path / "plots").mkdir()
+    (path / "plots" / "loss.png").write_bytes(b"png")
+    save_checkpoint(path, model, tokenizer)  # model-only replaces the resumable one
+    assert (path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (path / "plots" / "loss.png").read_bytes() == b"png"
+    assert not (path / "optimizer.safetensors").exists()
+    assert not (path / "trainer_state.json").exists()
+    assert not load_checkpoint(path).resumable
+
+
 def test_never_unpickles(monkeypatch, tmp_path, tokenizer):
     def boom(*args, **kwargs):
         raise AssertionError("pickle used")
