@@ -1,0 +1,535 @@
+"""Text generation: KV-cached decoding, streaming with stop strings, batches, chat prompts.
+
+The decoding loop, per batch of prompts (token id lists):
+
+    prefill   one ``model.forward_cached`` over the left-padded prompts (all positions)
+    decode    sample a token per row (see :mod:`.sampling`), feed it back, one per step
+    stop      per row, on the first of:
+                "eos"             the model wrote <|eos|>
+                "end"             the model wrote <|end|> (end of the assistant turn)
+                "stop_string"     the text contains a user stop string (cut before it)
+                "max_new_tokens"  config.max_new_tokens tokens were generated
+                "context"         the model has read max_seq_len tokens: there is no room
+                                  to feed the last token back, so generation STOPS (it does
+                                  not slide the window). A prompt of P <= max_seq_len tokens
+                                  therefore gets at most max_seq_len - P + 1 new tokens.
+                "interrupted"     the caller stopped iterating (e.g. Ctrl-C)
+    A prompt longer than max_seq_len keeps its most recent max_seq_len tokens; the result
+    says so (``prompt_truncated`` = tokens dropped, plus a line in ``warnings``).
+
+``use_cache=False`` recomputes the whole sequence every step instead (same tokens, for
+tests and the benchmark). Finished rows leave the batch (their cache rows are dropped), so
+in a batch every row gets exactly the tokens it would get alone (greedy).
+
+Streaming text: each generated token contributes its bytes; bytes are decoded with an
+incremental UTF-8 decoder, so a character split across tokens appears once complete.
+Text that could be the start of a stop string is held back until it is known not to be,
+so a stop string never reaches the output, even split across several tokens.
+
+    >>> cfg = SamplingConfig(temperature=0, max_new_tokens=20, stop=("User:",))
+    >>> result = generate(model, tokenizer, [tokenizer.bos_id, *tokenizer.encode("Hi")], cfg)
+    >>> result.text, result.stop_reason, result.new_tokens                  # doctest: +SKIP
+    (' there', 'stop_string', 4)
+    >>> for piece in stream(model, tokenizer, ids, cfg): print(piece.text, end="")  # +SKIP
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .sampling import SamplingConfig, SamplingError, make_generator, sample_next
+
+__all__ = [
+    "STOP_REASONS",
+    "ChatPrompt",
+    "GenerationResult",
+    "Piece",
+    "SamplingConfig",
+    "SamplingError",
+    "Stream",
+    "TextStream",
+    "build_chat_prompt",
+    "encode_raw_prompt",
+    "generate",
+    "generate_batch",
+    "stream",
+]
+
+STOP_REASONS = ("eos", "end", "stop_string", "max_new_tokens", "context", "interrupted")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Piece:
+    """One generated token and the text it released (possibly "", e.g. half a character,
+    a possible stop-string prefix, or the stop token itself). Joining every piece's text
+    gives the result's text."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    """What one prompt produced, with counts and timings.
+
+    token_ids       every generated token, including a final <|eos|> / <|end|>
+    new_tokens      len(token_ids)
+    prompt_tokens   tokens the model actually read (after truncation)
+    prompt_truncated  tokens dropped from the start of a too-long prompt (0 if none)
+    time_to_first_token_s  from the call to the first sampled token (prefill + 1 sample)
+    tokens_per_s    new_tokens / elapsed_s (end to end, prefill included)
+    decode_tokens_per_s  (new_tokens - 1) / (elapsed_s - time_to_first_token_s): the
+                    speed of the one-token-per-step phase (0 when only one token)
+    step_logits     with keep_logits=True: the raw logits [V] (float32, CPU) each token
+                    was sampled from
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    stop_reason: str = ""
+    prompt_truncated: int = 0
+    warnings: list[str] = field(default_factory=list)
+    time_to_first_token_s: float = 0.0
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    step_logits: list[torch.Tensor] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (no logits)."""
+        d = asdict(self)
+        d.pop("step_logits")
+        return d
+
+
+# ----------------------------------------------------------------------------- text
+
+
+class TextStream:
+    """Turn token bytes into releasable text: UTF-8 across token boundaries, stop strings.
+
+    >>> ts = TextStream(stop=("END",))
+    >>> ts.push("é".encode()[:1]), ts.push("é".encode()[1:] + b"xE")
+    ('', 'éx')
+    >>> ts.push(b"N"), ts.push(b"D and more"), ts.stopped, ts.text
+    ('', '', True, 'éx')
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = tuple(stop)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""  # decoded but held back (could start a stop string)
+        self.text = ""  # released so far
+        self.stopped = False
+
+    def push(self, data: bytes) -> str:
+        """Add a token's bytes; return the newly releasable text."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(data)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """End of generation: release everything still held (no stop string completed)."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        pending = self._pending
+        cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self._pending, self.stopped = pending[:cut], "", True
+        elif final or not self.stop:
+            out, self._pending = pending, ""
+        else:
+            hold = _longest_stop_prefix_suffix(pending, self.stop)
+            out, self._pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+        self.text += out
+        return out
+
+
+def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string.
+
+    ``("Hello Us", ["User:"]) -> 2`` ("Us" may become "User:").
+    """
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def encode_raw_prompt(tokenizer, text: str) -> list[int]:
+    """Plain-text continuation prompt: <|bos|> + text (pretraining documents look like this)."""
+    return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+@dataclass
+class ChatPrompt:
+    """Prompt ids for a chat history; ``dropped`` = messages left out to fit the context."""
+
+    ids: list[int]
+    dropped: int
+    messages: list[dict[str, str]]
+
+
+def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> ChatPrompt:
+    """Render ``messages`` with the chat template, ending with <|assistant|>.
+
+    When the ids exceed ``max_tokens``, the oldest turns are dropped (system messages are
+    kept), one message at a time, until it fits and the history starts with a user turn.
+    If even the last user message alone is too long, its ids are returned anyway (the
+    generator then keeps the most recent max_seq_len tokens and reports the truncation).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    dropped = 0
+    while True:
+        kept = system + turns
+        ids, _ = tokenizer.render_chat(kept, add_generation_prompt=True)
+        if len(ids) <= max_tokens or len(turns) <= 1:
+            return ChatPrompt(ids=list(ids), dropped=dropped, messages=kept)
+        turns = turns[1:]
+        dropped += 1
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+            dropped += 1
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class _Row:
+    """Decoding state of one prompt."""
+
+    def __init__(self, prompt: list[int], config: SamplingConfig, tokenizer, keep_logits: bool):
+        self.prompt = prompt
+        self.tokenizer = tokenizer
+        self.text = TextStream(config.stop) if tokenizer is not None else None
+        self.result = GenerationResult(
+            prompt_tokens=len(prompt), step_logits=[] if keep_logits else None
+        )
+        self.done = False
+
+    def finish(self, reason: str) -> str:
+        """Mark as done; return the text still held back that is now released."""
+        self.done = True
+        self.result.stop_reason = reason
+        if self.text is None:
+            return ""
+        tail = self.text.flush() if reason != "interrupted" else ""
+        self.result.text = self.text.text
+        return tail
+
+
+def _prepare(
+    model, prompts: Sequence[Sequence[int]], config: SamplingConfig, tokenizer, keep_logits
+) -> list[_Row]:
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    if config.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the text")
+    max_len = model.config.max_seq_len
+    vocab = model.config.vocab_size
+    rows = []
+    for prompt in prompts:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token (e.g. <|bos|>)")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
+        dropped = max(0, len(prompt) - max_len)
+        row = _Row(prompt[dropped:], config, tokenizer, keep_logits)
+        if dropped:
+            row.result.prompt_truncated = dropped
+            row.result.warnings.append(
+                f"prompt of {len(prompt)} tokens is longer than the context ({max_len}); "
+                f"kept the last {max_len} tokens"
+            )
+        rows.append(row)
+    return rows
+
+
+def _default_stop_ids(tokenizer, stop_token_ids) -> dict[int, str]:
+    if stop_token_ids is not None:
+        return {int(t): "eos" for t in stop_token_ids}
+    if tokenizer is None:
+        return {}
+    out = {}
+    for attr, reason in (("end_id", "end"), ("eos_id", "eos")):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            out[int(tid)] = reason
+    return out
+
+
+def _decode(
+    model,
+    rows: list[_Row],
+    config: SamplingConfig,
+    use_cache: bool,
+    stop_ids: dict[int, str],
+    t0: float,
+) -> Iterator[list[tuple[int, Piece]]]:
+    """Core loop over the unfinished rows; yields [(row index, piece)] once per step."""
+    device = model.tok_emb.weight.device
+    max_len = model.config.max_seq_len
+    vocab = model.config.vocab_size
+    pad_id = 0  # pad slots are masked out; any valid id will do
+    generator = None if config.greedy else make_generator(config.seed, device)
+
+    active = list(range(len(rows)))  # row indices still generating, in batch order
+    width = max(len(r.prompt) for r in rows)
+    pad = torch.tensor([width - len(r.prompt) for r in rows], dtype=torch.long, device=device)
+    ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=device)
+    need_seen = config.repetition_penalty != 1.0
+    need_counts = config.frequency_penalty != 0.0 or config.presence_penalty != 0.0
+    seen = counts = None
+    if need_seen:
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):  # the prompt's own tokens (not the pad slots)
+            seen[i, torch.tensor(r.prompt, device=device)] = True
+    if need_counts:
+        counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+
+    cache = model.new_cache(len(rows), pad=pad) if use_cache else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if use_cache:
+                logits = model.forward_cached(ids, cache)[:, -1]
+            else:
+                logits = _full_forward(model, ids, pad)
+            n_new = 0
+            while True:
+                next_ids = sample_next(logits, config, generator, seen, counts)
+                n_new += 1
+                next_list = next_ids.tolist()
+                now = time.perf_counter()
+                events = []
+                keep = []
+                for j, (i, tok) in enumerate(zip(active, next_list, strict=True)):
+                    row = rows[i]
+                    res = row.result
+                    if n_new == 1:
+                        res.time_to_first_token_s = now - t0
+                    res.token_ids.append(tok)
+                    if res.step_logits is not None:
+                        res.step_logits.append(logits[j].float().cpu())
+                    text = ""
+                    reason = stop_ids.get(tok)
+                    if reason is None and row.text is not None:
+                        text = row.text.push(row.tokenizer.decode_bytes([tok]))
+                        if row.text.stopped:
+                            reason = "stop_string"
+                    if reason is None and n_new >= config.max_new_tokens:
+                        reason = "max_new_tokens"
+                    if reason is None and len(row.prompt) + n_new > max_len:
+                        reason = "context"  # max_seq_len tokens read: no room to feed it
+                    if reason is not None:
+                        text += row.finish(reason)
+                    else:
+                        keep.append(j)
+                    events.append((i, Piece(tok, text)))
+                yield events
+                if not keep:
+                    return
+                if len(keep) < len(active):  # finished rows leave the batch
+                    sel = torch.tensor(keep, device=device)
+                    active = [active[j] for j in keep]
+                    next_ids, pad, ids = next_ids[sel], pad[sel], ids[sel]
+                    seen = seen[sel] if seen is not None else None
+                    counts = counts[sel] if counts is not None else None
+                    if cache is not None:
+                        cache.k = [t[sel] for t in cache.k]
+                        cache.v = [t[sel] for t in cache.v]
+                        cache.pad = cache.pad[sel]
+                if seen is not None:
+                    seen.scatter_(1, next_ids[:, None], True)
+                if counts is not None:
+                    counts.scatter_add_(
+                        1, next_ids[:, None], torch.ones_like(next_ids[:, None], dtype=counts.dtype)
+                    )
+                if use_cache:
+                    logits = model.forward_cached(next_ids[:, None], cache)[:, -1]
+                else:
+                    ids = torch.cat([ids, next_ids[:, None]], dim=1)
+                    logits = _full_forward(model, ids, pad)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _full_forward(model, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Last-position logits from the whole sequence (no cache)."""
+    if ids.shape[0] == 1 and int(pad[0]) == 0:
+        return model(ids)[:, -1]
+    return model(ids, pad=pad)[:, -1]
+
+
+def _finalize(rows: list[_Row], t0: float) -> None:
+    end = time.perf_counter()
+    for row in rows:
+        if not row.done:
+            row.finish("interrupted")
+        res = row.result
+        res.new_tokens = len(res.token_ids)
+        res.elapsed_s = end - t0
+        res.tokens_per_s = res.new_tokens / res.elapsed_s if res.elapsed_s > 0 else 0.0
+        decode_s = res.elapsed_s - res.time_to_first_token_s
+        if res.new_tokens > 1 and decode_s > 0:
+            res.decode_tokens_per_s = (res.new_tokens - 1) / decode_s
+
+
+class Stream:
+    """Iterator of :class:`Piece` for one prompt; ``result`` is complete once it ends.
+
+    Stopping early (``close()``, ``break`` then ``close()``, or an exception such as
+    KeyboardInterrupt raised while iterating) finishes the result with stop reason
+    "interrupted" and the text released so far.
+    """
+
+    def __init__(self, rows: list[_Row], loop: Iterator[list[tuple[int, Piece]]], t0: float):
+        self._rows = rows
+        self._loop = loop
+        self._t0 = t0
+        self._buffer: list[Piece] = []
+        self._closed = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Piece:
+        while not self._buffer:
+            if self._closed:
+                raise StopIteration
+            try:
+                events = next(self._loop)
+            except StopIteration:
+                self._finish()
+                raise
+            except BaseException:
+                self.close()
+                raise
+            self._buffer.extend(p for _, p in events)
+        return self._buffer.pop(0)
+
+    def close(self) -> None:
+        """Stop generating now (idempotent)."""
+        if not self._closed:
+            self._loop.close()
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _finalize(self._rows, self._t0)
+
+    @property
+    def result(self) -> GenerationResult:
+        """The result (call after the iteration ended or close())."""
+        if not self._closed:
+            raise RuntimeError("the stream is still running: iterate to the end or close()")
+        return self._rows[0].result
+
+
+def stream(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    config: SamplingConfig | None = None,
+    *,
+    use_cache: bool = True,
+    stop_token_ids: Sequence[int] | None = None,
+    keep_logits: bool = False,
+) -> Stream:
+    """Generate from one prompt, yielding a :class:`Piece` per token as it is produced.
+
+    ``tokenizer`` may be None for token-only generation (no text, no stop strings).
+    ``stop_token_ids`` replaces the default stop tokens (<|end|>, <|eos|>).
+    """
+    config = SamplingConfig() if config is None else config
+    t0 = time.perf_counter()
+    rows = _prepare(model, [prompt_ids], config, tokenizer, keep_logits)
+    stop_ids = _default_stop_ids(tokenizer, stop_token_ids)
+    return Stream(rows, _decode(model, rows, config, use_cache, stop_ids, t0), t0)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    config: SamplingConfig | None = None,
+    *,
+    use_cache: bool = True,
+    stop_token_ids: Sequence[int] | None = None,
+    keep_logits: bool = False,
+) -> GenerationResult:
+    """Generate from one prompt and return the text with counts, timings and stop reason."""
+    s = stream(
+        model,
+        tokenizer,
+        prompt_ids,
+        config,
+        use_cache=use_cache,
+        stop_token_ids=stop_token_ids,
+        keep_logits=keep_logits,
+    )
+    for _ in s:
+        pass
+    return s.result
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig | None = None,
+    *,
+    use_cache: bool = True,
+    stop_token_ids: Sequence[int] | None = None,
+    keep_logits: bool = False,
+) -> list[GenerationResult]:
+    """Generate from several prompts of any lengths at once (left-padded into one batch).
+
+    Greedy results equal those of :func:`generate` on each prompt alone. With sampling the
+    rows share one seeded generator, so they differ from single-prompt runs (but a batch
+    run is reproducible with the same seed). Timings are those of the whole batch.
+    """
+    config = SamplingConfig() if config is None else config
+    if len(prompts) == 0:
+        raise ValueError("generate_batch needs at least one prompt")
+    t0 = time.perf_counter()
+    rows = _prepare(model, prompts, config, tokenizer, keep_logits)
+    stop_ids = _default_stop_ids(tokenizer, stop_token_ids)
+    loop = _decode(model, rows, config, use_cache, stop_ids, t0)
+    try:
+        for _ in loop:
+            pass
+    finally:
+        loop.close()
+        _finalize(rows, t0)
+    return [r.result for r in rows]

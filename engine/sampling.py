@@ -1,0 +1,291 @@
+"""Sampling settings and the logit processors that turn next-token logits into a token.
+
+One decoding step, for logits ``[B, V]`` (float32) and the ids seen so far:
+
+    1. repetition penalty   (CTRL-style, on every token seen in prompt + answer)
+    2. frequency / presence (OpenAI-style, on tokens of the answer only)
+    3. temperature 0        -> argmax of the penalized logits (greedy), done
+    4. divide by temperature
+    5. top-k, then top-p, then min-p (each masks logits to -inf)
+    6. draw from softmax with a seeded ``torch.Generator``
+
+Every filter keeps at least the most likely token, so a row never becomes all -inf.
+
+    >>> logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    >>> top_k_filter(logits, 2)
+    tensor([[2., 1., -inf, -inf]])
+    >>> apply_repetition_penalty(logits, torch.tensor([[1, 0, 0, 1]]), 2.0)
+    tensor([[ 1.0000,  1.0000,  0.5000, -2.0000]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class SamplingError(ValueError):
+    """A sampling setting out of range (the message names the setting and the valid range)."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token and when to stop.
+
+    temperature         >= 0; 0 means greedy (argmax after the penalties).
+    top_k               >= 0; keep the k most likely tokens; 0 means off.
+    top_p               in (0, 1]; keep the smallest set whose probability reaches top_p.
+    min_p               in [0, 1); drop tokens with p < min_p * p(most likely); 0 means off.
+    repetition_penalty  > 0; 1 means off. Logits of tokens already seen (prompt or answer)
+                        are divided by it when positive, multiplied when negative.
+    frequency_penalty   finite; subtracts penalty * count(token in the answer) from the logit.
+    presence_penalty    finite; subtracts penalty once for every token already in the answer.
+    max_new_tokens      >= 1; generation stops after this many new tokens.
+    seed                None (fresh randomness) or an int >= 0: same seed, same tokens.
+    stop                stop strings; generation ends when one appears, and the text
+                        returned never contains it (nor anything after it).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        elif isinstance(self.stop, list):
+            self.stop = tuple(self.stop)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`SamplingError` naming the first bad setting."""
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "max_new_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise SamplingError(f"{name} must be an integer, got {value!r}")
+        if self.temperature < 0:
+            raise SamplingError(
+                f"temperature must be >= 0 (0 means greedy), got {self.temperature}"
+            )
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1] (1 means off), got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise SamplingError(f"min_p must be in [0, 1) (0 means off), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError(
+                f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}"
+            )
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise SamplingError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise SamplingError(f"stop must be a list of strings, got {self.stop!r}")
+        if any(s == "" for s in self.stop):
+            raise SamplingError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    def replace(self, **changes: Any) -> SamplingConfig:
+        """A validated copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
+
+
+# Names accepted by SamplingConfig.from_strings / llm-chat's /set, with their parsers.
+def _parse_seed(text: str) -> int | None:
+    return None if text.lower() in ("none", "off", "random") else int(text)
+
+
+SETTING_PARSERS: dict[str, Any] = {
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+    "repetition_penalty": float,
+    "frequency_penalty": float,
+    "presence_penalty": float,
+    "max_new_tokens": int,
+    "seed": _parse_seed,
+}
+
+
+def parse_setting(config: SamplingConfig, key: str, value: str) -> SamplingConfig:
+    """Return a copy of ``config`` with one setting parsed from text (``/set top_k 40``).
+
+    Dashes and underscores are interchangeable in ``key``. ``stop`` takes a string and
+    appends it; ``stop none`` clears the list. Raises :class:`SamplingError`.
+    """
+    name = key.strip().lower().replace("-", "_")
+    if name == "stop":
+        if value.lower() in ("none", "off", ""):
+            return config.replace(stop=())
+        return config.replace(stop=tuple(config.stop) + (value,))
+    if name not in SETTING_PARSERS:
+        known = ", ".join([*SETTING_PARSERS, "stop"])
+        raise SamplingError(f"unknown setting {key!r}; choose one of {known}")
+    try:
+        parsed = SETTING_PARSERS[name](value.strip())
+    except ValueError:
+        raise SamplingError(f"{name}: cannot parse {value!r} as a number") from None
+    return config.replace(**{name: parsed})
+
+
+# ---------------------------------------------------------------------------------------
+# Logit processors. All take logits [B, V] and return a new tensor (inputs are not changed).
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Penalize tokens with ``seen[b, v] > 0``: positive logits / penalty, negative * penalty.
+
+    ``[[2, 1, .5, -1]]`` with tokens 0 and 3 seen and penalty 2 -> ``[[1, 1, .5, -2]]``.
+    """
+    if penalty == 1.0:
+        return logits
+    mask = seen > 0
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(mask, penalized, logits)
+
+
+def apply_frequency_presence(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
+    """``logit - frequency * count - presence * (count > 0)`` for every token.
+
+    counts [B, V]: how often each token occurs in the answer so far.
+    """
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    counts = counts.to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the ``k`` largest logits per row (ties broken by index); others -> -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    idx = torch.topk(logits, k, dim=-1).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability reaches ``p``.
+
+    Probabilities [.5, .3, .15, .05] with p = .8 keep the first two (.5 + .3 = .8);
+    with p = .81 they keep three. The most likely token is always kept.
+    """
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ahead
+    # A token is needed while the mass ahead of it is still short of p. A tiny tolerance
+    # makes exact sums like .5 + .3 = .8 count as reaching p despite float rounding.
+    drop_sorted = before >= p - 1e-6
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the top token's probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply penalties, temperature and filters (steps 1, 2, 4, 5 above) in float32.
+
+    seen [B, V]: > 0 where the token occurs in prompt or answer (repetition penalty);
+    counts [B, V]: occurrences in the answer (frequency / presence penalties).
+    With temperature 0 only the penalties are applied.
+    """
+    out = logits.float()
+    if seen is not None:
+        out = apply_repetition_penalty(out, seen, config.repetition_penalty)
+    if counts is not None:
+        out = apply_frequency_presence(
+            out, counts, config.frequency_penalty, config.presence_penalty
+        )
+    if config.greedy:
+        return out
+    if config.temperature != 1.0:
+        out = out / config.temperature
+    out = top_k_filter(out, config.top_k)
+    out = top_p_filter(out, config.top_p)
+    out = min_p_filter(out, config.min_p)
+    return out
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on ``device``; seeded when ``seed`` is given, else from the OS."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def sample_next(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick the next token of every row: logits [B, V] -> ids [B] (int64)."""
+    processed = process_logits(logits, config, seen, counts)
+    if config.greedy:
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
