@@ -320,7 +320,7 @@ def _decode(
     try:
         with torch.inference_mode():
             if use_cache:
-                logits = model.forward_cached(ids, cache)[:, -1]
+                logits = model.forward_cached(ids, cache, last_only=True)[:, -1]
             else:
                 logits = _full_forward(model, ids, pad)
             n_new = 0
@@ -364,9 +364,7 @@ def _decode(
                     seen = seen[sel] if seen is not None else None
                     counts = counts[sel] if counts is not None else None
                     if cache is not None:
-                        cache.k = [t[sel] for t in cache.k]
-                        cache.v = [t[sel] for t in cache.v]
-                        cache.pad = cache.pad[sel]
+                        cache.select(sel)
                 if seen is not None:
                     seen.scatter_(1, next_ids[:, None], True)
                 if counts is not None:

@@ -89,6 +89,12 @@ class KVCache:
         self.v[layer][:, :, self.pos : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished sequences leave a batched generation)."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.pad = self.pad[rows]
+
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Reuse the buffers for a new batch (old contents are simply overwritten)."""
         self.pos = 0
@@ -381,11 +387,15 @@ class Transformer(nn.Module):
         return KVCache(k=k, v=v, pad=pad)
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward_cached(
+        self, idx: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
         """Append idx [B, T] at slot cache.pos, advance it, and return logits [B, T, V].
 
         Row b's token at slot s has RoPE position s - pad[b]; its real length (slots minus
-        pads) may not exceed max_seq_len. Always runs without gradients.
+        pads) may not exceed max_seq_len. Always runs without gradients. ``last_only``
+        projects only the last position ([B, 1, V]): a prefill needs nothing else, and the
+        [T, V] projection would dominate the time to first token on long prompts.
         """
         self._check_idx(idx)
         B, T = idx.shape
@@ -395,7 +405,10 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"KV cache full: {cache.pos} + {T} new tokens > cache length {cache.max_len}"
             )
-        logits = F.linear(self._run_masked(idx, cache.pad, cache.pos, cache), self.output_weight)
+        hidden = self._run_masked(idx, cache.pad, cache.pos, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        logits = F.linear(hidden, self.output_weight)
         cache.pos += T
         return logits
 

@@ -249,11 +249,11 @@ def test_history_multi_turn_and_ctrl_c_mid_answer(ckpt):
     # Ctrl-C after 3 tokens: the answer stops, what was printed stays, the session goes on
     real, calls = s.model.forward_cached, []
 
-    def interrupting(idx, cache):
+    def interrupting(idx, cache, **kwargs):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real(idx, cache)
+        return real(idx, cache, **kwargs)
 
     s.model.forward_cached = interrupting
     try:

@@ -75,9 +75,9 @@ def test_prefill_is_one_forward_then_one_token_per_step(model, monkeypatch):
     calls = []
     real = model.forward_cached
 
-    def spy(idx, cache):
+    def spy(idx, cache, **kwargs):
         calls.append(tuple(idx.shape))
-        return real(idx, cache)
+        return real(idx, cache, **kwargs)
 
     monkeypatch.setattr(model, "forward_cached", spy)
     generate(model, None, prompt_of(9), greedy(6))
@@ -203,7 +203,7 @@ class ScriptedModel(torch.nn.Module):
     def new_cache(self, batch_size, pad=None):
         return SimpleNamespace(k=[], v=[], pad=pad, pos=0, width=0)
 
-    def forward_cached(self, idx, cache):
+    def forward_cached(self, idx, cache, last_only=False):
         if cache.pos == 0:
             cache.width = idx.shape[1]
         cache.pos += idx.shape[1]
