@@ -35,8 +35,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
 
 
 def attention(q, k, v, lengths=None, scale=None, backend: str = "auto"):
-    """Causal attention over [B, H, T, D]; see :mod:`tritonlm.kernels.attention`."""
-    if resolve_backend(backend, q) == "triton":
+    """Causal attention over [B, H, T, D]; see :mod:`tritonlm.kernels.attention`.
+
+    ``auto`` keeps head dims the kernels were not built for on the reference path, so any
+    model config trains on a GPU; an explicit ``triton`` raises for them instead.
+    """
+    chosen = resolve_backend(backend, q)
+    if backend == "auto" and q.shape[-1] not in _attention.SUPPORTED_HEAD_DIMS:
+        chosen = "torch"
+    if chosen == "triton":
         return _attention.attention_triton(q, k, v, lengths, scale)
     return _attention.attention_reference(q, k, v, lengths, scale)
 
