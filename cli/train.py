@@ -30,6 +30,8 @@ examples:
   # continue an interrupted run (same data arguments as the first time)
   llm-train --resume runs/demo --data data/pretrain.json --chat-data data/chat.json \\
             --out runs/demo
+  # 4 GPUs on one node (global batch = batch-size x 4 x grad-accum); see the README
+  torchrun --nproc_per_node=4 $(which llm-train) --data corpus/ --preset small --out runs/ddp
 
 Checkpoints are resumable (optimizer, schedule, RNG and data position are saved). The run
 directory also gets metrics.jsonl and loss_<phase>.png. Tokenized data is cached in
@@ -274,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for torch (default: torch's choice)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--dist-timeout",
+        type=_number(0.0, lo_open=True),
+        default=300.0,
+        metavar="S",
+        help="under torchrun: seconds a collective may wait for the other ranks before "
+        "the run fails (a dead or hung rank; default: 300)",
+    )
     return p
 
 
@@ -421,11 +431,7 @@ class _Bar:
 def run(args) -> int:
     """Everything after parsing; raises CliError / engine errors for main() to report."""
     import torch
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.data import load_chats, load_texts
-    from tritonlm.engine.token_cache import build_chat_cache, build_pretrain_cache
-    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
-    from tritonlm.engine.train import TrainingError, train
+    from tritonlm.engine.distributed import init_distributed
 
     if not args.data and not args.chat_data:
         raise CliError("nothing to train on: give --data PATH... and/or --chat-data PATH...")
@@ -449,6 +455,21 @@ def run(args) -> int:
         raise CliError("--device cuda: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Under torchrun: join the process group (trivial context otherwise). On an error the
+    # process exits without tearing the group down; the launcher ends the other ranks.
+    ctx = init_distributed(args.device, args.dist_timeout)
+    code = _run_phases(args, out, ctx)
+    ctx.close()
+    return code
+
+
+def _run_phases(args, out: Path, ctx) -> int:
+    import torch
+    from tritonlm.engine.checkpoint import load_checkpoint
+    from tritonlm.engine.data import load_chats, load_texts
+    from tritonlm.engine.token_cache import build_chat_cache, build_pretrain_cache
+    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.train import TrainingError, train
 
     texts = load_texts(args.data).items if args.data else None
     chats = load_chats(args.chat_data).items if args.chat_data else None
@@ -491,13 +512,14 @@ def run(args) -> int:
         first = phases.index(done_phase) + (1 if finished else 0)
         phases = phases[first:]
         if not phases:
-            print(f"nothing left to train; checkpoint: {ckpt.path}")
+            if ctx.is_main:
+                print(f"nothing left to train; checkpoint: {ckpt.path}")
             return EXIT_OK
-    elif _is_checkpoint(out):
+    elif _is_checkpoint(out) and ctx.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run over an old one
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent / ".cache"
-    bar = _Bar(args.quiet)
+    bar = _Bar(args.quiet or not ctx.is_main)
     summary = []
     for phase in phases:
         resuming = resume_state is not None and resume_state.get("phase") == phase
@@ -506,6 +528,7 @@ def run(args) -> int:
             cache = build_pretrain_cache(texts, tokenizer, cache_dir)
         else:
             cache = build_chat_cache(chats, tokenizer, cache_dir)
+        ctx.check_same(cache.key, f"the tokenized {phase} data (or the tokenizer)")
         try:
             result = train(
                 model,
@@ -516,10 +539,13 @@ def run(args) -> int:
                 progress=bar,
                 resume=ckpt if resuming else None,
                 extra_state={"phases": phases},
+                dist=ctx,
             )
         finally:
             bar.close()
         if result.status == "interrupted":
+            if not ctx.is_main:
+                return EXIT_INTERRUPTED
             print(
                 f"llm-train: interrupted at {phase} step {result.step}; resumable checkpoint "
                 f"saved to {result.checkpoint} (continue with --resume {result.checkpoint})",
@@ -531,8 +557,9 @@ def run(args) -> int:
         summary.append(f"{phase}: {result.step} steps{stop}, loss {result.loss:.4f}{val}")
         if result.checkpoint is None:
             raise TrainingError("no checkpoint was written")
-    print("; ".join(summary))
-    print(f"checkpoint: {out}")
+    if ctx.is_main:
+        print("; ".join(summary))
+        print(f"checkpoint: {out}")
     return EXIT_OK
 
 
@@ -550,7 +577,7 @@ def main(argv=None) -> int:
         return _fail(str(e))
     except Exception as e:  # engine errors: one line, no traceback
         if _is_known_error(e):
-            return _fail(str(e))
+            return _fail(str(e), quiet_on_other_ranks=_decided_on_rank0(e))
         raise
 
 
@@ -558,16 +585,38 @@ def _is_known_error(e: Exception) -> bool:
     from tritonlm.engine.checkpoint import CheckpointError
     from tritonlm.engine.config import ConfigError
     from tritonlm.engine.data import DataError
+    from tritonlm.engine.distributed import DistributedError
     from tritonlm.engine.token_cache import TokenCacheError
     from tritonlm.engine.tokenizer import TokenizerError
     from tritonlm.engine.train import TrainingError
 
     known = (CheckpointError, ConfigError, DataError, TokenCacheError, TokenizerError)
-    return isinstance(e, (*known, TrainingError, ValueError, OSError))
+    return isinstance(e, (*known, TrainingError, DistributedError, ValueError, OSError))
 
 
-def _fail(message: str) -> int:
+def _decided_on_rank0(e: Exception) -> bool:
+    """Training stops (non-finite loss, ...) that every rank raises together."""
+    from tritonlm.engine.distributed import DistributedError
+    from tritonlm.engine.train import TrainingError
+
+    return isinstance(e, TrainingError) and not isinstance(e, DistributedError)
+
+
+def _fail(message: str, quiet_on_other_ranks: bool = False) -> int:
+    """One line on stderr, exit 2. Under torchrun, prefixed with the rank (rank 0 alone
+    reports the errors that all ranks hit together)."""
+    from tritonlm.engine.distributed import DistributedError, torchrun_env
+
     message = " ".join(str(message).split())  # exactly one line
+    try:
+        env = torchrun_env()
+    except DistributedError:
+        env = None
+    if env is not None and env.world_size > 1:
+        if quiet_on_other_ranks and env.rank != 0:
+            return EXIT_ERROR
+        if not message.startswith("rank "):
+            message = f"rank {env.rank} of {env.world_size}: {message}"
     print(f"llm-train: error: {message}", file=sys.stderr)
     return EXIT_ERROR
 

@@ -29,7 +29,9 @@ errors of the modules that raise them).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -574,7 +576,13 @@ class Trainer:
         data_key: str | None = None,
         rank: int = 0,
         world_size: int = 1,
+        dist=None,
     ):
+        # dist: an engine.distributed.DistContext; with a process group it sets rank,
+        # world_size and the device, and the model is wrapped in DDP (see _build).
+        self.dist = dist if dist is not None and dist.is_distributed else None
+        if self.dist is not None:
+            rank, world_size = self.dist.rank, self.dist.world_size
         self.config = config
         self.data = data
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -584,7 +592,7 @@ class Trainer:
         self.data_key = data_key
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device) if self.dist is None else self.dist.device
         self.amp_dtype = autocast_dtype(config, self.device)
         self.examples_per_step = config.batch_size * config.grad_accum * world_size
         if config.steps is not None:
@@ -599,6 +607,11 @@ class Trainer:
         self.tokens_seen = 0
         self.last_saved_step: int | None = None
         self.history: list[dict] = []
+        self.ddp: torch.nn.Module | None = None
+        if self.dist is not None and self.rank:
+            from .distributed import rank_seed
+
+            torch.manual_seed(rank_seed(config.seed, self.rank))  # own dropout masks per rank
         self._build(model)
         if resume is not None:
             self._load_state(resume)
@@ -611,6 +624,12 @@ class Trainer:
         if hasattr(self.model, "backend"):
             self.model.backend = self.config.backend
         self.optimizer = build_optimizer(self.model, self.config, self.device)
+        if self.dist is not None:
+            from .distributed import wrap_ddp
+
+            # self.model stays the bare Transformer (checkpoints, evaluation); self.ddp
+            # runs the training forward/backward with gradient all-reduce.
+            self.ddp = self.dist.run("wrapping the model in DDP", wrap_ddp, self.model, self.dist)
 
     def state_dict(self) -> dict:
         """JSON-able trainer state (the optimizer tensors are saved by the checkpoint)."""
@@ -660,7 +679,8 @@ class Trainer:
         self.best_val = st.get("best_val_loss")
         self.bad_evals = int(st.get("bad_evals", 0))
         resume.load_optimizer_state(self.optimizer)
-        set_rng_state(st["rng"])
+        ranks = st.get("rng_ranks")
+        set_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world_size else st["rng"])
         self.last_saved_step = self.step
         self._drop_metrics_after(self.step)
 
@@ -710,6 +730,8 @@ class Trainer:
 
     def _train_step(self) -> dict:
         """Forward/backward over the micro-batches, clip, AdamW step. Returns step metrics."""
+        if self.ddp is not None:
+            return self._train_step_ddp()
         cfg = self.config
         batches = self._micro_batches(self.step)
         total_targets = sum(bt.n_targets for bt in batches)
@@ -746,6 +768,59 @@ class Trainer:
         self.tokens_seen += n_tokens * self.world_size
         return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
 
+    def _train_step_ddp(self) -> dict:
+        """_train_step for DDP: the same global step as one process with world_size x batch.
+
+        Every micro-batch loss is weighted by n_i * W / N, where n_i counts its kept targets
+        and N those of the whole global step (all ranks, all micro-steps; one all-reduce).
+        DDP averages gradients over the W ranks, so the update is sum_i n_i g_i / N: the
+        single-process token-weighted gradient, for pretraining and SFT alike (up to float
+        summation order). Non-final micro-steps skip the all-reduce (no_sync). A non-finite
+        loss or gradient norm is decided on rank 0 and broadcast, so all ranks stop together.
+        """
+        cfg, dist = self.config, self.dist
+        batches = self._micro_batches(self.step)
+        local_targets = sum(bt.n_targets for bt in batches)
+        local_tokens = sum(bt.n_tokens for bt in batches)
+        total_targets, total_tokens = dist.all_reduce_sum([local_targets, local_tokens])
+        lr = lr_at(self.step, self.total_steps, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.ddp.train()
+        loss_sum = 0.0
+        for i, bt in enumerate(batches):
+            bt = bt.to(self.device)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = self.ddp(bt.idx, bt.targets, bt.lengths)
+                weight = bt.n_targets * self.world_size / max(1.0, total_targets)
+                try:
+                    (loss * weight).backward()
+                except RuntimeError as e:  # the gradient all-reduce runs inside backward
+                    raise dist.failure("the gradient all-reduce", e) from e
+            loss_sum += float(loss.detach()) * bt.n_targets / max(1.0, total_targets)
+        loss_sum = dist.all_reduce_sum([loss_sum])[0]
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
+        grad_norm = float(norm)
+        bad = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        if dist.broadcast_flag(bad):
+            what, value = (
+                ("loss", loss_sum) if not math.isfinite(loss_sum) else ("gradient norm", grad_norm)
+            )
+            raise self._nonfinite(what, value)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += int(total_tokens)
+        return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": local_tokens}
+
     def _nonfinite(self, what: str, value: float) -> TrainingError:
         self.optimizer.zero_grad(set_to_none=True)
         where = (
@@ -768,9 +843,13 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         b = self.config.batch_size
-        n = min(self.data.n_val, self.config.eval_batches * b)
+        # With W ranks the evaluated items are those of one process with batch W * b;
+        # rank r takes rows [r * b, (r + 1) * b) of each such batch, and the sums are
+        # all-reduced, so every rank gets the same token-weighted mean.
+        gb = b * self.world_size
+        n = min(self.data.n_val, self.config.eval_batches * gb)
         loss_sum, count = 0.0, 0
-        for start in range(0, n, b):
+        for start in range(self.rank * b, n, gb):
             bt = self.data.val_batch(np.arange(start, min(n, start + b))).to(self.device)
             k = bt.n_targets
             if not k:
@@ -780,6 +859,9 @@ class Trainer:
             loss_sum += float(loss) * k
             count += k
         self.model.train(was_training)
+        if self.dist is not None:
+            loss_sum, count = self.dist.all_reduce_sum([loss_sum, count])
+            count = int(count)
         if not count:
             return None
         val = loss_sum / count
@@ -792,19 +874,39 @@ class Trainer:
 
     # -- saving --------------------------------------------------------------------------
 
-    def save(self) -> str | None:
-        """Write a resumable checkpoint to out_dir (main process only)."""
-        if self.tokenizer is None or self.out_dir is None or not self.is_main:
+    def save(self, collective: bool = True) -> str | None:
+        """Write a resumable checkpoint to out_dir (main process only).
+
+        With DDP every rank calls this at the same step: the RNG states of all ranks are
+        gathered (so each rank resumes its own stream), rank 0 writes, and all ranks meet
+        at a barrier after the write; every rank returns the path. ``collective=False``
+        (Ctrl-C, when the other ranks may be anywhere) lets rank 0 write alone.
+        """
+        if self.tokenizer is None or self.out_dir is None:
             return None
-        train_config = {**self.config.to_dict(), "extra": self.extra_state}
-        save_run_checkpoint(
-            self.out_dir,
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.state_dict(),
-            train_config,
-        )
+        ddp = self.dist is not None
+        if not self.is_main and not (ddp and collective):
+            return str(self.out_dir) if ddp else None
+        rng_ranks = None
+        if ddp and collective:
+            from .distributed import gather_rng_states
+
+            rng_ranks = gather_rng_states(self.dist, rng_state())
+        if self.is_main:
+            state = self.state_dict()
+            if rng_ranks is not None:
+                state["rng_ranks"] = rng_ranks
+            train_config = {**self.config.to_dict(), "extra": self.extra_state}
+            save_run_checkpoint(
+                self.out_dir,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                state,
+                train_config,
+            )
+        if ddp and collective:
+            self.dist.barrier()
         self.last_saved_step = self.step
         self._emit({"event": "save", "step": self.step, "path": str(self.out_dir)})
         return str(self.out_dir)
@@ -838,6 +940,10 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 m = self._train_step()
+                if self.dist is not None:
+                    from .distributed import maybe_inject_fault
+
+                    maybe_inject_fault(self.step, self.rank)
                 last_loss = m["loss"]
                 window_tokens += m["tokens"] * self.world_size
                 now = time.perf_counter()
@@ -867,6 +973,8 @@ class Trainer:
                         else:
                             self.bad_evals += 1
                             stop = bool(cfg.patience) and self.bad_evals >= cfg.patience
+                    if self.dist is not None:  # rank 0 decides; nobody waits alone
+                        stop = self.dist.broadcast_flag(stop)
                     self._emit({"event": "eval", **record})
                 if self.step % cfg.log_every == 0 or evaluated or stop:
                     self._log(record)
@@ -880,7 +988,10 @@ class Trainer:
                 window_t = time.perf_counter()  # do not count eval/save time as training
         except KeyboardInterrupt:
             status = "interrupted"
-        checkpoint = self.save()
+        checkpoint = self.save(collective=status != "interrupted")
+        if self.ddp is not None:  # drop DDP's gradient hooks before a next phase wraps again
+            self.ddp = None
+            gc.collect()
         if self.out_dir is not None and self.is_main and self.history:
             plot_losses(self.history, self.out_dir / f"loss_{cfg.phase}.png", cfg.phase)
         result = TrainResult(
@@ -910,6 +1021,7 @@ def train(
     progress: Progress | None = None,
     resume=None,
     extra_state: dict | None = None,
+    dist=None,
 ) -> TrainResult:
     """Train `model` for one phase on a token cache; see :class:`Trainer`.
 
@@ -917,6 +1029,8 @@ def train(
     writes metrics.jsonl, a loss plot and resumable checkpoints there. ``resume`` is a
     loaded resumable Checkpoint (its ``model`` should be the ``model`` passed here). A
     KeyboardInterrupt saves a resumable checkpoint and returns status "interrupted".
+    ``dist`` is an engine.distributed.DistContext (under torchrun): DDP, this rank's share
+    of every global batch, rank 0 writes.
     """
     max_len = model.config.max_seq_len
     seq_len = config.seq_len or max_len
@@ -939,5 +1053,6 @@ def train(
         resume=resume,
         extra_state=extra_state,
         data_key=cache.key,
+        dist=dist,
     )
     return trainer.run()
