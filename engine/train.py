@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import save_checkpoint
 from .model import IGNORE_INDEX
 from .token_cache import TokenCache
 
@@ -520,38 +521,6 @@ def plot_losses(history: list[dict], path: str | os.PathLike, title: str = "") -
 
 # ----------------------------------------------------------------------------- trainer
 
-CHECKPOINT_EXTRAS = ("metrics.jsonl", "loss_pretrain.png", "loss_sft.png")
-
-
-def save_run_checkpoint(
-    out_dir: str | os.PathLike,
-    model: torch.nn.Module,
-    tokenizer,
-    optimizer: torch.optim.Optimizer | None,
-    trainer_state: dict | None,
-    train_config: dict | None,
-) -> Path:
-    """save_checkpoint into the run directory, keeping the run's metrics and plots.
-
-    The checkpoint save replaces the whole directory atomically; the run's own files
-    (CHECKPOINT_EXTRAS) are read before and written back after.
-    """
-    from .checkpoint import save_checkpoint
-
-    out_dir = Path(out_dir)
-    kept = {}
-    for name in CHECKPOINT_EXTRAS:
-        try:
-            kept[name] = (out_dir / name).read_bytes()
-        except OSError:
-            pass
-    path = save_checkpoint(
-        out_dir, model, tokenizer, train_config, optimizer=optimizer, trainer_state=trainer_state
-    )
-    for name, data in kept.items():
-        (path / name).write_bytes(data)
-    return path
-
 
 class Trainer:
     """Runs one phase of training. Construct, then ``run()``.
@@ -897,13 +866,14 @@ class Trainer:
             if rng_ranks is not None:
                 state["rng_ranks"] = rng_ranks
             train_config = {**self.config.to_dict(), "extra": self.extra_state}
-            save_run_checkpoint(
+            # save_checkpoint carries metrics.jsonl and the plots over into the new directory
+            save_checkpoint(
                 self.out_dir,
                 self.model,
                 self.tokenizer,
-                self.optimizer,
-                state,
                 train_config,
+                optimizer=self.optimizer,
+                trainer_state=state,
             )
         if ddp and collective:
             self.dist.barrier()
