@@ -259,3 +259,14 @@ def test_installed_script_sigint_saves_resumable_checkpoint(files, tmp_path):
     assert "resumable checkpoint" in err and "Traceback" not in err
     state = load_checkpoint(out_dir).trainer_state
     assert state["step"] >= 1
+
+
+def test_reports_loaded_and_skipped_data(files, tmp_path, capsys):
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(["one real sentence here.", "", "   ", "another real one."] * 5))
+    argv = [a for a in TINY if a != "--quiet"]
+    out, _ = run_ok(
+        [*argv, "--data", mixed, "--out", tmp_path / "r", "--steps", "1", "--eval-every", "0"],
+        capsys,
+    )
+    assert "data: 10 documents from 1 file (skipped: 10 empty text)" in out
