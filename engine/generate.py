@@ -6,7 +6,8 @@ The decoding loop, per batch of prompts (token id lists):
     decode    sample a token per row (see :mod:`.sampling`), feed it back, one per step
     stop      per row, on the first of:
                 "eos"             the model wrote <|eos|>
-                "end"             the model wrote <|end|> (end of the assistant turn)
+                "end"             the model wrote <|end|> (end of the assistant turn) or
+                                  another built-in control token (<|user|>, <|bos|>, ...)
                 "stop_string"     the text contains a user stop string (cut before it)
                 "max_new_tokens"  config.max_new_tokens tokens were generated
                 "context"         the model has read max_seq_len tokens: there is no room
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from .sampling import SamplingConfig, SamplingError, make_generator, sample_next
+from .tokenizer import SPECIAL_TOKENS
 
 __all__ = [
     "STOP_REASONS",
@@ -277,11 +279,13 @@ def _default_stop_ids(tokenizer, stop_token_ids) -> dict[int, str]:
         return {int(t): "eos" for t in stop_token_ids}
     if tokenizer is None:
         return {}
+    # Any built-in control token ends the answer: <|eos|> the document, <|end|> the turn,
+    # and a role marker or <|bos|>/<|pad|> would start something that is not the answer.
     out = {}
-    for attr, reason in (("end_id", "end"), ("eos_id", "eos")):
-        tid = getattr(tokenizer, attr, None)
+    for text in SPECIAL_TOKENS:
+        tid = tokenizer.special_tokens.get(text)
         if tid is not None:
-            out[int(tid)] = reason
+            out[int(tid)] = "eos" if text == "<|eos|>" else "end"
     return out
 
 

@@ -233,6 +233,13 @@ def test_stream_pieces_utf8_and_stop_token(tok):
     assert r.to_dict()["stop_reason"] == "end"
 
 
+@pytest.mark.parametrize("name", ["<|user|>", "<|assistant|>", "<|system|>", "<|bos|>", "<|pad|>"])
+def test_other_control_tokens_end_the_answer(tok, name):
+    m = ScriptedModel(byte_script("hi") + [tok.special_tokens[name], 65], tok.vocab_size)
+    r = generate(m, tok, [tok.bos_id], greedy())
+    assert (r.text, r.stop_reason, r.new_tokens) == ("hi", "end", 3)
+
+
 def test_eos_stops_too(tok):
     m = ScriptedModel(byte_script("ok") + [tok.eos_id, 65], tok.vocab_size)
     r = generate(m, tok, [tok.bos_id], greedy())
