@@ -147,7 +147,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = apply_rope(qkv[0], cos, sin), apply_rope(qkv[1], cos, sin), qkv[2]
-        if mask is None:  # training / scoring path: the kernel seam
+        if mask is None and cache is None:  # training / scoring path: the kernel seam
             y = dispatch.attention(q, k, v, lengths=lengths, backend=self.backend)
         else:  # generation / left-padded path: explicit mask, optional cache
             if cache is not None:  # the cache may hold another dtype (e.g. under autocast)
@@ -426,12 +426,15 @@ class Transformer(nn.Module):
         positions = positions.clamp_min(0)
         cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh/2]
         sin = self.rope_sin[positions][:, None]
-        keys = torch.arange(start + T, device=device)  # key slots 0..start+T
-        causal = keys[None, :] <= slots[:, None]  # [T, S]
-        real = keys[None, :] >= pad[:, None]  # [B, S]
-        # A pad query sees only itself (its output is unused) so no row is fully masked.
-        mask = causal[None] & (real[:, None, :] | (keys[None, None, :] == slots[None, :, None]))
-        mask = mask[:, None]  # [B, 1, T, S]
+        if T == 1 and cache is not None and not bool(pad.any()):
+            mask = None  # one new token, no pads: it may see every cached key (decode fast path)
+        else:
+            keys = torch.arange(start + T, device=device)  # key slots 0..start+T
+            causal = keys[None, :] <= slots[:, None]  # [T, S]
+            real = keys[None, :] >= pad[:, None]  # [B, S]
+            # A pad query sees only itself (its output is unused) so no row is fully masked.
+            mask = causal[None] & (real[:, None, :] | (keys[None, None, :] == slots[None, :, None]))
+            mask = mask[:, None]  # [B, 1, T, S]
         x = self.tok_emb(idx)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask=mask, cache=cache, layer=layer)
