@@ -152,7 +152,10 @@ class Attention(nn.Module):
         else:  # generation / left-padded path: explicit mask, optional cache
             if cache is not None:  # the cache may hold another dtype (e.g. under autocast)
                 k, v = cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask).to(x.dtype)
+            causal = mask is None and T > 1  # unmasked prefill from slot 0 (see _run_masked)
+            y = F.scaled_dot_product_attention(
+                q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal
+            ).to(x.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -426,8 +429,10 @@ class Transformer(nn.Module):
         positions = positions.clamp_min(0)
         cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh/2]
         sin = self.rope_sin[positions][:, None]
-        if T == 1 and cache is not None and not bool(pad.any()):
-            mask = None  # one new token, no pads: it may see every cached key (decode fast path)
+        if cache is not None and (T == 1 or start == 0) and not bool(pad.any()):
+            # No pads: one new token sees every cached key, and a prefill from slot 0 is
+            # plain causal attention, so no mask tensor is needed (Attention infers which).
+            mask = None
         else:
             keys = torch.arange(start + T, device=device)  # key slots 0..start+T
             causal = keys[None, :] <= slots[:, None]  # [T, S]
