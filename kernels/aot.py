@@ -84,12 +84,31 @@ def _fn_location(fn: Any) -> tuple[str, str]:
     return py.__module__, py.__name__
 
 
+def _pointer_alignment(spec: dict) -> dict:
+    """The divisibility hints the JIT attaches to a real launch on our benchmark shapes.
+
+    Pointers: torch storage is always at least 16-byte aligned. Integer ``stride_*``
+    arguments: row strides of contiguous tensors with hidden sizes, head dims x heads and
+    vocabularies that are multiples of 16 (768..4096, 32000, 128256). Without hints the
+    compiler must assume the worst (scalar loads, more registers, spills a real launch
+    never has). Sizes (rows, T, n_cols) get no hint. A launch whose strides are not
+    multiples of 16 (e.g. V = 50257) compiles a hint-free variant at run time.
+    """
+    hinted = {}
+    for i, (name, ty) in enumerate(spec["signature"].items()):
+        if ty.startswith("*") or (name.startswith("stride") and ty.startswith("i")):
+            hinted[(i,)] = [["tt.divisibility", 16]]
+    return hinted
+
+
 def _compile_in_process(spec_fn: Any, spec: dict, cc: int) -> AotResult:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(spec_fn, dict(spec["signature"]), dict(spec["constexprs"]))
+    src = ASTSource(
+        spec_fn, dict(spec["signature"]), dict(spec["constexprs"]), _pointer_alignment(spec)
+    )
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     cubin = compiled.asm.get("cubin")
