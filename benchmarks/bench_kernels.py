@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows += [r for r in cpu_reference(args.quick) if r["op"] in ops]
         if "cross_entropy" in ops:
-            n = 4096 if args.quick else args.memory_rows
+            n = min(args.memory_rows, 4096) if args.quick else args.memory_rows
             rows += cpu_linear_ce_memory(n, 32000, 768)
     mode = "cuda" if cuda else "cpu"
     print(f"# bench_kernels ({mode}) - {info}")

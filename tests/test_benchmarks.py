@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end in their CPU/quick modes (they print and write JSON).
+
+Peers that need the `bench` extra (transformers, tokenizers) are left out here; timings are
+never asserted, only what the scripts compute and record.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_bench_kernels_cpu_mode_shows_the_chunked_memory_saving(tmp_path):
+    out = tmp_path / "kernels.json"
+    stdout = run_script("bench_kernels.py", "--quick", "--out", str(out))
+    assert "No CUDA device" in stdout and "linear_cross_entropy" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {
+        "rmsnorm",
+        "cross_entropy",
+        "attention",
+        "linear_cross_entropy",
+    }
+    unfused, chunked = [r for r in rows if r["op"] == "linear_cross_entropy"]
+    assert "chunked" in chunked["impl"] and "reference" in unfused["impl"]
+    assert abs(chunked["loss"] - unfused["loss"]) < 1e-3 * abs(unfused["loss"])
+    assert chunked["peak_MiB"] < 0.5 * unfused["peak_MiB"]  # N=4096, V=32000: ~385 vs ~1400
+
+
+def test_bench_generate_quick_records_cached_and_uncached(tmp_path):
+    out = tmp_path / "gen.json"
+    stdout = run_script("bench_generate.py", "--quick", "--no-peer", "--out", str(out))
+    assert "cost growth" in stdout
+    data = json.loads(out.read_text())
+    assert [r["L"] for r in data["rows"]] == [64, 128, 256]
+    for row in data["rows"]:
+        assert row["new_tokens"] == row["L"] // 2 and row["ours_cached_decode_tok_s"] > 0
+        assert row["ours_uncached_total_s"] > 0 and row["peer_decode_tok_s"] is None
+    assert len(data["growth"]) == 2
