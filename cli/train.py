@@ -428,6 +428,18 @@ class _Bar:
         self.val = None
 
 
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (a job scheduler's stop, `kill`) like Ctrl-C: save a resumable
+    checkpoint and exit 130. Single process only: under torchrun every rank gets the
+    signal at a different point, and the launcher kills them shortly after anyway."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args) -> int:
     """Everything after parsing; raises CliError / engine errors for main() to report."""
     import torch
@@ -458,6 +470,8 @@ def run(args) -> int:
     # Under torchrun: join the process group (trivial context otherwise). On an error the
     # process exits without tearing the group down; the launcher ends the other ranks.
     ctx = init_distributed(args.device, args.dist_timeout)
+    if ctx.world_size == 1:
+        _stop_on_sigterm()
     code = _run_phases(args, out, ctx)
     ctx.close()
     return code

@@ -238,7 +238,8 @@ def test_installed_script_bad_input(files, tmp_path):
     assert "missing.txt" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_installed_script_sigint_saves_resumable_checkpoint(files, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_installed_script_interrupt_saves_resumable_checkpoint(files, tmp_path, sig):
     out_dir = tmp_path / "run"
     argv = [str(SCRIPT), *TINY, "--data", str(files / "pre.json"), "--out", str(out_dir)]
     argv += ["--steps", "100000", "--eval-every", "0", "--save-every", "0"]
@@ -250,7 +251,7 @@ def test_installed_script_sigint_saves_resumable_checkpoint(files, tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "training never started"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
