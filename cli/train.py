@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         type=_nonneg_int,
         metavar="N",
-        help="linear warmup steps (default: min(100, steps/10))",
+        help="linear warmup steps (default: min(100, total steps / 10))",
     )
     t.add_argument(
         "--weight-decay",
@@ -326,9 +326,6 @@ def _phase_config(args, phase: str, resume_cfg: dict | None):
         epochs = args.epochs
     if steps is None and epochs is None:
         steps = DEFAULT_STEPS[phase]
-    warmup = args.warmup
-    if warmup is None:
-        warmup = min(100, (steps or 1000) // 10)
     lr = args.sft_lr if (phase == "sft" and args.sft_lr) else args.lr
     return TrainConfig(
         phase=phase,
@@ -339,7 +336,7 @@ def _phase_config(args, phase: str, resume_cfg: dict | None):
         seq_len=args.seq_len,
         lr=lr,
         min_lr=args.min_lr,
-        warmup=warmup,
+        warmup=args.warmup,  # None: min(100, total steps / 10), resolved by the trainer
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         seed=args.seed,

@@ -83,7 +83,7 @@ class TrainConfig:
     seq_len: int | None = None
     lr: float = 1e-3
     min_lr: float | None = None
-    warmup: int = 100
+    warmup: int | None = 100  # None: min(100, total_steps // 10), fixed once steps are known
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -141,8 +141,10 @@ class TrainConfig:
             number("epochs", lo=0, lo_open=True)
         for name in ("batch_size", "grad_accum", "eval_batches", "log_every"):
             integer(name, 1)
-        for name in ("warmup", "eval_every", "patience", "save_every", "seed"):
+        for name in ("eval_every", "patience", "save_every", "seed"):
             integer(name, 0)
+        if self.warmup is not None:
+            integer("warmup", 0)
         if self.seq_len is not None:
             integer("seq_len", 1)
         number("lr", lo=0)
@@ -193,11 +195,15 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     >>> c = TrainConfig(lr=1.0, min_lr=0.0, warmup=2, steps=10)
     >>> [round(lr_at(s, 10, c), 3) for s in (0, 1, 2, 6, 10)]
     [0.5, 1.0, 1.0, 0.345, 0.0]
+
+    ``warmup=None`` means min(100, total_steps // 10): with --epochs the step count is only
+    known once the data is, so the default is resolved here rather than by the caller.
     """
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    decay_steps = max(1, total_steps - cfg.warmup)
-    t = min(1.0, (step - cfg.warmup) / decay_steps)
+    warmup = min(100, total_steps // 10) if cfg.warmup is None else cfg.warmup
+    if warmup and step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    decay_steps = max(1, total_steps - warmup)
+    t = min(1.0, (step - warmup) / decay_steps)
     return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1.0 + math.cos(math.pi * t))
 
 

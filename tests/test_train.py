@@ -113,6 +113,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert tr.lr_at(12, 20, cfg) == pytest.approx(0.1 + 0.45)  # half way: mean of lr and min
 
 
+def test_auto_warmup_follows_the_run_length():
+    """warmup=None (the CLI's default) is a tenth of the run, at most 100 steps, even when
+    the step count only becomes known from --epochs."""
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup=None, steps=30)
+    assert [tr.lr_at(s, 30, cfg) for s in range(3)] == [
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+        1.0,
+    ]
+    assert tr.lr_at(29, 30, cfg) < 0.01  # decays to the end of a short run
+    assert tr.lr_at(99, 5000, cfg) == 1.0 and tr.lr_at(98, 5000, cfg) < 1.0
+
+
 def test_weight_decay_only_on_matrices(tok):
     model = tiny_model(tok.vocab_size)
     opt = tr.build_optimizer(model, quick(weight_decay=0.3), torch.device("cpu"))
