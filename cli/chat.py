@@ -113,14 +113,22 @@ def resolve_device(name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
 def check_backend(backend: str, device) -> None:
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    from tritonlm.kernels.dispatch import check_backend as check
+
+    try:
+        check(backend, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- session
@@ -362,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return interactive(session, out, err)
     except UsageError as e:
-        err.write(f"{PROG}: error: {e}\n")
+        message = " ".join(str(e).split())  # exactly one line, whatever the cause
+        err.write(f"{PROG}: error: {message}\n")
         return 2
     except KeyboardInterrupt:
         err.write("\n")

@@ -462,6 +462,11 @@ def run(args) -> int:
     out = _check_out(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: CUDA is not available on this machine")
+    from tritonlm.kernels.dispatch import check_backend
+
+    check_backend(
+        args.backend, "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     # Under torchrun: join the process group (trivial context otherwise). On an error the

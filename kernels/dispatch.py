@@ -28,6 +28,23 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return backend
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Fail early, in one line, when ``backend`` cannot run on ``device`` (a ValueError)."""
+    import os
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "triton":
+        return
+    if not HAS_TRITON:
+        raise ValueError("backend 'triton' needs the triton package, which is not installed")
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to interpret the "
+            "kernels on the CPU, slowly)"
+        )
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto"):
     if resolve_backend(backend, x) == "triton":
         return _rmsnorm.rms_norm_triton(x, weight, eps)

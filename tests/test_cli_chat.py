@@ -164,11 +164,18 @@ def test_corrupted_checkpoint(ckpt, tmp_path, capsys):
         (["--bogus"], "--bogus"),
         (["--backend", "cuda"], "--backend"),
         (["--device", "cuda:7"], "cuda"),
+        (["--device", "meta"], "unsupported device"),
         (["--stop", ""], "stop"),
     ],
 )
 def test_bad_options_one_line(ckpt, capsys, args, word):
     one_line_error(*run_main(capsys, ckpt, "--prompt", "hi", *args), word)
+
+
+def test_triton_backend_on_cpu_without_interpreter(ckpt, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = run_main(capsys, ckpt, "--prompt", "hi", "--backend", "triton", "--device", "cpu")
+    one_line_error(*result, "TRITON_INTERPRET=1")
 
 
 def test_help(capsys):

@@ -227,6 +227,15 @@ def test_bad_input_is_one_line_and_exit_2(case, files, trained, broken_ckpt, cap
     assert not (files / "out-never").exists()
 
 
+def test_triton_backend_on_cpu_without_interpreter(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["--data", files / "pre.json", "--out", tmp_path / "x", "--backend", "triton"]
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "TRITON_INTERPRET=1" in err, err
+    assert not (tmp_path / "x").exists()
+
+
 def test_installed_script_bad_input(files, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(
