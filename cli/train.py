@@ -500,6 +500,10 @@ def _run_phases(args, out: Path, ctx) -> int:
     from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
     from tritonlm.engine.train import TrainingError, train
 
+    if not args.resume:  # bad hyperparameters fail before minutes of loading and tokenizing
+        for phase, given in (("pretrain", args.data), ("sft", args.chat_data)):
+            if given:
+                _phase_config(args, phase, None)
     texts = chats = None
     for kind, paths, load in (
         ("documents", args.data, load_texts),
@@ -556,8 +560,7 @@ def _run_phases(args, out: Path, ctx) -> int:
             if ctx.is_main:
                 print(f"nothing left to train; checkpoint: {ckpt.path}")
             return EXIT_OK
-    elif _is_checkpoint(out) and ctx.is_main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run over an old one
+    fresh_over_old = resume_state is None and _is_checkpoint(out) and ctx.is_main
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent / ".cache"
     bar = _Bar(args.quiet or not ctx.is_main)
@@ -581,7 +584,9 @@ def _run_phases(args, out: Path, ctx) -> int:
                 resume=ckpt if resuming else None,
                 extra_state={"phases": phases},
                 dist=ctx,
+                replace_metrics=fresh_over_old,  # the first phase of a new run over an old one
             )
+            fresh_over_old = False
         finally:
             bar.close()
         if result.status == "interrupted":

@@ -538,6 +538,8 @@ class Trainer:
     there). ``rank`` / ``world_size`` select this process's share of each global batch.
     """
 
+    replace_metrics = False  # set by train(): the first log starts a new metrics.jsonl
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -897,7 +899,9 @@ class Trainer:
         self.history.append(record)
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            mode = "w" if self.replace_metrics else "a"
+            self.replace_metrics = False
+            with open(self.out_dir / "metrics.jsonl", mode, encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     # -- the loop ------------------------------------------------------------------------
@@ -998,8 +1002,12 @@ def train(
     resume=None,
     extra_state: dict | None = None,
     dist=None,
+    replace_metrics: bool = False,
 ) -> TrainResult:
     """Train `model` for one phase on a token cache; see :class:`Trainer`.
+
+    ``replace_metrics``: a fresh run over an old run directory; its first logged step
+    replaces the old metrics.jsonl (not earlier, so a run that fails to start loses nothing).
 
     ``config.seq_len`` None uses ``model.config.max_seq_len``. With ``out_dir`` the run
     writes metrics.jsonl, a loss plot and resumable checkpoints there. ``resume`` is a
@@ -1031,4 +1039,5 @@ def train(
         data_key=cache.key,
         dist=dist,
     )
+    trainer.replace_metrics = replace_metrics
     return trainer.run()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,3 +281,18 @@ def test_reports_loaded_and_skipped_data(files, tmp_path, capsys):
         capsys,
     )
     assert "data: 10 documents from 1 file (skipped: 10 empty text)" in out
+
+
+def test_fresh_run_over_old_replaces_metrics_only_once_it_trains(files, trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    old = (run / "metrics.jsonl").read_text()
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(["too short"]))
+    assert cli.main([*map(str, TINY), "--data", str(tiny), "--out", str(run)]) == 2
+    assert "too few" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == old  # a run that never started loses nothing
+    argv = [*TINY, "--data", files / "pre.json", "--out", run, "--steps", "2", "--eval-every", "0"]
+    run_ok(argv, capsys)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
