@@ -155,9 +155,10 @@ class Session:
     def tokenizer(self):
         return self.checkpoint.tokenizer
 
-    def messages(self, user_text: str) -> list[dict[str, str]]:
+    def messages(self, user_text: str, history: bool = True) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + self.history + [{"role": "user", "content": user_text}]
+        past = self.history if history else []
+        return msgs + past + [{"role": "user", "content": user_text}]
 
 
 def load(path: str, device, backend: str):
@@ -170,23 +171,18 @@ def load(path: str, device, backend: str):
         raise UsageError(str(e)) from None
 
 
-def prompt_ids(session: Session, text: str, history: bool) -> tuple[list[int], int]:
-    """Token ids for one user message (with history when ``history``); (ids, dropped)."""
+def prompt_ids(session: Session, text: str, history: bool) -> tuple[list[int], int, int]:
+    """Token ids for one user message (with history when ``history``): (ids, messages
+    dropped to fit the context, tokens cut from a message longer than the context)."""
     from tritonlm.engine.generate import build_chat_prompt, encode_raw_prompt
 
     tok = session.tokenizer
     if session.raw:
-        return encode_raw_prompt(tok, text), 0
+        return encode_raw_prompt(tok, text), 0, 0
     ctx = session.model.config.max_seq_len
     room = min(session.sampling.max_new_tokens, max(1, ctx // 4))
-    if history:
-        messages = session.messages(text)
-    else:
-        messages = ([{"role": "system", "content": session.system}] if session.system else []) + [
-            {"role": "user", "content": text}
-        ]
-    chat = build_chat_prompt(tok, messages, max_tokens=ctx - room)
-    return chat.ids, chat.dropped
+    chat = build_chat_prompt(tok, session.messages(text, history), max_tokens=ctx - room)
+    return chat.ids, chat.dropped, chat.cut_tokens
 
 
 def answer(session: Session, text: str, out, err, history: bool) -> None:
@@ -196,7 +192,7 @@ def answer(session: Session, text: str, out, err, history: bool) -> None:
     """
     from tritonlm.engine.generate import stream
 
-    ids, dropped = prompt_ids(session, text, history)
+    ids, dropped, cut = prompt_ids(session, text, history)
     s = stream(session.model, session.tokenizer, ids, session.sampling)
     interrupted = False
     try:
@@ -208,6 +204,11 @@ def answer(session: Session, text: str, out, err, history: bool) -> None:
         s.close()
         interrupted = True
     result = s.result
+    if cut:
+        result.prompt_truncated += cut
+        result.warnings.append(
+            f"the message is longer than the context: its first {cut} tokens were left out"
+        )
     if session.as_json:
         record = {
             "text": result.text,

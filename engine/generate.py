@@ -187,11 +187,13 @@ def encode_raw_prompt(tokenizer, text: str) -> list[int]:
 
 @dataclass
 class ChatPrompt:
-    """Prompt ids for a chat history; ``dropped`` = messages left out to fit the context."""
+    """Prompt ids for a chat history; ``dropped`` = messages left out to fit the context,
+    ``cut_tokens`` = tokens cut from the start of a last message that alone was too long."""
 
     ids: list[int]
     dropped: int
     messages: list[dict[str, str]]
+    cut_tokens: int = 0  # oldest tokens cut from a last message longer than the context
 
 
 def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> ChatPrompt:
@@ -199,8 +201,9 @@ def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int
 
     When the ids exceed ``max_tokens``, the oldest turns are dropped (system messages are
     kept), one message at a time, until it fits and the history starts with a user turn.
-    If even the last user message alone is too long, its ids are returned anyway (the
-    generator then keeps the most recent max_seq_len tokens and reports the truncation).
+    If even the last message alone is too long, its oldest content tokens are cut
+    (``cut_tokens``) so that the template around it (<|bos|>, system, <|user|>, <|end|>,
+    <|assistant|>) survives and there is room to answer.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -210,6 +213,8 @@ def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int
     while True:
         kept = system + turns
         ids, _ = tokenizer.render_chat(kept, add_generation_prompt=True)
+        if len(ids) > max_tokens and len(turns) == 1:
+            return _cut_last_message(tokenizer, system, turns[0], max_tokens, dropped)
         if len(ids) <= max_tokens or len(turns) <= 1:
             return ChatPrompt(ids=list(ids), dropped=dropped, messages=kept)
         turns = turns[1:]
@@ -217,6 +222,20 @@ def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int
         while len(turns) > 1 and turns[0]["role"] != "user":
             turns = turns[1:]
             dropped += 1
+
+
+def _cut_last_message(tokenizer, system, last, max_tokens: int, dropped: int) -> ChatPrompt:
+    """The template with ``last``'s content reduced to its most recent tokens."""
+    frame, _ = tokenizer.render_chat([*system, {**last, "content": ""}], add_generation_prompt=True)
+    content = tokenizer.encode(last["content"])
+    keep = max_tokens - len(frame)
+    if keep < 1:  # the system prompt alone fills the context: the generator truncates
+        ids, _ = tokenizer.render_chat([*system, last], add_generation_prompt=True)
+        return ChatPrompt(ids=list(ids), dropped=dropped, messages=[*system, last])
+    ids = frame[:-2] + content[-keep:] + frame[-2:]  # frame ends with <|end|> <|assistant|>
+    return ChatPrompt(
+        ids=ids, dropped=dropped, messages=[*system, last], cut_tokens=len(content) - keep
+    )
 
 
 # ----------------------------------------------------------------------------- decoding

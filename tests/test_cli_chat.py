@@ -249,7 +249,7 @@ def test_history_multi_turn_and_ctrl_c_mid_answer(ckpt):
         {"role": "assistant", "content": "hello there, friend."},
     ]
     # the second prompt contains the first turn
-    ids, dropped = chat.prompt_ids(s, "bye", history=True)
+    ids, dropped, cut = chat.prompt_ids(s, "bye", history=True)
     first = s.tokenizer.render_chat(s.history, add_generation_prompt=False)[0]
     assert ids[: len(first)] == first and dropped == 0
 
@@ -282,8 +282,8 @@ def test_history_is_truncated_to_fit_context(ckpt):
             {"role": "user", "content": f"question number {i}"},
             {"role": "assistant", "content": f"answer number {i}"},
         ]
-    ids, dropped = chat.prompt_ids(s, "hi", history=True)
-    assert dropped > 0 and len(ids) <= 64 - 8
+    ids, dropped, cut = chat.prompt_ids(s, "hi", history=True)
+    assert dropped > 0 and cut == 0 and len(ids) <= 64 - 8
     assert ids[:2] == [s.tokenizer.bos_id, s.tokenizer.system_id]
     out, err = Sink(), Sink()
     chat.answer(s, "hi", out, err, history=True)

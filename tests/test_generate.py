@@ -322,9 +322,20 @@ def test_build_chat_prompt_drops_oldest_turns_keeps_system(tok):
     assert cut.messages[1:] == msgs[1 + cut.dropped :]
     assert cut.ids == tok.render_chat(cut.messages, add_generation_prompt=True)[0]
 
-    # nothing fits but the last message: returned anyway (generation truncates it)
+    # the system prompt alone overflows: returned anyway (generation truncates it)
     tiny = build_chat_prompt(tok, msgs, max_tokens=3)
     assert tiny.messages == [msgs[0], msgs[-1]] and len(tiny.ids) > 3
+
+
+def test_build_chat_prompt_cuts_a_too_long_last_message_keeping_the_template(tok):
+    system = {"role": "system", "content": "be brief"}
+    long = {"role": "user", "content": " ".join(f"word{i}" for i in range(200))}
+    content = tok.encode(long["content"])
+    frame = tok.render_chat([system, {**long, "content": ""}], add_generation_prompt=True)[0]
+    p = build_chat_prompt(tok, [system, long], max_tokens=len(frame) + 10)
+    assert len(p.ids) == len(frame) + 10 and p.cut_tokens == len(content) - 10
+    assert p.ids[:-12] == frame[:-2]  # <|bos|> <|system|> ... <|user|> survive
+    assert p.ids[-12:] == content[-10:] + [tok.end_id, tok.assistant_id]
 
 
 def test_encode_raw_prompt(tok):
