@@ -154,11 +154,19 @@ def _expand(path: Path, extensions: tuple[str, ...], result: LoadResult) -> list
     """A file stands for itself; a folder for its supported files, recursively.
 
     Folder contents are sorted by their relative path parts, so the order never depends on
-    the file system. Files there with other extensions are counted as skipped.
+    the file system. Files there with other extensions are counted as skipped. Hidden files
+    and folders (names starting with ".") are not data: a run directory inside the corpus
+    keeps its token cache in ``.cache``, which must never be read back as text.
     """
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).parts
+            (
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ),
+            key=lambda p: p.relative_to(path).parts,
         )
         keep = [p for p in files if p.suffix.lower() in extensions]
         if len(keep) < len(files):

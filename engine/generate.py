@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from .model import left_pad
 from .sampling import SamplingConfig, SamplingError, make_generator, sample_next
 from .tokenizer import SPECIAL_TOKENS
 
@@ -320,13 +321,11 @@ def _decode(
     device = model.tok_emb.weight.device
     max_len = model.config.max_seq_len
     vocab = model.config.vocab_size
-    pad_id = 0  # pad slots are masked out; any valid id will do
     generator = None if config.greedy else make_generator(config.seed, device)
 
     active = list(range(len(rows)))  # row indices still generating, in batch order
-    width = max(len(r.prompt) for r in rows)
-    pad = torch.tensor([width - len(r.prompt) for r in rows], dtype=torch.long, device=device)
-    ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=device)
+    ids, pad = left_pad([r.prompt for r in rows], pad_id=0)  # pad slots are masked out
+    ids, pad = ids.to(device), pad.to(device)
     need_seen = config.repetition_penalty != 1.0
     need_counts = config.frequency_penalty != 0.0 or config.presence_penalty != 0.0
     seen = counts = None

@@ -346,13 +346,14 @@ class Transformer(nn.Module):
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx {tuple(idx.shape)}")
         targets = targets.to(device=idx.device, dtype=torch.long)
-        keep = torch.ones_like(targets, dtype=torch.bool)
-        if loss_mask is not None:
-            keep &= loss_mask.to(idx.device).bool()
-        if lengths is not None:
-            pos = torch.arange(idx.shape[1], device=idx.device)
-            keep &= pos[None, :] < torch.as_tensor(lengths, device=idx.device)[:, None]
-        targets = targets.masked_fill(~keep, IGNORE_INDEX)
+        if loss_mask is not None or lengths is not None:  # pretraining windows need neither
+            keep = torch.ones_like(targets, dtype=torch.bool)
+            if loss_mask is not None:
+                keep &= loss_mask.to(idx.device).bool()
+            if lengths is not None:
+                pos = torch.arange(idx.shape[1], device=idx.device)
+                keep &= pos[None, :] < torch.as_tensor(lengths, device=idx.device)[:, None]
+            targets = targets.masked_fill(~keep, IGNORE_INDEX)
         weight = self.output_weight
         if weight.dtype != h.dtype:  # e.g. bf16 hidden states under autocast
             weight = weight.to(h.dtype)

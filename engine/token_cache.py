@@ -112,11 +112,9 @@ def build_pretrain_cache(
 
     ``progress(done, total)`` is called every few documents while encoding.
     """
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
     def encode(text):
-        ids = tokenizer.encode(text)
-        return [bos, *ids, eos], None, len(text.encode("utf-8"))
+        return tokenizer.encode_document(text), None, len(text.encode("utf-8"))
 
     return _build("pretrain", texts, tokenizer, cache_dir, encode, progress)
 

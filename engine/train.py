@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tritonlm.kernels.dispatch import BACKENDS
 
 from .checkpoint import save_checkpoint
 from .model import IGNORE_INDEX
@@ -50,7 +51,6 @@ from .token_cache import TokenCache
 
 PHASES = ("pretrain", "sft")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16")
 TRAINER_STATE_VERSION = 1
 

@@ -329,3 +329,13 @@ def test_generator_reproduces_bundled_files_byte_identically():
     assert sorted(built) == ["chat.json", "pretrain.json"]
     for name, data in built.items():
         assert data == (DATA / name).read_bytes(), f"data/{name} differs from make_data.py output"
+
+
+def test_hidden_files_and_folders_in_a_corpus_are_not_data(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("real text")
+    (tmp_path / ".cache" / "pretrain-1").mkdir(parents=True)
+    (tmp_path / ".cache" / "pretrain-1" / "meta.json").write_text('{"not": "a list"}')
+    (tmp_path / "docs" / ".notes.txt").write_text("private")
+    result = load_texts(tmp_path)
+    assert result.items == ["real text"] and result.skipped == {}
