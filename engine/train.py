@@ -680,6 +680,23 @@ class Trainer:
             tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
             os.replace(tmp, path)
 
+    def _logged_history(self) -> list[dict]:
+        """This phase's records from metrics.jsonl: after a resume the plot then shows the
+        whole run, not only the steps of this session."""
+        records = []
+        try:
+            lines = (self.out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return self.history
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("phase") == self.config.phase:
+                records.append(r)
+        return records or self.history
+
     # -- data ----------------------------------------------------------------------------
 
     def _micro_batches(self, step: int) -> list[Batch]:
@@ -973,7 +990,7 @@ class Trainer:
             self.ddp = None
             gc.collect()
         if self.out_dir is not None and self.is_main and self.history:
-            plot_losses(self.history, self.out_dir / f"loss_{cfg.phase}.png", cfg.phase)
+            plot_losses(self._logged_history(), self.out_dir / f"loss_{cfg.phase}.png", cfg.phase)
         result = TrainResult(
             status=status,
             phase=cfg.phase,

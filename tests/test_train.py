@@ -311,7 +311,7 @@ def test_loss_falls_well_below_start(golden_run):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_interrupt_then_resume_matches_uninterrupted_run(tok, tmp_path):
+def test_interrupt_then_resume_matches_uninterrupted_run(tok, tmp_path, monkeypatch):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
     cfg = quick(steps=6, grad_accum=2, eval_every=2, val_fraction=0.2)
     full = train(tiny_model(tok.vocab_size, dropout=0.1), tok, cache, cfg, tmp_path / "a")
@@ -328,8 +328,11 @@ def test_interrupt_then_resume_matches_uninterrupted_run(tok, tmp_path):
     assert ckpt.resumable and ckpt.trainer_state["step"] == 3
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a step logged after the save
         f.write(json.dumps({"phase": "pretrain", "step": 4, "loss": 99.0}) + "\n")
+    plotted = []
+    monkeypatch.setattr(tr, "plot_losses", lambda history, *a, **k: plotted.append(history))
     rest = train(ckpt.model, ckpt.tokenizer, cache, cfg, tmp_path / "b", resume=ckpt)
     assert rest.status == "completed" and rest.step == 6
+    assert [r["step"] for r in plotted[0]] == [1, 2, 3, 4, 5, 6]  # the whole run, not 4..6
     assert [h["loss"] for h in part.history] == expected[:3]
     assert [h["loss"] for h in rest.history] == expected[3:]  # bitwise equal
     assert [h["val_loss"] for h in rest.history if "val_loss" in h] == [
