@@ -74,6 +74,14 @@ class KVCache:
     pad: torch.Tensor
     pos: int = 0
 
+    def __post_init__(self) -> None:
+        self._note_pad()
+
+    def _note_pad(self) -> None:
+        # Smallest and largest pad as Python ints, read once here rather than from the
+        # (possibly GPU) tensor at every decode step, which would sync each token.
+        self.pad_range = (int(self.pad.min()), int(self.pad.max())) if len(self.pad) else (0, 0)
+
     @property
     def batch_size(self) -> int:
         return self.pad.shape[0]
@@ -94,12 +102,14 @@ class KVCache:
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
         self.pad = self.pad[rows]
+        self._note_pad()
 
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Reuse the buffers for a new batch (old contents are simply overwritten)."""
         self.pos = 0
         if pad is not None:
             self.pad = pad.to(device=self.pad.device, dtype=torch.long)
+            self._note_pad()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,7 +432,10 @@ class Transformer(nn.Module):
         device = idx.device
         slots = torch.arange(start, start + T, device=device)  # query slots
         positions = slots[None, :] - pad[:, None]  # [B, T] RoPE positions, < 0 on pads
-        longest = int(positions[:, -1].max())
+        min_pad, max_pad = (
+            cache.pad_range if cache is not None else (int(pad.min()), int(pad.max()))
+        )
+        longest = start + T - 1 - min_pad
         if longest >= self.config.max_seq_len:
             raise ValueError(
                 f"sequence reaches position {longest}, beyond max_seq_len {self.config.max_seq_len}"
@@ -430,7 +443,7 @@ class Transformer(nn.Module):
         positions = positions.clamp_min(0)
         cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh/2]
         sin = self.rope_sin[positions][:, None]
-        if cache is not None and (T == 1 or start == 0) and not bool(pad.any()):
+        if cache is not None and (T == 1 or start == 0) and max_pad == 0:
             # No pads: one new token sees every cached key, and a prefill from slot 0 is
             # plain causal attention, so no mask tensor is needed (Attention infers which).
             mask = None
