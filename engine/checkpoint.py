@@ -25,7 +25,8 @@ aside copy is deleted. Renames are atomic, so after a crash at any point either
 uses ``<name>`` when it exists and otherwise falls back to ``.<name>.old``; the next
 successful save removes leftover ``.old`` and ``.tmp-*`` directories.
 
-Loading checks the manifest (size and sha256 of every file) first, then the config's magic
+Loading checks the manifest (size and sha256 of every file; the optimizer state is hashed
+by ``load_optimizer_state``, when a resume uses it) first, then the config's magic
 and format version (newer: refused; older: migrated through MIGRATIONS), rebuilds the
 tokenizer, takes the vocabulary size from it, builds the model from its config and loads
 the weights with strict name and shape checks. Every problem is a one-line
@@ -378,7 +379,7 @@ def _resolve(path: Path) -> Path:
     raise CheckpointError(f"{path}: checkpoint directory does not exist")
 
 
-def _verify_file(root: Path, name: str, manifest: dict[str, Any]) -> None:
+def _verify_file(root: Path, name: str, manifest: dict[str, Any], digest: bool = True) -> None:
     entry = manifest["files"].get(name)
     path = root / name
     if entry is None:
@@ -390,7 +391,7 @@ def _verify_file(root: Path, name: str, manifest: dict[str, Any]) -> None:
         raise CheckpointError(
             f"{path}: size {size} bytes, manifest says {entry['size']} (truncated or modified)"
         )
-    if _sha256(path) != entry["sha256"]:
+    if digest and _sha256(path) != entry["sha256"]:
         raise CheckpointError(f"{path}: sha256 mismatch with {MANIFEST_FILE} (file corrupted)")
 
 
@@ -486,7 +487,9 @@ def load_checkpoint(
         if name not in manifest["files"]:
             raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {name}")
     for name in manifest["files"]:
-        _verify_file(root, name, manifest)
+        # The optimizer state (twice the weights) is hashed only when it is used, by
+        # load_optimizer_state; a chat session never pays for it. Its size is still checked.
+        _verify_file(root, name, manifest, digest=name != OPTIMIZER_FILE)
     cfg = _read_config(root)
 
     tok_path = root / cfg["tokenizer_file"]

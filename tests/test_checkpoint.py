@@ -153,6 +153,20 @@ def train_steps(model, opt, n):
         opt.step()
 
 
+def test_corrupt_optimizer_state_is_caught_when_resuming(tmp_path, tokenizer):
+    model = make_model(tokenizer)
+    opt = adamw(model)
+    train_steps(model, opt, 1)
+    path = save_checkpoint(tmp_path / "ck", model, tokenizer, optimizer=opt, trainer_state={})
+    data = bytearray((path / "optimizer.safetensors").read_bytes())
+    data[-3] ^= 0x40  # a bit flip inside the tensor bytes: same size
+    (path / "optimizer.safetensors").write_bytes(bytes(data))
+    ckpt = load_checkpoint(path)  # the weights are fine: chat can use them
+    assert torch.equal(ckpt.model(IDX), model.eval()(IDX))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: sha256 mismatch"):
+        ckpt.load_optimizer_state(adamw(ckpt.model))
+
+
 def test_resumable_checkpoint_continues_identically(tmp_path, tokenizer):
     model = make_model(tokenizer, tie_embeddings=False)
     opt = adamw(model)
