@@ -479,19 +479,6 @@ def run(args) -> int:
     return code
 
 
-def _describe_loaded(kind: str, loaded) -> str:
-    """'data: 2576 documents from 1 file (skipped: 3 empty text)': nothing dropped silently."""
-    files = len(loaded.sources)
-    line = f"data: {len(loaded.items)} {kind} from {files} file{'s' if files != 1 else ''}"
-    if loaded.skipped:
-        line += (
-            " (skipped: "
-            + ", ".join(f"{n} {why}" for why, n in sorted(loaded.skipped.items()))
-            + ")"
-        )
-    return line
-
-
 def _run_phases(args, out: Path, ctx) -> int:
     import torch
     from tritonlm.engine.checkpoint import load_checkpoint
@@ -513,7 +500,7 @@ def _run_phases(args, out: Path, ctx) -> int:
             continue
         loaded = load(paths)
         if ctx.is_main and not args.quiet:
-            print(_describe_loaded(kind, loaded))
+            print(f"data: {loaded.summary(kind)}")
         if kind == "documents":
             texts = loaded.items
         else:

@@ -130,7 +130,7 @@ class SamplingConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Names accepted by SamplingConfig.from_strings / llm-chat's /set, with their parsers.
+# Names accepted by parse_setting (llm-chat's /set), with their parsers.
 def _parse_seed(text: str) -> int | None:
     return None if text.lower() in ("none", "off", "random") else int(text)
 
