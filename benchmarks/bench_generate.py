@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from peers import cpu_model, llama_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -77,13 +78,7 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu"] = cpu_model()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -110,26 +105,9 @@ def build_ours(preset: str, vocab: int, max_len: int, device):
 
 
 def build_peer(cfg, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    hf_cfg = llama_config(cfg, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
     return model.to(device).eval()

@@ -27,6 +27,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from peers import cpu_model
+
 HERE = Path(__file__).resolve().parent
 
 GOALS = {
@@ -74,13 +76,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu"] = cpu_model()
     import importlib.metadata as md
 
     for pkg in ("torch", "regex", "tiktoken", "tokenizers"):

@@ -98,25 +98,10 @@ def _ours(cfg, device: str, batch: int, steps: int, warmup: int, seed: int) -> d
 
 def _peer(cfg, device: str, batch: int, steps: int, warmup: int, seed: int) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from peers import llama_config
+    from transformers import LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        attention_dropout=0.0,
-        use_cache=False,
-    )
+    hf_cfg = llama_config(cfg, attention_dropout=0.0, use_cache=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(hf_cfg).to(device)
     model.config._attn_implementation = "sdpa"
