@@ -722,16 +722,32 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _set_lr(self) -> float:
+        """Put this step's scheduled learning rate into every parameter group."""
+        lr = lr_at(self.step, self.total_steps, self.config)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _clip_gradients(self) -> float:
+        """Clip to the global norm (when grad_clip > 0); return the norm before clipping."""
+        params = self.model.parameters()
+        if self.config.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+    def _apply_update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
     def _train_step(self) -> dict:
         """Forward/backward over the micro-batches, clip, AdamW step. Returns step metrics."""
         if self.ddp is not None:
             return self._train_step_ddp()
-        cfg = self.config
         batches = self._micro_batches(self.step)
         total_targets = sum(bt.n_targets for bt in batches)
-        lr = lr_at(self.step, self.total_steps, cfg)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = self._set_lr()
         self.model.train()
         loss_sum = 0.0
         n_tokens = 0
@@ -747,18 +763,10 @@ class Trainer:
             (loss * weight).backward()
             loss_sum += value * weight
             n_tokens += bt.n_tokens
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.model.parameters() if p.grad is not None]
-            )
-        grad_norm = float(norm)
+        grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):
             raise self._nonfinite("gradient norm", grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self._apply_update()
         self.tokens_seen += n_tokens * self.world_size
         return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
 
@@ -772,14 +780,12 @@ class Trainer:
         summation order). Non-final micro-steps skip the all-reduce (no_sync). A non-finite
         loss or gradient norm is decided on rank 0 and broadcast, so all ranks stop together.
         """
-        cfg, dist = self.config, self.dist
+        dist = self.dist
         batches = self._micro_batches(self.step)
         local_targets = sum(bt.n_targets for bt in batches)
         local_tokens = sum(bt.n_tokens for bt in batches)
         total_targets, total_tokens = dist.all_reduce_sum([local_targets, local_tokens])
-        lr = lr_at(self.step, self.total_steps, cfg)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = self._set_lr()
         self.ddp.train()
         loss_sum = 0.0
         for i, bt in enumerate(batches):
@@ -796,22 +802,14 @@ class Trainer:
                     raise dist.failure("the gradient all-reduce", e) from e
             loss_sum += float(loss.detach()) * bt.n_targets / max(1.0, total_targets)
         loss_sum = dist.all_reduce_sum([loss_sum])[0]
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.model.parameters() if p.grad is not None]
-            )
-        grad_norm = float(norm)
+        grad_norm = self._clip_gradients()
         bad = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
         if dist.broadcast_flag(bad):
             what, value = (
                 ("loss", loss_sum) if not math.isfinite(loss_sum) else ("gradient norm", grad_norm)
             )
             raise self._nonfinite(what, value)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self._apply_update()
         self.tokens_seen += int(total_tokens)
         return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": local_tokens}
 
