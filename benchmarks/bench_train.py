@@ -63,7 +63,8 @@ def _ours(cfg, device: str, batch: int, steps: int, warmup: int, seed: int) -> d
     import torch
     from tritonlm.engine.model import Transformer
     from tritonlm.engine.token_cache import TokenCache
-    from tritonlm.engine.train import PretrainData, TrainConfig, Trainer
+    from tritonlm.engine.batches import PretrainWindows
+    from tritonlm.engine.train import TrainConfig, Trainer
 
     T = cfg.max_seq_len
     n_tok = (steps + 4) * batch * (T + 1) * 2
@@ -82,7 +83,7 @@ def _ours(cfg, device: str, batch: int, steps: int, warmup: int, seed: int) -> d
             mask=None,
             vocab_size=cfg.vocab_size,
         )
-        data = PretrainData(cache, T, val_fraction=0.0, seed=seed)
+        data = PretrainWindows(cache, T, val_fraction=0.0, seed=seed)
         tc = TrainConfig(
             steps=steps, batch_size=batch, lr=1e-3, warmup=0, eval_every=0, device=device
         )

@@ -11,10 +11,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from .fields import ConfigMixin, at_least, boolean, number, option
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigMixin):
     """Shape and hyper-parameters of the decoder-only Transformer in :mod:`engine.model`.
 
     d_ff is the hidden width of the SwiGLU feed-forward (three d_model x d_ff matrices).
@@ -30,33 +30,33 @@ class ModelConfig:
     init_std / sqrt(2 * n_layers).
     """
 
-    vocab_size: int
-    d_model: int = 128
-    n_layers: int = 3
-    n_heads: int = 4
-    d_ff: int = 256
-    max_seq_len: int = 80
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    error = ConfigError
+    what = "model config"
 
-    def __post_init__(self) -> None:
-        self.validate()
+    vocab_size: int = option(None, at_least(1), flag=False)
+    d_model: int = option(128, at_least(1), "model width (default: the preset's)", metavar="N")
+    n_layers: int = option(3, at_least(1), "Transformer blocks (default: the preset's)",
+                           metavar="N")  # fmt: skip
+    n_heads: int = option(4, at_least(1), "attention heads (default: the preset's)", metavar="N")
+    d_ff: int = option(256, at_least(1), "feed-forward width (default: the preset's)",
+                       metavar="N")  # fmt: skip
+    max_seq_len: int = option(80, at_least(1), flag=False)  # the CLI's --seq-len sets it
+    dropout: float = option(
+        0.0,
+        number(lo=0, hi=1, hi_open=True),
+        "dropout probability (default: the preset's, 0)",
+        metavar="P",
+    )
+    tie_embeddings: bool = option(True, boolean, flag=False)
+    rope_theta: float = option(10000.0, number(lo=0, lo_open=True), flag=False)
+    norm_eps: float = option(1e-6, number(lo=0, lo_open=True), flag=False)
+    init_std: float = option(0.02, number(lo=0, lo_open=True), flag=False)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad field."""
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+    def check_together(self) -> None:
         if self.d_model % self.n_heads != 0:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -65,42 +65,13 @@ class ModelConfig:
             raise ConfigError(
                 f"head dimension d_model/n_heads = {self.head_dim} must be even for RoPE"
             )
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-        for name in ("dropout", "rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ConfigError(f"{name} must be finite, got {value}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.init_std <= 0:
-            raise ConfigError(f"init_std must be positive, got {self.init_std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict (e.g. parsed JSON); unknown or missing keys raise ConfigError."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        if "vocab_size" not in data:
+        if isinstance(data, dict) and "vocab_size" not in data:
             raise ConfigError("model config is missing vocab_size")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        """A validated copy with some fields changed."""
-        return self.from_dict({**self.to_dict(), **changes})
+        return super().from_dict(data)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides: Any) -> ModelConfig:

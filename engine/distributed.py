@@ -18,10 +18,10 @@ A collective that fails or times out (a rank died or hangs) raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-FAULT_ENV = "TRITONLM_DDP_FAULT"  # test hook: "exit:RANK:STEP" or "hang:RANK:STEP"
 
 
 class DistributedError(RuntimeError):
@@ -115,6 +114,7 @@ class DistContext:
     device: torch.device | None = None
     backend: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    control_group: object = field(default=None, repr=False)  # gloo group for CPU flags
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -131,7 +131,10 @@ class DistContext:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def run(self, what: str, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)``; a failure becomes a DistributedError naming ``what``."""
+        """``fn(*args, **kwargs)``; with other ranks, a failure becomes a DistributedError
+        naming ``what`` (they probably died or hung)."""
+        if not self.is_distributed:
+            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except DistributedError:
@@ -175,6 +178,35 @@ class DistContext:
             self.run("all_reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
             return (t / self.world_size).to(value.device)
         return self.all_reduce_sum([value])[0] / self.world_size
+
+    def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of a device tensor, in place; no host sync on NCCL."""
+        if self.is_distributed:
+            self.run("all_reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        return t
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank when any rank passes True (e.g. a stop request). Runs on the
+        CPU control group, so calling it every step never waits for the GPU."""
+        if not self.is_distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        op = dist.ReduceOp.MAX
+        self.run("all_reduce", lambda: dist.all_reduce(t, op=op, group=self.control_group))
+        return bool(t.item())
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP around ``module`` with other ranks; the module itself in one process."""
+        if not self.is_distributed:
+            return module
+        return self.run("wrapping the model in DDP", wrap_ddp, module, self)
+
+    def no_sync(self, module: torch.nn.Module, sync: bool):
+        """Skip DDP's gradient all-reduce for this backward unless ``sync`` (the last
+        micro-step); a null context in one process."""
+        if sync or not self.is_distributed:
+            return contextlib.nullcontext()
+        return module.no_sync()
 
     def broadcast_flag(self, flag: bool, src: int = 0) -> bool:
         """Rank ``src``'s decision (e.g. stop now) on every rank."""
@@ -288,7 +320,11 @@ def init_distributed(
             f"rank {env.rank}: could not join the process group ({backend}, "
             f"{env.master_addr}:{env.master_port}): {str(e).strip().splitlines()[0][:300]}"
         ) from e
+    # Per-step stop flags travel on the CPU (gloo) so they never wait for the GPU.
+    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timedelta(
+        seconds=float(timeout_s)))  # fmt: skip
     return DistContext(
+        control_group=control,
         rank=env.rank,
         world_size=env.world_size,
         local_rank=env.local_rank,
@@ -313,9 +349,9 @@ class LossForward(torch.nn.Module):
         return self.model.loss(idx, targets, lengths=lengths)
 
 
-def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DistributedDataParallel over ``LossForward(model)``; call it as ``ddp(idx, targets,
-    lengths)``. Checkpoints save ``model`` itself, so weight names carry no prefix."""
+def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """DistributedDataParallel over ``module`` (a LossForward). Checkpoints save the bare
+    model itself, so weight names carry no prefix."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -325,8 +361,7 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     # (torch >= 2.13 renamed broadcast_buffers to forward_sync_buffers.)
     params = inspect.signature(DDP.__init__).parameters
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    wrapped = LossForward(model)
-    return DDP(wrapped, device_ids=ids, output_device=None if ids is None else ids[0],
+    return DDP(module, device_ids=ids, output_device=None if ids is None else ids[0],
                **{no_sync: False})  # fmt: skip
 
 
@@ -346,25 +381,3 @@ def rank_seed(seed: int, rank: int) -> int:
     (1337, True)
     """
     return seed if rank == 0 else (seed + 1_000_003 * rank) % (2**63)
-
-
-# ----------------------------------------------------------------------------- test hook
-
-
-def maybe_inject_fault(step: int, rank: int, environ: Mapping[str, str] | None = None) -> None:
-    """Test hook: with TRITONLM_DDP_FAULT="exit:R:S" rank R leaves abruptly (os._exit(17))
-    after optimizer step S; with "hang:R:S" it sleeps instead. Does nothing when unset."""
-    spec = (os.environ if environ is None else environ).get(FAULT_ENV)
-    if not spec:
-        return
-    try:
-        kind, r, s = spec.split(":")
-        r, s = int(r), int(s)
-    except ValueError:
-        return
-    if r != rank or s != step:
-        return
-    if kind == "exit":
-        os._exit(17)
-    if kind == "hang":
-        time.sleep(3600)

@@ -7,16 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from tritonlm.cli import train as cli
-from tritonlm.engine import train as engine_train
 from tritonlm.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,27 +109,6 @@ def test_init_from_keeps_tokenizer_and_shape(trained, files, tmp_path, capsys):
     a, b = load_checkpoint(trained), load_checkpoint(out_dir)
     assert a.tokenizer.to_dict() == b.tokenizer.to_dict()
     assert a.model_config == b.model_config
-
-
-def test_ctrl_c_saves_resumable_checkpoint_then_resume(files, tmp_path, capsys, monkeypatch):
-    real_step = engine_train.Trainer._train_step
-
-    def interrupt_at_3(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    out_dir = tmp_path / "run"
-    argv = [*TINY, "--data", files / "pre.json", "--out", out_dir, "--steps", "5"]
-    argv = [str(a) for a in argv]
-    monkeypatch.setattr(engine_train.Trainer, "_train_step", interrupt_at_3)
-    assert cli.main(argv) == 130
-    err = capsys.readouterr().err
-    assert "--resume" in err and "step 2" in err
-    assert load_checkpoint(out_dir).trainer_state["step"] == 2
-    monkeypatch.setattr(engine_train.Trainer, "_train_step", real_step)
-    assert cli.main([*argv, "--resume", str(out_dir)]) == 0
-    assert load_checkpoint(out_dir).trainer_state["step"] == 5
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -246,30 +222,6 @@ def test_installed_script_bad_input(files, tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("llm-train: error: ")
     assert "missing.txt" in r.stderr and "Traceback" not in r.stderr
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_installed_script_interrupt_saves_resumable_checkpoint(files, tmp_path, sig):
-    out_dir = tmp_path / "run"
-    argv = [str(SCRIPT), *TINY, "--data", str(files / "pre.json"), "--out", str(out_dir)]
-    argv += ["--steps", "100000", "--eval-every", "0", "--save-every", "0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        metrics = out_dir / "metrics.jsonl"
-        while not (metrics.exists() and metrics.stat().st_size > 0):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training never started"
-            time.sleep(0.2)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    assert "resumable checkpoint" in err and "Traceback" not in err
-    state = load_checkpoint(out_dir).trainer_state
-    assert state["step"] >= 1
 
 
 def test_reports_loaded_and_skipped_data(files, tmp_path, capsys):

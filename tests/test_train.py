@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tritonlm.engine import batches as bs
 from tritonlm.engine import token_cache as tc
 from tritonlm.engine import train as tr
 from tritonlm.engine.checkpoint import load_checkpoint
 from tritonlm.engine.config import ModelConfig
 from tritonlm.engine.data import load_texts
 from tritonlm.engine.model import IGNORE_INDEX, Transformer
+from tritonlm.engine.stop import StopRequest
 from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
 from tritonlm.engine.train import TrainConfig, TrainingError, train
 
@@ -128,7 +130,7 @@ def test_auto_warmup_follows_the_run_length():
 
 def test_weight_decay_only_on_matrices(tok):
     model = tiny_model(tok.vocab_size)
-    opt = tr.build_optimizer(model, quick(weight_decay=0.3), torch.device("cpu"))
+    opt = tr.build_optimizer(model, quick(weight_decay=0.3))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name
@@ -191,21 +193,21 @@ def test_broken_cache_entry_is_rebuilt(tok, tmp_path):
 
 
 def test_epoch_sampler_is_seeded_permutation():
-    s = tr.EpochSampler(10, seed=3)
+    s = bs.EpochSampler(10, seed=3)
     e, items = s.items(0, 25)
     assert sorted(items[:10]) == list(range(10)) and sorted(items[10:20]) == list(range(10))
     assert e.tolist() == [0] * 10 + [1] * 10 + [2] * 5
     assert items[:10].tolist() != items[10:20].tolist()
-    again = tr.EpochSampler(10, seed=3).items(7, 9)[1]  # stateless: any position, any order
+    again = bs.EpochSampler(10, seed=3).items(7, 9)[1]  # stateless: any position, any order
     assert again.tolist() == items[7:16].tolist()
-    assert tr.EpochSampler(10, seed=4).items(0, 10)[1].tolist() != items[:10].tolist()
+    assert bs.EpochSampler(10, seed=4).items(0, 10)[1].tolist() != items[:10].tolist()
 
 
 def test_pretrain_windows_and_validation_split(tok, tmp_path):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path)
-    data = tr.PretrainData(cache, seq_len=16, val_fraction=0.2, seed=0)
+    data = bs.PretrainWindows(cache, seq_len=16, val_fraction=0.2, seed=0)
     assert data.split in set(cache.doc_offsets.tolist())  # snapped to a document start
-    b = data.train_batch(*tr.EpochSampler(data.n_train, 0).items(0, 3))
+    b = data.train_batch(*bs.EpochSampler(data.n_train, 0).items(0, 3))
     assert b.idx.shape == (3, 16) and b.lengths is None
     assert torch.equal(b.idx[:, 1:], b.targets[:, :-1])  # targets = inputs shifted by one
     starts = [int(x) for x in b.idx[:, 0]]
@@ -220,7 +222,7 @@ def test_pretrain_windows_and_validation_split(tok, tmp_path):
 
 def test_sft_batch_masks_everything_but_assistant(tok, tmp_path):
     cache = tc.build_chat_cache(CHATS, tok, tmp_path)
-    data = tr.ChatData(cache, seq_len=16, val_fraction=0.25, seed=0, pad_id=tok.pad_id)
+    data = bs.ChatBatches(cache, seq_len=16, val_fraction=0.25, seed=0, pad_id=tok.pad_id)
     assert (data.n_train, data.n_val) == (6, 2)
     b = data.train_batch(np.zeros(3, dtype=np.int64), np.array([0, 1, 2]))
     for r, d in enumerate((0, 1, 2)):
@@ -236,7 +238,7 @@ def test_sft_batch_masks_everything_but_assistant(tok, tmp_path):
 
 def _sft_loss(tok, tmp_path, chats):
     cache = tc.build_chat_cache(chats, tok, tmp_path)
-    data = tr.ChatData(cache, seq_len=16, val_fraction=0.0, seed=0, pad_id=tok.pad_id)
+    data = bs.ChatBatches(cache, seq_len=16, val_fraction=0.0, seed=0, pad_id=tok.pad_id)
     b = data.train_batch(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
     model = tiny_model(tok.vocab_size).eval()
     with torch.no_grad():
@@ -313,16 +315,21 @@ def test_loss_falls_well_below_start(golden_run):
 
 def test_interrupt_then_resume_matches_uninterrupted_run(tok, tmp_path, monkeypatch):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
-    cfg = quick(steps=6, grad_accum=2, eval_every=2, val_fraction=0.2)
+    cfg = quick(steps=6, grad_accum=2, eval_every=2, val_fraction=0.2, log_every=4)
     full = train(tiny_model(tok.vocab_size, dropout=0.1), tok, cache, cfg, tmp_path / "a")
     expected = [h["loss"] for h in full.history]
-
-    def stop_at_3(ev):
-        if ev["event"] == "step" and ev["step"] == 3:
-            raise KeyboardInterrupt
-
+    stop = StopRequest()
     model = tiny_model(tok.vocab_size, dropout=0.1)
-    part = train(model, tok, cache, cfg, tmp_path / "b", progress=stop_at_3)
+    real_step = tr.Trainer.train_step
+
+    def step_then_stop(self, sb):
+        real_step(self, sb)
+        if self.step == 3:
+            stop.request()  # obeyed at the next step boundary
+
+    monkeypatch.setattr(tr.Trainer, "train_step", step_then_stop)
+    part = train(model, tok, cache, cfg, tmp_path / "b", stop=stop)
+    monkeypatch.setattr(tr.Trainer, "train_step", real_step)
     assert part.status == "interrupted" and part.step == 3
     ckpt = load_checkpoint(tmp_path / "b")
     assert ckpt.resumable and ckpt.trainer_state["step"] == 3
@@ -412,17 +419,24 @@ def test_sft_run_writes_metrics_plot_and_epochs(tok, tmp_path):
 
 
 def test_ranks_split_the_global_batch(tok, tmp_path):
-    """world_size ranks with batch b see the examples of one process with batch w*b."""
-    cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path)
-    data = tr.PretrainData(cache, seq_len=16, val_fraction=0.0, seed=0)
+    """world_size ranks with batch b see the examples of one process with batch w*b, and
+    every rank knows the counts of the whole global step without communicating."""
+    cache = tc.build_chat_cache(CHATS * 3, tok, tmp_path)
+    data = bs.ChatBatches(cache, seq_len=16, val_fraction=0.0, seed=0, pad_id=tok.pad_id)
 
-    def batches(rank, world, b):
-        t = tr.Trainer(tiny_model(tok.vocab_size), data, quick(batch_size=b, grad_accum=2),
-                       rank=rank, world_size=world)  # fmt: skip
-        return [torch.cat([x.idx for x in t._micro_batches(s)]) for s in (0, 1)]
+    def plan(rank, world, b):
+        return [bs.StepPlanner(data, b, 2, seed=5, rank=rank, world=world).step(s) for s in (0, 1)]
 
-    single = batches(0, 1, 4)
-    r0, r1 = batches(0, 2, 2), batches(1, 2, 2)
+    single = plan(0, 1, 4)
+    r0, r1 = plan(0, 2, 2), plan(1, 2, 2)
     for s in (0, 1):
-        together = torch.cat([r0[s][:2], r1[s][:2], r0[s][2:], r1[s][2:]])
-        assert torch.equal(together, single[s])
+        rows = lambda sb: [row for bt in sb.micro for row in bt.targets.tolist()]  # noqa: E731
+        a, b = rows(r0[s]), rows(r1[s])
+        strip = lambda rs: [[t for t in r if t != IGNORE_INDEX] for r in rs]  # noqa: E731
+        assert strip(a[:2] + b[:2] + a[2:] + b[2:]) == strip(rows(single[s]))
+        for sb in (r0[s], r1[s]):
+            assert (sb.global_targets, sb.global_tokens) == (
+                single[s].global_targets,
+                single[s].global_tokens,
+            )
+        assert single[s].global_targets == sum(bt.n_targets for bt in single[s].micro)

@@ -1,0 +1,134 @@
+"""What every tritonlm command line shares: one-line errors, exit codes, config flags.
+
+UsageError  -> "PROG: error: <one line>" on stderr, exit 2
+engine error (data, checkpoint, tokenizer, training, ...) -> the same, exit 2
+Ctrl-C before anything could be saved -> exit 130
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+
+class UsageError(Exception):
+    """A bad command line, setting or input: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) and raise UsageError."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def report(prog: str, message: object, file=None) -> int:
+    """Print ``PROG: error: message`` as exactly one line; return exit code 2."""
+    print(f"{prog}: error: {one_line(message)}", file=file or sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """The engine's own error types: printed as one line, never as a traceback."""
+    from tritonlm.engine.checkpoint import CheckpointError
+    from tritonlm.engine.data import DataError
+    from tritonlm.engine.distributed import DistributedError
+    from tritonlm.engine.sampling import SamplingError
+    from tritonlm.engine.token_cache import TokenCacheError
+    from tritonlm.engine.tokenizer import TokenizerError
+    from tritonlm.engine.train_config import TrainingError
+
+    return (UsageError, CheckpointError, DataError, DistributedError, SamplingError,
+            TokenCacheError, TokenizerError, TrainingError, ValueError, OSError)  # fmt: skip
+
+
+def run_main(prog: str, body: Callable[[], int], on_error: Callable[[str, Exception], int]
+             | None = None) -> int:  # fmt: skip
+    """Run a command's body, turning every expected failure into one line and an exit code.
+    ``on_error(prog, exc)`` may report an engine error differently (llm-train's ranks)."""
+    try:
+        return body()
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except known_errors() as e:
+        return on_error(prog, e) if on_error is not None else report(prog, e)
+
+
+# ----------------------------------------------------------------------------- config flags
+
+
+def _base_type(annotation) -> type:
+    """int for ``int | None``, float for ``float``, ..."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _converter(kind: type, name: str, cls) -> Callable[[str], object]:
+    """Parse the text as ``kind`` and apply the field's own check (one message source)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            word = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
+        check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
+        if check is not None:
+            try:
+                check(name, value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e).replace(f"{name} ", "", 1)) from None
+        return value
+
+    return parse
+
+
+def add_config_flags(group, cls, names: Iterable[str] | None = None, *,
+                     defaults: bool = True, help_suffix: str = "") -> None:  # fmt: skip
+    """One ``--flag-name`` per field of config dataclass ``cls`` (declared with
+    engine.fields.option and ``flag=True``): type, choices, help and default all come from
+    the field. ``defaults=False`` leaves them None (e.g. overrides of a preset)."""
+    wanted = None if names is None else set(names)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("flag") or (wanted is not None and f.name not in wanted):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        help_text = meta.get("help") or ""
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
+        default = f.default if defaults else None
+        if defaults and f.default is not None:
+            help_text += f" (default: {f.default})"
+        group.add_argument(
+            flag,
+            dest=f.name,
+            type=None if meta.get("choices") else _converter(kind, f.name, cls),
+            choices=meta.get("choices"),
+            default=default,
+            metavar=meta.get("metavar"),
+            help=help_text + help_suffix,
+        )
+
+
+def config_values(args: argparse.Namespace, cls) -> dict:
+    """The flags of ``cls`` the user gave (or that have defaults), by field name."""
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("flag")}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
