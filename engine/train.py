@@ -166,6 +166,8 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.log = RunLog(self.out_dir if self.is_main else None, config.phase, replace_metrics)
         self.pending: list[tuple] = []  # (step, loss, grad norm, lr, tokens_seen, time)
+        self.t0 = time.perf_counter()
+        self._window = (self.t0, 0)  # (time, tokens_seen) where tokens/s is measured from
         if self.dist.rank:
             torch.manual_seed(rank_seed(config.seed, self.dist.rank))  # own dropout per rank
         self.model = model.to(self.device)

@@ -268,3 +268,38 @@ def test_hung_rank_times_out_with_a_clear_error(data, tmp_path):
     assert "--dist-timeout" in p.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert 2 in steps and max(steps) <= 3  # it failed after the hang, not during setup
+
+
+def test_ctrl_c_under_torchrun_saves_or_keeps_the_last_checkpoint(data, tmp_path):
+    """SIGINT to the launcher: it forwards the signal to every worker; they agree on the
+    next step boundary and save together (or, if the launcher's patience runs out, the
+    previous checkpoint stays intact). Either way the run directory resumes."""
+    import signal
+    import time
+
+    texts, _ = data
+    out = tmp_path / "run"
+    args = [*SHAPE, "--seq-len", "16", "--batch-size", str(B), "--device", "cpu", "--quiet",
+            "--data", str(texts), "--out", str(out), "--steps", "100000", "--eval-every", "0",
+            "--save-every", "3", "--log-every", "1", "--dist-timeout", "60"]  # fmt: skip
+    cmd, env = torchrun_cmd(args)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S  # hang guard only
+        while not (out / "manifest.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        saved = load_checkpoint(out).trainer_state["step"]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "llm-train: error" not in err  # (the launcher itself prints its own traceback)
+    state = load_checkpoint(out).trainer_state  # complete, whichever save was last
+    assert state["world_size"] == 2 and state["step"] >= saved
+    assert "interrupted at pretrain step" in err  # rank 0 finished its interrupt save
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert state["step"] == logged[-1]
