@@ -61,9 +61,9 @@ def _model_config(preset: str, vocab: int):
 def _ours(cfg, device: str, batch: int, steps: int, warmup: int, seed: int) -> dict:
     import numpy as np
     import torch
+    from tritonlm.engine.batches import PretrainWindows
     from tritonlm.engine.model import Transformer
     from tritonlm.engine.token_cache import TokenCache
-    from tritonlm.engine.batches import PretrainWindows
     from tritonlm.engine.train import TrainConfig, Trainer
 
     T = cfg.max_seq_len

@@ -19,6 +19,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .common import EXIT_INTERRUPTED, Parser, UsageError, report
+
 PROG = "llm-chat"
 PROMPT = "you> "
 
@@ -38,17 +40,8 @@ commands:
   //text             send a message that starts with '/'"""
 
 
-class UsageError(Exception):
-    """A bad command line or setting: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Chat with (or continue text from) a tritonlm checkpoint.",
         epilog=HELP_TEXT,
@@ -371,12 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return interactive(session, out, err)
     except UsageError as e:
-        message = " ".join(str(e).split())  # exactly one line, whatever the cause
-        err.write(f"{PROG}: error: {message}\n")
-        return 2
+        return report(PROG, e, file=err)
     except KeyboardInterrupt:
         err.write("\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # stdout closed early (e.g. piped into `head`): stop quietly
         try:

@@ -49,6 +49,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import fsync_dir, fsync_file
 from .config import ConfigError, ModelConfig
 from .model import Transformer
 from .tokenizer import BpeTokenizer, TokenizerError
@@ -90,27 +91,6 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate
 def _rename(src: Path, dst: Path) -> None:
     """os.rename, behind a name tests can patch to simulate a crash."""
     os.rename(src, dst)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -234,9 +214,9 @@ def save_checkpoint(
             if aside.exists():  # stale: target is complete, so the aside copy is not needed
                 shutil.rmtree(aside)
             _rename(target, aside)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         _rename(tmp, target)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         if not target.exists() and aside.exists():
             try:
@@ -301,8 +281,8 @@ def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_stat
     }
     _write_json(tmp / MANIFEST_FILE, manifest)
     for name in [*files, MANIFEST_FILE]:
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+        fsync_file(tmp / name)
+    fsync_dir(tmp)
 
 
 # ----------------------------------------------------------------------------- load

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write, fsync_dir
+
 FORMAT_VERSION = 1
 _CHUNK_TOKENS = 1 << 20  # flush to disk every ~1M tokens
 
@@ -194,7 +196,8 @@ def _build(kind, items, tokenizer, cache_dir, encode, progress) -> TokenCache:
     try:
         _write_entry(tmp, kind, key, items, tokenizer.vocab_size, encode, progress)
         try:
-            os.rename(tmp, final)
+            os.rename(tmp, final)  # the entry appears whole or not at all
+            fsync_dir(cache_dir)
         except OSError:
             # Another process finished the same entry first; use theirs.
             if not final.is_dir():
@@ -270,7 +273,7 @@ def _write_entry(tmp: Path, kind, key, items, vocab_size, encode, progress) -> N
         "n_tokens": int(n_tokens),
         "n_docs": int(n_items),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
 
 
 class _Null:

@@ -285,6 +285,13 @@ def _learn_merges(
     A merge whose bytes equal an existing token reuses that token's id (no new id).
     """
     S = _SHIFT
+    # A pair (left, right) is one int, key = left << 20 | right (ids stay below 2**20), so
+    # comparing keys compares (left, right) lexicographically.
+    # counts[key]: occurrences of the pair over all words, each weighted by its word's
+    #   frequency. Kept exact: every merge below updates it incrementally.
+    # where[key]: indices of the words that contain (or once contained) the pair. Only
+    #   ever grows, except that the merged pair's set is popped; members that no longer
+    #   hold the pair are found stale by scanning the word, and skipped.
     counts: dict[int, int] = {}
     where: dict[int, set[int]] = {}
     for wi, w in enumerate(words):
@@ -299,6 +306,13 @@ def _learn_merges(
             else:
                 s.add(wi)
             prev = x
+    # The heap holds (-count, key) candidates; heapq is a min-heap, so the top is the
+    # highest count and, among equal counts, the smallest key: exactly the tie rule.
+    # Lazy invalidation: counts change without touching the heap, so an entry may be out
+    # of date. Invariant: every pair with count >= min_frequency has an entry whose stored
+    # count is >= its true count (a decrease leaves the old, higher entry in place; an
+    # increase pushes a fresh entry). Hence an entry that is popped and still current is
+    # the true maximum; a popped stale entry is pushed back with its current count.
     heap = [(-c, k) for k, c in counts.items() if c >= min_frequency]
     heapq.heapify(heap)
 
@@ -311,12 +325,13 @@ def _learn_merges(
     while len(merges) < num_merges and heap:
         negc, key = heappop(heap)
         c = counts.get(key, 0)
-        if c != -negc:
+        if c != -negc:  # stale: requeue with the current count (dropped if now too rare)
             if c >= min_frequency:
                 heappush(heap, (-c, key))
             continue
         if c < min_frequency:
             break
+        # (a, b) is the most frequent pair: merge it into token m everywhere.
         a, b = key >> S, key & _MASK
         mb = token_bytes[a] + token_bytes[b]
         m = bytes_to_id.get(mb)
@@ -327,6 +342,8 @@ def _learn_merges(
             merges.append((a, b))
             if progress is not None and (len(merges) % report_every == 0):
                 progress(len(merges), num_merges)
+        # Pairs whose count grew during this merge (they need a fresh heap entry); a dict
+        # keeps them unique in insertion order (deterministic).
         touched: dict[int, None] = {}
         for wi in where.pop(key, ()):
             w = words[wi]
@@ -345,19 +362,29 @@ def _learn_merges(
                 i += 1
             if not found:
                 continue
+            # Rewrite the word left to right, replacing each non-overlapping (a, b) by m,
+            # and update counts for exactly the pairs that appear or disappear. For
+            # "x a b y": (x, a), (a, b) and (b, y) lose f; (x, m) and (m, y) gain f.
             f = freqs[wi]
             nw = w[:i]
-            last_end = -1
+            last_end = -1  # index just past the latest merge in this word
             while i < n:
                 x = w[i]
                 if x == a and i + 1 < n and w[i + 1] == b:
                     counts[key] -= f
+                    # Left neighbour pair (w[i-1], a) disappears, unless the previous merge
+                    # ended right here: then that pair was (b, a), already taken off below
+                    # as the previous merge's right neighbour.
                     if i > 0 and last_end != i:
                         k = (w[i - 1] << S) | a
                         counts[k] -= f
+                    # Right neighbour pair (b, w[i+2]) disappears. (For "a a a" merging
+                    # (a, a) this is the overlapping (a, a) itself, correctly removed.)
                     if i + 2 < n:
                         k = (b << S) | w[i + 2]
                         counts[k] -= f
+                    # New pair with what is now on the left: a plain token or, after an
+                    # adjacent merge, m itself (the pair (m, m)).
                     if nw:
                         k = (nw[-1] << S) | m
                         counts[k] = counts.get(k, 0) + f
@@ -366,13 +393,15 @@ def _learn_merges(
                     i += 2
                     last_end = i
                 else:
-                    if last_end == i:
+                    if last_end == i:  # first token after a merge: new pair (m, x)
                         k = (m << S) | x
                         counts[k] = counts.get(k, 0) + f
                         touched[k] = None
                     nw.append(x)
                     i += 1
             words[wi] = nw
+            # Index the word under every new pair it now holds (the pairs involving m);
+            # the pairs it lost keep it as a stale member, skipped when they merge.
             prev = nw[0]
             for x in nw[1:]:
                 if x == m or prev == m:
@@ -383,7 +412,7 @@ def _learn_merges(
                     else:
                         s.add(wi)
                 prev = x
-        for k in touched:
+        for k in touched:  # counts that grew get a fresh entry (the heap invariant)
             c2 = counts[k]
             if c2 >= min_frequency:
                 heappush(heap, (-c2, k))

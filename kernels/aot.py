@@ -6,7 +6,8 @@ its launchers really use, to PTX and a cubin for sm_80 / sm_90::
 
     triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))
 
-Each kernel module exposes ``aot_specs(dtype) -> list[AotSpec]``.
+Each kernel module exposes ``aot_specs(dtype) -> list[AotSpec]`` (:mod:`.aot_spec`, which
+this module re-exports: ``aot.AotSpec``, ``aot.triton_type``).
 
 Under TRITON_INTERPRET=1, ``@triton.jit`` yields an InterpretedFunction that
 ``triton.compile`` cannot take. Rather than rebuilding JIT functions by hand (fragile when
@@ -29,36 +30,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from . import attention, cross_entropy, rmsnorm
+from .aot_spec import AotSpec, triton_type
+
+# AotSpec and triton_type are re-exported: callers describe builds as ``aot.AotSpec(...)``.
+__all__ = [
+    "TARGET_CCS", "AotSpec", "AotResult", "AotBuildError", "triton_type", "compile_specs",
+    "compile_spec", "resource_usage", "kernel_modules",
+]  # fmt: skip
 
 TARGET_CCS = (80, 90)
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def triton_type(dtype: torch.dtype) -> str:
-    """Triton's signature name for a torch dtype: torch.bfloat16 -> "bf16"."""
-    try:
-        return _TRITON_TYPES[dtype]
-    except KeyError:
-        raise ValueError(f"no Triton kernel type for {dtype}") from None
-
-
-@dataclass(frozen=True)
-class AotSpec:
-    """One kernel build: the @triton.jit function, every argument's type in order
-    (constexpr arguments typed "constexpr"), the constexpr values, and launch options."""
-
-    name: str
-    fn: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 @dataclass
@@ -290,8 +275,5 @@ def resource_usage(result: AotResult) -> dict[str, Any]:
 
 
 def kernel_modules() -> dict[str, Any]:
-    """The kernel modules that expose `aot_specs`, by short name."""
-    from . import attention, cross_entropy, rmsnorm
-
-    mods = {"rmsnorm": rmsnorm, "cross_entropy": cross_entropy, "attention": attention}
-    return {name: m for name, m in mods.items() if hasattr(m, "aot_specs")}
+    """The kernel modules, by short name; each exposes ``aot_specs(dtype)``."""
+    return {"rmsnorm": rmsnorm, "cross_entropy": cross_entropy, "attention": attention}

@@ -4,38 +4,34 @@ Loss is the mean over targets that are not `ignore_index`; when every target is 
 the loss is 0 and all gradients are 0 (torch's own function would return NaN).
 
 Layout (Liger-Kernel habit): torch references, Triton kernel, plain Python launchers,
-thin autograd Functions.
+their registration as PyTorch custom ops (``tritonlm::cross_entropy``,
+``tritonlm::linear_cross_entropy``: fake implementations for torch.compile and an autograd
+formula), then the public functions, the one place inputs are validated.
 
 Cross-entropy kernel: one program per row. Pass 1 streams the row in BLOCK_V blocks with
 an online logsumexp (running max m and running sum d of exp(x - m), rescaled whenever m
 grows), so no block ever exponentiates a large positive number and logits of 1e4 are fine.
 Pass 2 writes the gradient of the *mean* loss, (softmax - onehot) / n_valid, already in the
-forward pass. The backward then only multiplies that buffer by grad_output.
-
-Where the gradient goes (the in-place rule): ``cross_entropy_triton(..., inplace=True)``
-writes it over the logits buffer itself, so no second [N, V] tensor exists. Use it only
-when nothing else needs the logits values afterwards (the usual "logits feed only the
-loss" case). The logits' autograd version counter is bumped, so if another autograd node
-saved the logits for its own backward, that backward raises instead of silently using the
-overwritten values. The default (``inplace=False``, what dispatch uses) writes into a
-fresh buffer of the logits' dtype. Either way the buffer is scaled in place in backward,
-so the backward of one loss can run once (a second run raises).
+forward pass, into a fresh buffer of the logits' dtype that the op returns as a second
+output (saved for backward; only when the logits need a gradient). The backward then only
+returns that buffer times grad_output. It is a new tensor, not a scaling in place: the
+saved buffer is an output of the op, and an op seen by torch.compile may not modify its
+outputs later. The saved buffer is freed with the graph after the backward.
 
 Fused linear + cross-entropy processes tokens in chunks: per chunk, logits = h @ W.T, the
 CE step writes the gradient into those chunk logits in place, then grad_h[chunk] = g @ W
 and grad_W += g.T @ h (fp32 accumulator). All of that happens in the forward pass; the
-backward scales the saved gradients. Chunk rows = LOGITS_CHUNK_ELEMENTS // V (so one
-chunk's logits hold at most 2**25 elements: 64 MiB in bf16, 128 MiB in fp32), at least 1,
-rounded down to a multiple of 16 when larger than 16.
+backward scales the saved gradients (out of place, as above). Chunk rows =
+LOGITS_CHUNK_ELEMENTS // V (so one chunk's logits hold at most 2**25 elements: 64 MiB in
+bf16, 128 MiB in fp32), at least 1, rounded down to a multiple of 16 when larger than 16.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
+from .aot_spec import AotSpec, triton_type
 
 
 def cross_entropy_reference(
@@ -116,6 +112,8 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------- launchers
+# Plain Python: allocate, pick block sizes, launch. They trust their inputs (the public
+# functions validate them once).
 
 
 def block_config(n_cols: int) -> tuple[int, int]:
@@ -130,16 +128,10 @@ def count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (targets != ignore_index).sum().clamp_min(1).to(torch.float32)
 
 
-def _check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
-    if logits.dim() != 2 or targets.shape != (logits.shape[0],):
-        raise ValueError(
-            f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-    if not targets.is_cuda and targets.numel():  # checking CUDA targets would sync
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= logits.shape[1]))
-        if bool(bad.any()):
-            raise ValueError(f"targets must be in [0, {logits.shape[1]}) or {ignore_index}")
+def _no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:
+    """What an op returns in a gradient's place when none was asked for (ops return
+    tensors, never None)."""
+    return torch.empty((0,), dtype=like.dtype, device=like.device)
 
 
 def cross_entropy_rows(
@@ -150,13 +142,12 @@ def cross_entropy_rows(
     grad: torch.Tensor | None,
 ) -> torch.Tensor:
     """Launch the kernel: per-row losses [N] fp32 (0 where ignored). If `grad` is given
-    ([N, V], may be `logits` itself) it receives (softmax - onehot) / n_valid."""
+    ([N, V], may be `logits` itself) it receives (softmax - onehot) / n_valid. `logits` and
+    `grad` need a contiguous last dimension."""
     n_rows, n_cols = logits.shape
     losses = torch.empty((n_rows,), dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return losses
-    if logits.stride(-1) != 1 or (grad is not None and grad.stride(-1) != 1):
-        raise ValueError("logits and grad need a contiguous last dimension")
     block, num_warps = block_config(n_cols)
     write_grad = grad is not None
     g = grad if write_grad else logits  # never written when WRITE_GRAD is False
@@ -168,65 +159,18 @@ def cross_entropy_rows(
 
 
 def cross_entropy_forward(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    compute_grad: bool = True,
-    inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean loss fp32 scalar, gradient of that loss w.r.t. logits or None)."""
-    _check_targets(logits, targets, ignore_index)
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss fp32 scalar, gradient of that loss w.r.t. logits, contiguous [N, V]);
+    the gradient is an empty [0] tensor when `compute_grad` is False."""
     if logits.stride(-1) != 1:
-        if inplace:
-            raise ValueError("inplace cross-entropy needs logits with a contiguous last dim")
         logits = logits.contiguous()
     n_valid = count_valid(targets, ignore_index)
     grad = None
     if compute_grad:
-        grad = (
-            logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        )
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     losses = cross_entropy_rows(logits, targets, ignore_index, n_valid, grad)
-    return losses.sum() / n_valid, grad
-
-
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """Backward of a loss whose gradient was computed in the forward: grad *= grad_output."""
-    return grad.mul_(grad_output.to(grad.dtype))
-
-
-class _CrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index, inplace):
-        compute_grad = ctx.needs_input_grad[0]
-        loss, grad = cross_entropy_forward(logits, targets, ignore_index, compute_grad, inplace)
-        if inplace and compute_grad:
-            torch.autograd.graph.increment_version(logits)  # its values are now the gradient
-        ctx.grad = grad
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("cross_entropy_triton backward ran twice (its buffer is reused)")
-        ctx.grad = None
-        return scale_grad_(grad, grad_output), None, None, None
-
-
-def cross_entropy_triton(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, inplace: bool = False
-) -> torch.Tensor:
-    """Mean cross-entropy through the Triton kernel (contract of the reference).
-
-    inplace=True overwrites `logits` with the gradient during the forward (see module doc).
-    """
-    if not HAS_TRITON:
-        raise RuntimeError("cross_entropy_triton needs the triton package")
-    return _CrossEntropyFunction.apply(logits, targets, ignore_index, inplace)
-
-
-# ------------------------------------------------------- fused linear + cross-entropy
+    return losses.sum() / n_valid, _no_grad_placeholder(logits) if grad is None else grad
 
 
 def chunk_rows(n_rows: int, vocab: int, budget: int = LOGITS_CHUNK_ELEMENTS) -> int:
@@ -238,9 +182,6 @@ def chunk_rows(n_rows: int, vocab: int, budget: int = LOGITS_CHUNK_ELEMENTS) -> 
     if rows > 16:
         rows -= rows % 16
     return max(1, min(rows, n_rows))
-
-
-CeStep = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
 def ce_step_triton(
@@ -267,75 +208,185 @@ def ce_step_torch(
     return losses
 
 
+# The chunk loop's CE step, by the name the linear cross-entropy op takes.
+CE_STEPS = {"triton": ce_step_triton, "torch": ce_step_torch}
+
+
 def linear_cross_entropy_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int,
-    ce_step: CeStep,
-    chunk_size: int | None = None,
-    need_hidden_grad: bool = True,
-    need_weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(mean loss fp32, grad_hidden or None, grad_weight or None), chunk by chunk."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
+    chunk_size: int | None,
+    ce_step: str,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss fp32, grad_hidden, grad_weight), chunk by chunk with the CE step
+    ``CE_STEPS[ce_step]``; a gradient not asked for is an empty [0] tensor."""
+    step = CE_STEPS[ce_step]
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    if targets.shape != (n_rows,):
-        raise ValueError(f"targets shape {tuple(targets.shape)} != ({n_rows},)")
     hidden = hidden.contiguous()
     n_valid = count_valid(targets, ignore_index)
-    chunk = chunk_size or chunk_rows(n_rows, vocab)
-    grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-    grad_weight = None
-    if need_weight_grad:
+    chunk = chunk_rows(n_rows, vocab) if chunk_size is None else chunk_size
+    grad_hidden = _no_grad_placeholder(hidden)
+    if need_hidden_grad:
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    grad_weight = _no_grad_placeholder(weight)
+    if need_weight_grad:  # accumulated over chunks in fp32
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h = hidden[start:end]
         logits = h @ weight.t()  # [rows, V]: the only logits alive at any time
-        _check_targets(logits, targets[start:end], ignore_index)
-        loss_sum += ce_step(logits, targets[start:end], ignore_index, n_valid).sum()
+        loss_sum += step(logits, targets[start:end], ignore_index, n_valid).sum()
         g = logits  # now holds d(mean loss)/d(logits) for these rows
-        if grad_hidden is not None:
+        if need_hidden_grad:
             torch.mm(g, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
+        if need_weight_grad:
             if g.dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h)
             else:
                 grad_weight += g.t() @ h
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
-    return loss_sum / n_valid, grad_hidden, grad_weight
+    return loss_sum / n_valid, grad_hidden, grad_weight.to(weight.dtype)
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, ce_step):
-        loss, grad_hidden, grad_weight = linear_cross_entropy_forward(
-            hidden, weight, targets, ignore_index, ce_step, chunk_size,
-            need_hidden_grad=ctx.needs_input_grad[0], need_weight_grad=ctx.needs_input_grad[1],
-        )  # fmt: skip
-        ctx.grads = (grad_hidden, grad_weight)
-        return loss
+# ---------------------------------------------- custom ops (what torch.compile sees)
+# Each forward launcher becomes an opaque "tritonlm::" operator. Its outputs include the
+# gradients it computed; the fake implementations give their shapes for tracing. The
+# autograd formulas save those gradients and scale them by grad_output in backward.
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.grads is None:
-            raise RuntimeError("linear cross-entropy backward ran twice (its buffers are reused)")
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
-        if grad_hidden is not None:
-            scale_grad_(grad_hidden, grad_output)
-        if grad_weight is not None:
-            scale_grad_(grad_weight, grad_output)
-        return grad_hidden, grad_weight, None, None, None, None
+_cross_entropy_op = torch.library.custom_op(
+    "tritonlm::cross_entropy", cross_entropy_forward, mutates_args=()
+)
+_linear_cross_entropy_op = torch.library.custom_op(
+    "tritonlm::linear_cross_entropy", linear_cross_entropy_forward, mutates_args=()
+)
+
+
+def _fake_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
+    if not needed:
+        return _no_grad_placeholder(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+@_cross_entropy_op.register_fake
+def _cross_entropy_fake(logits, targets, ignore_index, compute_grad):
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    return loss, _fake_grad(logits, compute_grad)
+
+
+@_linear_cross_entropy_op.register_fake
+def _linear_cross_entropy_fake(
+    hidden, weight, targets, ignore_index, chunk_size, ce_step, need_hidden_grad,
+    need_weight_grad,
+):  # fmt: skip
+    loss = torch.empty((), dtype=torch.float32, device=hidden.device)
+    return loss, _fake_grad(hidden, need_hidden_grad), _fake_grad(weight, need_weight_grad)
+
+
+def _save_gradients(ctx, inputs, output):
+    """Shared setup_context: save the gradient outputs (not differentiable themselves;
+    no zero gradients are materialized for them in backward)."""
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*grads)
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    return grad * grad_output.to(grad.dtype)
+
+
+def _cross_entropy_backward(ctx, grad_loss, _dgrad):
+    (grad,) = ctx.saved_tensors
+    return _scaled(grad, grad_loss), None, None, None
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _dhidden, _dweight):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    dh = _scaled(grad_hidden, grad_loss) if ctx.needs_input_grad[0] else None
+    dw = _scaled(grad_weight, grad_loss) if ctx.needs_input_grad[1] else None
+    return dh, dw, None, None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_save_gradients)
+_linear_cross_entropy_op.register_autograd(
+    _linear_cross_entropy_backward, setup_context=_save_gradients
+)
+
+
+# ----------------------------------------------------------------------- public entries
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_targets(
+    targets: torch.Tensor, n_rows: int, vocab: int, ignore_index: int, device: torch.device
+) -> None:
+    if targets.shape != (n_rows,):
+        raise ValueError(f"targets must be [N={n_rows}], got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if targets.device != device:
+        raise ValueError(f"targets are on {targets.device}, the inputs on {device}")
+    # Values are checked only where that is free: not for CUDA targets (it would wait for
+    # the device) and not while torch.compile traces (a data-dependent branch breaks the
+    # graph). An out-of-range target would read outside its logits row.
+    if targets.is_cuda or torch.compiler.is_compiling() or targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"targets must be in [0, {vocab}) or {ignore_index}")
+
+
+def cross_entropy_triton(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy through the Triton kernel (contract of the reference)."""
+    if not HAS_TRITON:
+        raise RuntimeError("cross_entropy_triton needs the triton package")
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits [N, V], got {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index, logits.device)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _cross_entropy_op(logits, targets, int(ignore_index), compute_grad)
+    return loss
+
+
+def _linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, ce_step):
+    """Validate, then run the chunked op with the CE step named `ce_step`."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The projection runs in the autocast dtype, as nn.Linear (and the reference's
+        # matmul) would; fp32 inputs, e.g. a model's fp32 residual stream, are cast here
+        # so that every matmul of the chunk loop sees one dtype.
+        amp_dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(amp_dtype), weight.to(amp_dtype)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype or hidden.dtype not in _DTYPES:
+        raise ValueError(
+            f"hidden and weight must share a dtype in float32/float16/bfloat16, got "
+            f"{hidden.dtype} and {weight.dtype}"
+        )
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
+    grad = torch.is_grad_enabled()
+    loss, _, _ = _linear_cross_entropy_op(
+        hidden, weight, targets, int(ignore_index), chunk_size, ce_step,
+        grad and hidden.requires_grad, grad and weight.requires_grad,
+    )  # fmt: skip
+    return loss
 
 
 def linear_cross_entropy_triton(
@@ -349,9 +400,7 @@ def linear_cross_entropy_triton(
     exist. `chunk_size` rows per chunk (default :func:`chunk_rows`)."""
     if not HAS_TRITON:
         raise RuntimeError("linear_cross_entropy_triton needs the triton package")
-    return _LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, ignore_index, chunk_size, ce_step_triton
-    )
+    return _linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, "triton")
 
 
 def linear_cross_entropy_chunked_torch(
@@ -363,9 +412,7 @@ def linear_cross_entropy_chunked_torch(
 ) -> torch.Tensor:
     """The same chunked algorithm with the CE step in torch ops (not a reference: it is
     tested against :func:`linear_cross_entropy_reference`; used to measure memory on CPU)."""
-    return _LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, ignore_index, chunk_size, ce_step_torch
-    )
+    return _linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, "torch")
 
 
 # ------------------------------------------------------------------- ahead-of-time specs
@@ -374,10 +421,8 @@ def linear_cross_entropy_chunked_torch(
 AOT_VOCAB_SIZES = (1000, 32000, 50257, 128256)
 
 
-def aot_specs(dtype: torch.dtype) -> list:
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """Kernel builds the launchers use for `dtype` logits (with and without gradient)."""
-    from .aot import AotSpec, triton_type
-
     t = triton_type(dtype)
     signature = {"LOGITS": f"*{t}", "GRAD": f"*{t}", "TARGETS": "*i64", "LOSS": "*fp32",
                  "N_VALID": "*fp32", "stride_logits": "i32", "stride_grad": "i32",

@@ -1,11 +1,17 @@
 """The only entry point the engine uses for attention, RMSNorm and the loss.
 
+Choosing the backend is all it does: the Triton functions it calls validate their inputs
+(once, with a ValueError naming the problem) and run the kernels as ``tritonlm::`` custom
+ops, so each of these functions traces into a torch.compile graph without a graph break.
+
 Backends: ``auto`` picks the Triton kernels for CUDA tensors (when triton is installed)
 and the torch reference otherwise; ``triton`` forces the kernels (CPU tensors need
 ``TRITON_INTERPRET=1`` set before triton is imported); ``torch`` forces the references.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -30,8 +36,6 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 def check_backend(backend: str, device: torch.device) -> None:
     """Fail early, in one line, when ``backend`` cannot run on ``device`` (a ValueError)."""
-    import os
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "triton":

@@ -1,8 +1,10 @@
 """RMSNorm: y = x / rms(x) * w over the last dimension.
 
 Layout of this file (Liger-Kernel habit): the torch reference, then the Triton kernels,
-then plain Python launchers for forward and backward, then a thin autograd Function that
-only saves tensors and calls the launchers.
+then plain Python launchers for forward and backward, then their registration as PyTorch
+custom ops (``tritonlm::rms_norm``, ``tritonlm::rms_norm_backward``: a fake
+implementation for torch.compile and an autograd formula that only saves tensors and calls
+the backward op), then the public :func:`rms_norm_triton`, which validates its inputs.
 
 Math, per row x of length n (r = 1 / sqrt(mean(x^2) + eps), x_hat = x * r):
     y  = x_hat * w
@@ -15,9 +17,12 @@ buffer is [programs, n] fp32 (never rows x n); the partials are then summed in f
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
+from .aot_spec import AotSpec, triton_type
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -140,6 +145,8 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------- launchers
+# Plain Python: allocate, pick block sizes, launch. They trust their inputs (the public
+# rms_norm_triton validates them once).
 
 
 def block_config(n_cols: int) -> tuple[int, bool, int]:
@@ -167,70 +174,121 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _forward_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (y like x but contiguous, rstd [rows] fp32): the launcher fills them, the fake
+    implementation returns them as they are (so both agree on shapes, dtypes, strides)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty((math.prod(x.shape[:-1]),), dtype=torch.float32, device=x.device)
+    return y, rstd
+
+
 def rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: returns (y with x's shape and dtype, rstd [rows] fp32)."""
     n_cols = x.shape[-1]
-    if weight.shape != (n_cols,):
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {n_cols}")
     x2 = _as_rows(x)
-    n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    if n_rows > 0 and n_cols > 0:
+    y, rstd = _forward_outputs(x)
+    y2 = y.view(-1, n_cols)
+    if y2.shape[0] > 0:
         block, one_pass, num_warps = block_config(n_cols)
-        _rms_norm_fwd_kernel[(n_rows,)](
-            x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), n_cols, float(eps),
+        _rms_norm_fwd_kernel[(y2.shape[0],)](
+            x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), n_cols, eps,
             BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
         )  # fmt: skip
-    return y.view(x.shape), rstd
+    return y, rstd
 
 
 def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns (dx like x, dw like weight)."""
+    """Launch the backward kernel: returns (dx like x but contiguous, dw like weight)."""
     n_cols = x.shape[-1]
     x2 = _as_rows(x)
     dy2 = _as_rows(dy)
     n_rows = x2.shape[0]
-    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if n_rows == 0 or n_cols == 0:
-        return dx.view(x.shape), torch.zeros_like(weight)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     programs = _num_programs_bwd(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    dx2 = dx.view(-1, n_cols)
     block, one_pass, num_warps = block_config(n_cols)
     _rms_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
-        dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+        dy2, x2, weight.contiguous(), rstd, dx2, dw_partial,
+        dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
         BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
     )  # fmt: skip
-    dw = dw_partial.sum(dim=0).to(weight.dtype)
-    return dx.view(x.shape), dw
+    return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
+# ---------------------------------------------- custom ops (what torch.compile sees)
+# Each launcher becomes an opaque "tritonlm::" operator: a fake implementation gives the
+# shapes of its outputs (saved tensors included) for tracing, and the autograd formula
+# saves tensors and calls the backward operator.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd)
-        return dx, dw, None
+_rms_norm_op = torch.library.custom_op("tritonlm::rms_norm", rms_norm_forward, mutates_args=())
+_rms_norm_backward_op = torch.library.custom_op(
+    "tritonlm::rms_norm_backward", rms_norm_backward, mutates_args=()
+)
+
+
+@_rms_norm_op.register_fake
+def _rms_norm_fake(x, weight, eps):
+    return _forward_outputs(x)
+
+
+@_rms_norm_backward_op.register_fake
+def _rms_norm_backward_fake(dy, x, weight, rstd):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return dx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward_op(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ public entry
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must be [..., hidden] with hidden >= 1, got {tuple(x.shape)}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}"
+        )
+    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+        raise ValueError(
+            f"x and weight must be float32, float16 or bfloat16; got {x.dtype}, {weight.dtype}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm through the Triton kernels (same contract as :func:`rms_norm_reference`)."""
     if not HAS_TRITON:
         raise RuntimeError("rms_norm_triton needs the triton package")
-    return _RMSNormFunction.apply(x, weight, eps)
+    _check_inputs(x, weight)
+    y, _ = _rms_norm_op(x, weight, float(eps))
+    return y
 
 
 # ------------------------------------------------------------------- ahead-of-time specs
@@ -240,10 +298,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) ->
 AOT_HIDDEN_SIZES = (768, 2048, 4096, 3 * MAX_BLOCK_N // 2)
 
 
-def aot_specs(dtype: torch.dtype) -> list:
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """Kernel builds the launchers use for `dtype` inputs (weight of the same dtype)."""
-    from .aot import AotSpec, triton_type
-
     t = triton_type(dtype)
     specs, seen = [], set()
     for n_cols in AOT_HIDDEN_SIZES:

@@ -73,9 +73,13 @@ def test_rmsnorm_through_dispatch_triton_backend():
     assert_close64(y, rmsnorm.rms_norm_reference(x.double(), w.double(), 1e-5), 1e-5, 1e-5)
 
 
-def test_rmsnorm_rejects_wrong_weight_shape():
+def test_rmsnorm_rejects_bad_inputs():
     with pytest.raises(ValueError, match="hidden size"):
         rmsnorm.rms_norm_triton(torch.randn(2, 8), torch.randn(7))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        rmsnorm.rms_norm_triton(torch.randn(2, 8).double(), torch.randn(8))
+    with pytest.raises(ValueError, match="hidden >= 1"):
+        rmsnorm.rms_norm_triton(torch.randn(2, 0), torch.randn(0))
 
 
 def test_block_config_masks_non_powers_of_two():

@@ -1,0 +1,413 @@
+"""Backward Triton kernels of causal attention (launched by :mod:`.attention`).
+
+Notation per (batch, head): S = scale * Q K^T, masked to -inf where a key comes after the
+query row or is >= the sequence length L; P = softmax(S) row by row; O = P V. Given dO:
+    dV = P^T dO        dP = dO V^T        dS = P * (dP - delta)
+    dQ = scale * dS K                     dK = scale * dS^T Q
+where delta[i] = sum_j P[i, j] dP[i, j] is the softmax Jacobian's correction term. P is
+never stored: it is recomputed tile by tile from Q, K and the forward's per-row logsumexp
+(base 2) as P = exp2(S * log2(e) - lse), which is why the forward saves lse.
+
+Three kernels, in launch order:
+  1. preprocess: delta = rowsum(dO * O), one value per query row (see its docstring).
+  2. dk/dv: one program per key block, looping over the query blocks that see it.
+  3. dq: one program per query block, looping over the key blocks it sees.
+Splitting dk/dv from dq computes S and P twice, but every program writes only its own
+rows: no atomics, so the gradients are deterministic.
+"""
+
+from __future__ import annotations
+
+from ._triton import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def attn_bwd_preprocess_kernel(
+        O,
+        DO,
+        DELTA,
+        stride_ob,
+        stride_oh,
+        stride_ot,
+        stride_od,
+        stride_dob,
+        stride_doh,
+        stride_dot,
+        stride_dod,
+        H,
+        T,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        """delta[row] = sum_d dO[row, d] * O[row, d] in fp32 (0 on padding rows: O = 0).
+
+        Why: the softmax backward needs, per query row i, sum_j P[i, j] * dP[i, j] with
+        dP = dO V^T. Expanding dP gives sum_j P[i, j] * (dO[i] . v[j]) = dO[i] . O[i],
+        because O[i] = sum_j P[i, j] * v[j]. So one pass over two [T, D] tensors replaces
+        a pass over every key block of every row, and both later kernels can form dS
+        block by block with delta already known.
+        """
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m[:, None] < T
+        o_ptrs = (
+            O
+            + b.to(tl.int64) * stride_ob
+            + h.to(tl.int64) * stride_oh
+            + offs_m[:, None] * stride_ot
+            + offs_d[None, :] * stride_od
+        )
+        do_ptrs = (
+            DO
+            + b.to(tl.int64) * stride_dob
+            + h.to(tl.int64) * stride_doh
+            + offs_m[:, None] * stride_dot
+            + offs_d[None, :] * stride_dod
+        )
+        o = tl.load(o_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+        do = tl.load(do_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+        tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+    @triton.jit
+    def _attn_bwd_dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_qt,
+        stride_qd,
+        stride_dot,
+        stride_dod,
+        offs_n,
+        L,
+        lo,
+        hi,
+        qk_scale,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        MASKED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Accumulate dk (unscaled) and dv of one key block over query blocks [lo, hi).
+
+        Works on transposed tiles ([keys, rows]) so dk and dv come out key-major with no
+        transposed accumulator. MASKED adds the causal mask (key <= row) and drops rows
+        >= L; the unmasked variant is for blocks the caller knows need neither.
+        """
+        offs_d = tl.arange(0, D)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qt_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
+            do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+            if MASKED:
+                row_ok = offs_m < L
+                qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+            else:
+                qt = tl.load(qt_ptrs)
+                do = tl.load(do_ptrs)
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
+            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if MASKED:
+                # -inf -> P = 0: keys after the row (as in the forward) and padding rows.
+                keep = (offs_m[None, :] >= offs_n[:, None]) & row_ok[None, :]
+                st = tl.where(keep, st, float("-inf"))
+            # The forward's probabilities, recomputed from the row's base-2 logsumexp.
+            pt = tl.exp2(st - lse[None, :])
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP^T = V dO^T
+            dst = pt * (dpt - delta[None, :])  # dS = P * (dP - delta), transposed
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def attn_bwd_dkdv_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        DK,
+        DV,
+        LSE,
+        DELTA,
+        LENS,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        stride_dob,
+        stride_doh,
+        stride_dot,
+        stride_dod,
+        stride_dkb,
+        stride_dkh,
+        stride_dkt,
+        stride_dkd,
+        stride_dvb,
+        stride_dvh,
+        stride_dvt,
+        stride_dvd,
+        H,
+        T,
+        qk_scale,
+        sm_scale,
+        HAS_LENS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program per key block [n_lo, n_lo + BLOCK_N): it alone writes those rows of dk
+        # and dv (no atomics). Low key blocks are seen by the most query rows, so program
+        # 0 is already the heaviest and is launched first.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        if HAS_LENS:
+            L = tl.minimum(tl.load(LENS + b), T)
+        else:
+            L = T
+        n_lo = pid_n * BLOCK_N
+        offs_n = n_lo + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        key_in = offs_n[:, None] < T
+        k_ptrs = K + b64 * stride_kb + h64 * stride_kh
+        k = tl.load(
+            k_ptrs + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+            mask=key_in,
+            other=0.0,
+        )
+        v_ptrs = V + b64 * stride_vb + h64 * stride_vh
+        v = tl.load(
+            v_ptrs + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=key_in,
+            other=0.0,
+        )
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + h64 * stride_doh
+        lse_base = LSE + pid_bh.to(tl.int64) * T
+        delta_base = DELTA + pid_bh.to(tl.int64) * T
+
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        # Which query rows see this key block? Causal: row >= key, so rows >= n_lo; lengths:
+        # rows < L. Rows [0, n_lo) are skipped outright; rows [n_lo, L) are visited in
+        # BLOCK_M-aligned query blocks, split three ways:
+        #   [m_start, diag_end)           query blocks overlapping the diagonal: some row
+        #                                 of the block comes before some key of ours, and
+        #                                 that score must be -inf as in the forward -> masked
+        #   [diag_end, full_end)          every row >= n_lo + BLOCK_N > every key here, and
+        #                                 every row < L -> no mask, the fast loop
+        #   [max(diag_end, full_end), L)  the block holding row L - 1 when L is not a
+        #                                 multiple of BLOCK_M: rows >= L masked
+        # Example, BLOCK_N = 64, BLOCK_M = 32, L = 200, the key block at n_lo = 64:
+        # masked [64, 128), unmasked [128, 192), masked [192, 200). When L falls inside the
+        # diagonal blocks, the middle and last ranges are empty and the first one's mask
+        # drops rows >= L.
+        # m_start rounds n_lo down to a block start (rows < n_lo in that first block are
+        # removed by the causal mask); diag_end rounds n_lo + BLOCK_N up to one. A key block
+        # at or past L is all padding: m_end = 0 and no loop runs. Keys >= L inside a live
+        # block need no mask of their own: only rows >= key >= L could see them, and those
+        # padding rows are masked; the store below writes zeros for them anyway.
+        m_start = (n_lo // BLOCK_M) * BLOCK_M
+        m_end = tl.where(n_lo < L, L, 0)
+        diag_end = ((n_lo + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        full_end = (L // BLOCK_M) * BLOCK_M
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
+            stride_dot, stride_dod, offs_n, L, m_start, tl.minimum(diag_end, m_end),
+            qk_scale, D, BLOCK_M, True, PRECISION,
+        )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
+            stride_dot, stride_dod, offs_n, L, diag_end, full_end,
+            qk_scale, D, BLOCK_M, False, PRECISION,
+        )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
+            stride_dot, stride_dod, offs_n, L, tl.maximum(diag_end, full_end), m_end,
+            qk_scale, D, BLOCK_M, True, PRECISION,
+        )  # fmt: skip
+
+        # S = scale * Q K^T, so dK = scale * dS^T Q: the scale is applied once, here.
+        key_ok = (offs_n < L)[:, None]
+        dk = tl.where(key_ok, dk * sm_scale, 0.0)
+        dv = tl.where(key_ok, dv, 0.0)
+        dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh
+        dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+        dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh
+        dv_ptrs += offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_in)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_in)
+
+    @triton.jit
+    def _attn_bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        offs_m,
+        L,
+        lo,
+        hi,
+        qk_scale,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Accumulate dq (unscaled) of one query block over key blocks [lo, hi).
+
+        The dk/dv loop's recomputation in [rows, keys] orientation:
+        P = exp2(S - lse), dS = P * (dO V^T - delta), dQ += dS K.
+        """
+        offs_d = tl.arange(0, D)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+            vt_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+            if MASKED:
+                key_ok = offs_n < L
+                kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
+                vt = tl.load(vt_ptrs, mask=key_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+                vt = tl.load(vt_ptrs)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if MASKED:
+                keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
+                s = tl.where(keep, s, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+        return dq
+
+    @triton.jit
+    def attn_bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        DQ,
+        LSE,
+        DELTA,
+        LENS,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        stride_dob,
+        stride_doh,
+        stride_dot,
+        stride_dod,
+        stride_dqb,
+        stride_dqh,
+        stride_dqt,
+        stride_dqd,
+        H,
+        T,
+        qk_scale,
+        sm_scale,
+        HAS_LENS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program per query block [m_lo, m_lo + BLOCK_M): it alone writes those rows of
+        # dq. Heaviest (last) query blocks first, as in the forward.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        if HAS_LENS:
+            L = tl.minimum(tl.load(LENS + b), T)
+        else:
+            L = T
+        m_lo = pid_m * BLOCK_M
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        row_in = offs_m < T
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh
+        q = tl.load(
+            q_ptrs + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+            mask=row_in[:, None],
+            other=0.0,
+        )
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh
+        do = tl.load(
+            do_ptrs + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+            mask=row_in[:, None],
+            other=0.0,
+        )
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_in, other=0.0)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_in, other=0.0)
+        k_base = K + b64 * stride_kb + h64 * stride_kh
+        v_base = V + b64 * stride_vb + h64 * stride_vh
+
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        # Which keys do these rows see? Keys <= row and < L: keys [0, hi) with
+        # hi = min(m_lo + BLOCK_M, L) (the block's last row sees keys up to itself):
+        #   [0, full_hi)   key blocks ending at or before m_lo (and L): every key is before
+        #                  every row of the block and valid -> unmasked
+        #   [full_hi, hi)  key blocks overlapping the diagonal (some key after some row:
+        #                  that score must be -inf) and the length tail -> masked
+        # A query block at or past L is padding: no loop runs and its dq rows are zero.
+        live = m_lo < L
+        hi = tl.where(live, tl.minimum(m_lo + BLOCK_M, L), 0)
+        full_hi = tl.where(live, (tl.minimum(m_lo, L) // BLOCK_N) * BLOCK_N, 0)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
+            stride_vd, offs_m, L, 0, full_hi, qk_scale, D, BLOCK_N, False, PRECISION,
+        )  # fmt: skip
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
+            stride_vd, offs_m, L, full_hi, hi, qk_scale, D, BLOCK_N, True, PRECISION,
+        )  # fmt: skip
+
+        dq = tl.where((offs_m < L)[:, None], dq * sm_scale, 0.0)  # dQ = scale * dS K
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh
+        dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None])

@@ -1,0 +1,148 @@
+"""Forward Triton kernel of causal attention (launched by :mod:`.attention`).
+
+One program per (query block, batch*head). Online softmax over key blocks in base 2: the
+scores are pre-multiplied by qk_scale = scale * log2(e), so exp2/log2 replace exp/log.
+For each query row it keeps the running max m, the running sum l of exp2(s - m) and the
+fp32 accumulator acc = sum exp2(s - m) * v; when a new key block raises m, l and acc are
+rescaled by exp2(m_old - m_new). The output is acc / l and the saved logsumexp is m + log2(l)
+(base 2), which is all the backward needs to recompute the probabilities.
+
+Key blocks visited by the query block [m_lo, m_lo + BLOCK_M) of a sequence of length L:
+    [0, full_hi)   entirely below the diagonal and inside L: no mask at all
+    [full_hi, hi)  the diagonal block(s) and the length tail: causal and length mask
+    [hi, T)        above the diagonal or past L: never loaded
+A query block that starts at or past L (padding) visits nothing and stores zeros.
+"""
+
+from __future__ import annotations
+
+from ._triton import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        offs_m,
+        L,
+        lo,
+        hi,
+        qk_scale,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Online softmax over key blocks [lo, hi); MASKED adds the causal/length mask."""
+        offs_d = tl.arange(0, D)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+            v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+            if MASKED:
+                key_ok = offs_n < L
+                kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+                v = tl.load(v_ptrs)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            if MASKED:
+                keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
+                s = tl.where(keep, s, float("-inf"))
+            # Every row sees key 0 in the first block it visits, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def attn_fwd_kernel(
+        Q,
+        K,
+        V,
+        O,
+        LSE,
+        LENS,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_ot,
+        stride_od,
+        H,
+        T,
+        qk_scale,
+        HAS_LENS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # Heaviest (last) query blocks first: better tail balance under causality.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        if HAS_LENS:
+            L = tl.minimum(tl.load(LENS + b), T)
+        else:
+            L = T
+        m_lo = pid_m * BLOCK_M
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # Keys [0, full_hi): below the diagonal for every row of the block and < L.
+        # Keys [full_hi, hi): the diagonal / length tail, masked. Blocks past L: no work.
+        live = m_lo < L
+        hi = tl.where(live, tl.minimum(m_lo + BLOCK_M, L), 0)
+        full_hi = tl.where(live, (tl.minimum(m_lo, L) // BLOCK_N) * BLOCK_N, 0)
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            offs_m, L, 0, full_hi, qk_scale, D, BLOCK_N, False, PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            offs_m, L, full_hi, hi, qk_scale, D, BLOCK_N, True, PRECISION,
+        )  # fmt: skip
+
+        has_mass = l_i > 0.0
+        l_safe = tl.where(has_mass, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        out = tl.where((offs_m < L)[:, None], out, 0.0)
+        lse = tl.where(has_mass, m_i + tl.log2(l_safe), 0.0)
+        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+        tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)

@@ -1,0 +1,36 @@
+"""What one ahead-of-time kernel build is: :class:`AotSpec`, and :func:`triton_type`.
+
+A leaf module: it imports nothing from the kernel modules, so each kernel module imports
+it at the top to describe its own builds (``aot_specs``), and :mod:`.aot`, which imports
+the kernel modules to compile those builds, imports it too. No import cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def triton_type(dtype: torch.dtype) -> str:
+    """Triton's signature name for a torch dtype: torch.bfloat16 -> "bf16"."""
+    try:
+        return _TRITON_TYPES[dtype]
+    except KeyError:
+        raise ValueError(f"no Triton kernel type for {dtype}") from None
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One kernel build: the @triton.jit function, every argument's type in order
+    (constexpr arguments typed "constexpr"), the constexpr values, and launch options."""
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
