@@ -38,8 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import fsync_dir, fsync_file
+from .checkpoint_store import MANIFEST_FILE, replace_directory, resolve
 from .config import ConfigError, ModelConfig
 from .model import Transformer
 from .tokenizer import BpeTokenizer, TokenizerError
@@ -61,7 +60,6 @@ MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -86,11 +84,6 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _rename(src: Path, dst: Path) -> None:
-    """os.rename, behind a name tests can patch to simulate a crash."""
-    os.rename(src, dst)
 
 
 def _sha256(path: Path) -> str:
@@ -191,64 +184,26 @@ def save_checkpoint(
         )
     if trainer_state is not None and optimizer is None:
         raise CheckpointError("trainer_state needs the optimizer too (resumable checkpoint)")
-    target = Path(path)
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    aside = parent / f".{target.name}.old"
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"{target}: exists and is not a directory")
 
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state)
-        if target.is_dir():
-            _carry_over_extras(target, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-    # Swap into place. Invariant: target or aside is always a complete checkpoint.
     try:
-        if target.exists():
-            if aside.exists():  # stale: target is complete, so the aside copy is not needed
-                shutil.rmtree(aside)
-            _rename(target, aside)
-            fsync_dir(parent)
-        _rename(tmp, target)
-        fsync_dir(parent)
-    except BaseException:
-        if not target.exists() and aside.exists():
-            try:
-                _rename(aside, target)
-            except OSError:
-                pass  # load_checkpoint falls back to the aside copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    for stale in parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return target
+        return replace_directory(Path(path), fill, CHECKPOINT_FILES)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e})") from None
+    except OSError as e:  # disk full, permissions, ...
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({_os_reason(e)})") from None
+
+
+def _os_reason(e: OSError) -> str:
+    """'No space left on device' rather than '[Errno 28] No space left on device: ...'."""
+    return e.strerror or str(e)
 
 
 CHECKPOINT_FILES = frozenset(
     {CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, MANIFEST_FILE}
 )
-
-
-def _carry_over_extras(old: Path, new: Path) -> None:
-    """Copy files that are not part of the checkpoint (metrics, plots, notes) into ``new``.
-
-    Replacing a checkpoint swaps whole directories; without this a run's metrics.jsonl, or
-    anything a user put beside the weights, would be lost. Extras are not in the manifest.
-    """
-    for entry in sorted(old.iterdir()):
-        if entry.name in CHECKPOINT_FILES or (new / entry.name).exists():
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
-        else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state) -> None:
@@ -348,15 +303,13 @@ class Checkpoint:
 
 
 def _resolve(path: Path) -> Path:
-    """The checkpoint to read: ``path``, or its aside copy left by an interrupted save."""
-    if path.is_dir():
-        return path
-    aside = path.parent / f".{path.name}.old"
-    if not path.exists() and aside.is_dir():
-        return aside
-    if path.exists():
+    """The checkpoint to read: ``path``, or its fallback copy left by an interrupted save."""
+    root = resolve(path)
+    if root is None:
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if not root.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    return root
 
 
 def _verify_file(root: Path, name: str, manifest: dict[str, Any], digest: bool = True) -> None:

@@ -54,6 +54,15 @@ class RunLog:
             out.append((line, rec if isinstance(rec, dict) else None))
         return out
 
+    def adopt(self, source_dir: Path) -> None:
+        """Continue the log of the checkpoint being resumed when this run directory has
+        none yet (resuming from a fallback copy, or into a new --out)."""
+        src = Path(source_dir) / METRICS_FILE
+        if self.path is None or self.path.exists() or not src.is_file():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, src.read_bytes())
+
     def drop_after(self, step: int) -> None:
         """Forget logged steps of this phase past ``step`` (a crash after the last save)."""
         lines = self._read()

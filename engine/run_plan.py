@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_store import resolve
 from .config import ModelConfig
 from .model import Transformer
 from .train_config import PHASES, TrainConfig, TrainingError
@@ -23,20 +24,30 @@ DATA_FLAG = {"pretrain": "--data", "sft": "--chat-data"}
 
 
 def is_checkpoint(path: Path) -> bool:
+    """A tritonlm checkpoint is at ``path`` (or its fallback copy beside it)."""
+    root = resolve(Path(path))
+    if root is None:
+        return False
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = json.loads((root / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and cfg.get("format") == "tritonlm-checkpoint"
 
 
+RUN_LOG_FILES = ("metrics.jsonl", "loss_pretrain.png", "loss_sft.png")
+
+
 def check_run_dir(out: str | Path) -> Path:
     """The run directory must be new, empty or an earlier tritonlm run (never someone's
-    unrelated files: a save replaces the directory)."""
+    unrelated files: a save replaces the directory). An earlier run may have been cut off
+    before its first save completed: only a run log in ``out``, and possibly the complete
+    fallback copy ``.<out>.old`` beside it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
+    only_log = out.is_dir() and all(p.name in RUN_LOG_FILES for p in out.iterdir())
+    if out.is_dir() and not only_log and not is_checkpoint(out):
         raise TrainingError(
             f"--out {out}: directory is not empty and not a tritonlm checkpoint; "
             "choose a new or empty directory"

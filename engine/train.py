@@ -233,6 +233,7 @@ class Trainer:
         own = ranks[self.dist.rank] if ranks and len(ranks) == self.world_size else st["rng"]
         set_rng_state(own)
         self.last_saved_step = self.step
+        self.log.adopt(resume.path)
         self.log.drop_after(self.step)
 
     # -- one step ------------------------------------------------------------------------

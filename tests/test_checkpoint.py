@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tritonlm.engine import checkpoint as ck
+from tritonlm.engine import checkpoint_store as store
 from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tritonlm.engine.config import ModelConfig
 from tritonlm.engine.model import Transformer
@@ -364,7 +365,7 @@ def test_crash_during_write_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ck, "save_file", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         save_checkpoint(path, make_model(tokenizer, seed=5), tokenizer)
     assert torch.equal(load_checkpoint(path).model(IDX), old(IDX))
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
@@ -372,7 +373,7 @@ def test_crash_during_write_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
 
 def test_failed_swap_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
     path, old = saved
-    real_rename, calls = ck._rename, []
+    real_rename, calls = store._rename, []
 
     def rename(src, dst):
         calls.append((Path(src).name, Path(dst).name))
@@ -380,8 +381,8 @@ def test_failed_swap_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
             raise OSError("power cut (simulated)")
         real_rename(src, dst)
 
-    monkeypatch.setattr(ck, "_rename", rename)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(store, "_rename", rename)
+    with pytest.raises(CheckpointError, match="simulated"):
         save_checkpoint(path, make_model(tokenizer, seed=5), tokenizer)
     assert calls[0] == ("ckpt", ".ckpt.old")
     assert torch.equal(load_checkpoint(path).model(IDX), old(IDX))

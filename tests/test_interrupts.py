@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tritonlm.cli import train as cli
-from tritonlm.engine import checkpoint as ck
+from tritonlm.engine import checkpoint_store as store
 from tritonlm.engine import token_cache as tc
 from tritonlm.engine import train as tr
 from tritonlm.engine.checkpoint import load_checkpoint
@@ -97,7 +97,7 @@ def test_interrupt_at_any_moment_resumes_exactly(moment, tok, cache, reference, 
     monkeypatch.setattr(tr.Trainer, "__init__", init)
     if moment == "periodic save":  # halfway through writing the step-4 checkpoint
         trainer = lambda: trainer_box["t"].step  # noqa: E731
-        monkeypatch.setattr(ck, "_rename", _at(trainer, 4, stop, ck._rename))
+        monkeypatch.setattr(store, "_rename", _at(trainer, 4, stop, store._rename))
     out = tmp_path / "run"
     try:
         with stop.deferred():
