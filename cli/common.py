@@ -43,12 +43,13 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from tritonlm.engine.checkpoint import CheckpointError
     from tritonlm.engine.data import DataError
     from tritonlm.engine.distributed import DistributedError
+    from tritonlm.engine.run_lock import BusyError
     from tritonlm.engine.sampling import SamplingError
     from tritonlm.engine.token_cache import TokenCacheError
     from tritonlm.engine.tokenizer import TokenizerError
     from tritonlm.engine.train_config import TrainingError
 
-    return (UsageError, CheckpointError, DataError, DistributedError, SamplingError,
+    return (UsageError, BusyError, CheckpointError, DataError, DistributedError, SamplingError,
             TokenCacheError, TokenizerError, TrainingError, ValueError, OSError)  # fmt: skip
 
 

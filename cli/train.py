@@ -10,6 +10,7 @@ aborts at once without saving. Training flags come from the config dataclasses
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -211,6 +212,7 @@ def run(args, stop) -> int:
     """Everything after parsing; raises UsageError / engine errors for main() to report."""
     import torch
     from tritonlm.engine.distributed import init_distributed
+    from tritonlm.engine.run_lock import exclusive
     from tritonlm.engine.run_plan import check_run_dir
     from tritonlm.kernels.dispatch import check_backend
 
@@ -229,7 +231,9 @@ def run(args, stop) -> int:
     # process exits without tearing the group down; the launcher ends the other ranks.
     ctx = init_distributed(args.device, args.dist_timeout)
     stop.second_aborts = ctx.world_size == 1  # torchrun's agent escalates by itself
-    code = _run_phases(args, out, ctx, stop)
+    # One writer per run directory (rank 0 writes): a second llm-train on it stops here.
+    with exclusive(out, "--out") if ctx.is_main else contextlib.nullcontext():
+        code = _run_phases(args, out, ctx, stop)
     ctx.close()
     return code
 

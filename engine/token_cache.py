@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write, fsync_dir
+from .run_lock import exclusive
 
 FORMAT_VERSION = 1
 _CHUNK_TOKENS = 1 << 20  # flush to disk every ~1M tokens
@@ -181,32 +182,41 @@ def open_cache(path: str | os.PathLike) -> TokenCache:
 
 def _build(kind, items, tokenizer, cache_dir, encode, progress) -> TokenCache:
     key = cache_key(kind, items, tokenizer_fingerprint(tokenizer))
-    cache_dir = Path(cache_dir)
-    final = cache_dir / f"{kind}-{key[:16]}"
-    if final.is_dir():
-        try:
+    final = Path(cache_dir) / f"{kind}-{key[:16]}"
+    # Two runs tokenizing the same data: the second waits, then reuses the first's entry.
+    with exclusive(final, "token cache entry", wait=True):
+        cache = _reuse(final, key)
+        if cache is None:
+            _write(final, kind, key, items, tokenizer.vocab_size, encode, progress)
             cache = open_cache(final)
-            if cache.key == key:
-                return cache
-        except (TokenCacheError, KeyError):
-            pass
-        shutil.rmtree(final, ignore_errors=True)  # stale or broken: rebuild
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    return cache
+
+
+def _reuse(final: Path, key: str) -> TokenCache | None:
+    """The finished entry at ``final``, or None (a stale or broken one is removed)."""
+    if not final.is_dir():
+        return None
     try:
-        _write_entry(tmp, kind, key, items, tokenizer.vocab_size, encode, progress)
-        try:
-            os.rename(tmp, final)  # the entry appears whole or not at all
-            fsync_dir(cache_dir)
-        except OSError:
-            # Another process finished the same entry first; use theirs.
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        cache = open_cache(final)
+        if cache.key == key:
+            return cache
+    except (TokenCacheError, KeyError):
+        pass
+    shutil.rmtree(final, ignore_errors=True)
+    return None
+
+
+def _write(final: Path, kind, key, items, vocab_size, encode, progress) -> None:
+    """Tokenize into a temporary sibling, then rename it in whole."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        _write_entry(tmp, kind, key, items, vocab_size, encode, progress)
+        os.rename(tmp, final)  # the entry appears whole or not at all
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return open_cache(final)
 
 
 def _write_entry(tmp: Path, kind, key, items, vocab_size, encode, progress) -> None:
