@@ -22,10 +22,9 @@ The decoding loop, per batch of prompts (token id lists):
 tests and the benchmark). Finished rows leave the batch (their cache rows are dropped), so
 in a batch every row gets exactly the tokens it would get alone (greedy).
 
-Streaming text: each generated token contributes its bytes; bytes are decoded with an
-incremental UTF-8 decoder, so a character split across tokens appears once complete.
-Text that could be the start of a stop string is held back until it is known not to be,
-so a stop string never reaches the output, even split across several tokens.
+Streaming text (:mod:`.text_stream`): a character split across tokens appears once
+complete, and a stop string never reaches the output, even split across several tokens.
+Prompts (:mod:`.chat_prompt`): a plain-text continuation, or a chat history cut to fit.
 
     >>> cfg = SamplingConfig(temperature=0, max_new_tokens=20, stop=("User:",))
     >>> result = generate(model, tokenizer, [tokenizer.bos_id, *tokenizer.encode("Hi")], cfg)
@@ -36,16 +35,17 @@ so a stop string never reaches the output, even split across several tokens.
 
 from __future__ import annotations
 
-import codecs
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .chat_prompt import ChatPrompt, build_chat_prompt, encode_raw_prompt
 from .model import left_pad
 from .sampling import SamplingConfig, SamplingError, make_generator, sample_next
+from .text_stream import TextStream, _longest_stop_prefix_suffix  # noqa: F401 (re-export)
 from .tokenizer import SPECIAL_TOKENS
 
 __all__ = [
@@ -116,129 +116,6 @@ class GenerationResult:
         return d
 
 
-# ----------------------------------------------------------------------------- text
-
-
-class TextStream:
-    """Turn token bytes into releasable text: UTF-8 across token boundaries, stop strings.
-
-    >>> ts = TextStream(stop=("END",))
-    >>> ts.push("é".encode()[:1]), ts.push("é".encode()[1:] + b"xE")
-    ('', 'éx')
-    >>> ts.push(b"N"), ts.push(b"D and more"), ts.stopped, ts.text
-    ('', '', True, 'éx')
-    """
-
-    def __init__(self, stop: Sequence[str] = ()):
-        self.stop = tuple(stop)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""  # decoded but held back (could start a stop string)
-        self.text = ""  # released so far
-        self.stopped = False
-
-    def push(self, data: bytes) -> str:
-        """Add a token's bytes; return the newly releasable text."""
-        if self.stopped:
-            return ""
-        self._pending += self._decoder.decode(data)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        """End of generation: release everything still held (no stop string completed)."""
-        if self.stopped:
-            return ""
-        self._pending += self._decoder.decode(b"", final=True)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        pending = self._pending
-        cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self._pending, self.stopped = pending[:cut], "", True
-        elif final or not self.stop:
-            out, self._pending = pending, ""
-        else:
-            hold = _longest_stop_prefix_suffix(pending, self.stop)
-            out, self._pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-        self.text += out
-        return out
-
-
-def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string.
-
-    ``("Hello Us", ["User:"]) -> 2`` ("Us" may become "User:").
-    """
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def encode_raw_prompt(tokenizer, text: str) -> list[int]:
-    """Plain-text continuation prompt: <|bos|> + text (pretraining documents look like this)."""
-    return [tokenizer.bos_id, *tokenizer.encode(text)]
-
-
-@dataclass
-class ChatPrompt:
-    """Prompt ids for a chat history; ``dropped`` = messages left out to fit the context,
-    ``cut_tokens`` = tokens cut from the start of a last message that alone was too long."""
-
-    ids: list[int]
-    dropped: int
-    messages: list[dict[str, str]]
-    cut_tokens: int = 0  # oldest tokens cut from a last message longer than the context
-
-
-def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> ChatPrompt:
-    """Render ``messages`` with the chat template, ending with <|assistant|>.
-
-    When the ids exceed ``max_tokens``, the oldest turns are dropped (system messages are
-    kept), one message at a time, until it fits and the history starts with a user turn.
-    If even the last message alone is too long, its oldest content tokens are cut
-    (``cut_tokens``) so that the template around it (<|bos|>, system, <|user|>, <|end|>,
-    <|assistant|>) survives and there is room to answer.
-    """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    system = [m for m in messages if m["role"] == "system"]
-    turns = [m for m in messages if m["role"] != "system"]
-    dropped = 0
-    while True:
-        kept = system + turns
-        ids, _ = tokenizer.render_chat(kept, add_generation_prompt=True)
-        if len(ids) > max_tokens and len(turns) == 1:
-            return _cut_last_message(tokenizer, system, turns[0], max_tokens, dropped)
-        if len(ids) <= max_tokens or len(turns) <= 1:
-            return ChatPrompt(ids=list(ids), dropped=dropped, messages=kept)
-        turns = turns[1:]
-        dropped += 1
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns = turns[1:]
-            dropped += 1
-
-
-def _cut_last_message(tokenizer, system, last, max_tokens: int, dropped: int) -> ChatPrompt:
-    """The template with ``last``'s content reduced to its most recent tokens."""
-    frame, _ = tokenizer.render_chat([*system, {**last, "content": ""}], add_generation_prompt=True)
-    content = tokenizer.encode(last["content"])
-    keep = max_tokens - len(frame)
-    if keep < 1:  # the system prompt alone fills the context: the generator truncates
-        ids, _ = tokenizer.render_chat([*system, last], add_generation_prompt=True)
-        return ChatPrompt(ids=list(ids), dropped=dropped, messages=[*system, last])
-    ids = frame[:-2] + content[-keep:] + frame[-2:]  # frame ends with <|end|> <|assistant|>
-    return ChatPrompt(
-        ids=ids, dropped=dropped, messages=[*system, last], cut_tokens=len(content) - keep
-    )
-
-
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -254,6 +131,24 @@ class _Row:
         )
         self.done = False
 
+    def accept(self, tok: int, n_new: int, rules: _StopRules) -> tuple[str, bool]:
+        """Take this row's ``n_new``-th token; return the text it releases and whether the
+        row is now finished (the stop reasons in the module docstring, in that order)."""
+        self.result.token_ids.append(tok)
+        text = ""
+        reason = rules.stop_ids.get(tok)
+        if reason is None and self.text is not None:
+            text = self.text.push(self.tokenizer.decode_bytes([tok]))
+            if self.text.stopped:
+                reason = "stop_string"
+        if reason is None and n_new >= rules.max_new_tokens:
+            reason = "max_new_tokens"
+        if reason is None and len(self.prompt) + n_new > rules.max_len:
+            reason = "context"  # max_seq_len tokens read: no room to feed it
+        if reason is None:
+            return text, False
+        return text + self.finish(reason), True
+
     def finish(self, reason: str) -> str:
         """Mark as done; return the text still held back that is now released."""
         self.done = True
@@ -263,6 +158,14 @@ class _Row:
         tail = self.text.flush() if reason != "interrupted" else ""
         self.result.text = self.text.text
         return tail
+
+
+class _StopRules(NamedTuple):
+    """When a row stops, besides a stop string (which its TextStream finds)."""
+
+    stop_ids: dict[int, str]  # token id -> stop reason ("eos" or "end")
+    max_new_tokens: int
+    max_len: int  # the model's context, max_seq_len
 
 
 def _prepare(
@@ -317,90 +220,115 @@ def _decode(
     stop_ids: dict[int, str],
     t0: float,
 ) -> Iterator[list[tuple[int, Piece]]]:
-    """Core loop over the unfinished rows; yields [(row index, piece)] once per step."""
-    device = model.tok_emb.weight.device
-    max_len = model.config.max_seq_len
-    vocab = model.config.vocab_size
-    generator = None if config.greedy else make_generator(config.seed, device)
+    """Core loop over the unfinished rows; yields [(row index, piece)] once per step.
 
-    active = list(range(len(rows)))  # row indices still generating, in batch order
-    ids, pad = left_pad([r.prompt for r in rows], pad_id=0)  # pad slots are masked out
-    ids, pad = ids.to(device), pad.to(device)
-    need_seen = config.repetition_penalty != 1.0
-    need_counts = config.frequency_penalty != 0.0 or config.presence_penalty != 0.0
-    seen = counts = None
-    if need_seen:
-        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):  # the prompt's own tokens (not the pad slots)
-            seen[i, torch.tensor(r.prompt, device=device)] = True
-    if need_counts:
-        counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
-
-    cache = model.new_cache(len(rows), pad=pad) if use_cache else None
+    With the KV cache, the only host sync of a step is reading the sampled ids back
+    (``tolist``); everything else is queued on the device.
+    """
+    rules = _StopRules(stop_ids, config.max_new_tokens, model.config.max_seq_len)
+    batch = _Batch(model, rows, config, use_cache)
+    generator = None if config.greedy else make_generator(config.seed, batch.device)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if use_cache:
-                logits = model.forward_cached(ids, cache, last_only=True)[:, -1]
-            else:
-                logits = _full_forward(model, ids, pad)
+            logits = batch.prefill()
             n_new = 0
             while True:
-                next_ids = sample_next(logits, config, generator, seen, counts)
+                next_ids = sample_next(logits, config, generator, batch.seen, batch.counts)
                 n_new += 1
-                next_list = next_ids.tolist()
-                now = time.perf_counter()
-                events = []
-                keep = []
-                for j, (i, tok) in enumerate(zip(active, next_list, strict=True)):
-                    row = rows[i]
-                    res = row.result
-                    if n_new == 1:
-                        res.time_to_first_token_s = now - t0
-                    res.token_ids.append(tok)
-                    if res.step_logits is not None:
-                        res.step_logits.append(logits[j].float().cpu())
-                    text = ""
-                    reason = stop_ids.get(tok)
-                    if reason is None and row.text is not None:
-                        text = row.text.push(row.tokenizer.decode_bytes([tok]))
-                        if row.text.stopped:
-                            reason = "stop_string"
-                    if reason is None and n_new >= config.max_new_tokens:
-                        reason = "max_new_tokens"
-                    if reason is None and len(row.prompt) + n_new > max_len:
-                        reason = "context"  # max_seq_len tokens read: no room to feed it
-                    if reason is not None:
-                        text += row.finish(reason)
-                    else:
-                        keep.append(j)
-                    events.append((i, Piece(tok, text)))
+                tokens = next_ids.tolist()
+                events, keep = _take_tokens(rows, batch.active, tokens, logits, n_new, t0, rules)
                 yield events
                 if not keep:
                     return
-                if len(keep) < len(active):  # finished rows leave the batch
-                    sel = torch.tensor(keep, device=device)
-                    active = [active[j] for j in keep]
-                    next_ids, pad, ids = next_ids[sel], pad[sel], ids[sel]
-                    seen = seen[sel] if seen is not None else None
-                    counts = counts[sel] if counts is not None else None
-                    if cache is not None:
-                        cache.select(sel)
-                if seen is not None:
-                    seen.scatter_(1, next_ids[:, None], True)
-                if counts is not None:
-                    counts.scatter_add_(
-                        1, next_ids[:, None], torch.ones_like(next_ids[:, None], dtype=counts.dtype)
-                    )
-                if use_cache:
-                    logits = model.forward_cached(next_ids[:, None], cache)[:, -1]
-                else:
-                    ids = torch.cat([ids, next_ids[:, None]], dim=1)
-                    logits = _full_forward(model, ids, pad)
+                logits = batch.feed(batch.keep_only(keep, next_ids))
     finally:
         if was_training:
             model.train()
+
+
+def _take_tokens(
+    rows: list[_Row],
+    active: list[int],
+    tokens: list[int],
+    logits: torch.Tensor,
+    n_new: int,
+    t0: float,
+    rules: _StopRules,
+) -> tuple[list[tuple[int, Piece]], list[int]]:
+    """Give every active row its sampled token; return the step's [(row index, piece)]
+    and the batch positions of the rows that go on."""
+    now = time.perf_counter()
+    events = []
+    keep = []
+    for j, (i, tok) in enumerate(zip(active, tokens, strict=True)):
+        row = rows[i]
+        if n_new == 1:
+            row.result.time_to_first_token_s = now - t0
+        if row.result.step_logits is not None:
+            row.result.step_logits.append(logits[j].float().cpu())
+        text, finished = row.accept(tok, n_new, rules)
+        if not finished:
+            keep.append(j)
+        events.append((i, Piece(tok, text)))
+    return events, keep
+
+
+class _Batch:
+    """The device tensors of the rows still generating, in batch order: ids, pad flags,
+    penalty state and KV cache. Finished rows leave the batch."""
+
+    def __init__(self, model, rows: list[_Row], config: SamplingConfig, use_cache: bool):
+        self.model = model
+        self.device = device = model.tok_emb.weight.device
+        self.active = list(range(len(rows)))  # row indices still generating, in batch order
+        ids, pad = left_pad([r.prompt for r in rows], pad_id=0)  # pad slots are masked out
+        self.ids, self.pad = ids.to(device), pad.to(device)
+        vocab = model.config.vocab_size
+        # seen [B, V]: tokens of prompt + answer (repetition penalty); counts [B, V]:
+        # occurrences in the answer (frequency / presence). None when the penalty is off.
+        self.seen = self.counts = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+            for i, r in enumerate(rows):  # the prompt's own tokens (not the pad slots)
+                self.seen[i, torch.tensor(r.prompt, device=device)] = True
+        if config.frequency_penalty != 0.0 or config.presence_penalty != 0.0:
+            self.counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+        self.cache = model.new_cache(len(rows), pad=self.pad) if use_cache else None
+
+    def prefill(self) -> torch.Tensor:
+        """Logits [B, V] for the first new token of every row."""
+        if self.cache is not None:
+            return self.model.forward_cached(self.ids, self.cache, last_only=True)[:, -1]
+        return _full_forward(self.model, self.ids, self.pad)
+
+    def keep_only(self, keep: list[int], next_ids: torch.Tensor) -> torch.Tensor:
+        """Keep the rows at batch positions ``keep``; return their ``next_ids``."""
+        if len(keep) == len(self.active):
+            return next_ids
+        sel = torch.tensor(keep, device=self.device)
+        self.active = [self.active[j] for j in keep]
+        self.ids, self.pad = self.ids[sel], self.pad[sel]
+        if self.seen is not None:
+            self.seen = self.seen[sel]
+        if self.counts is not None:
+            self.counts = self.counts[sel]
+        if self.cache is not None:
+            self.cache.select(sel)
+        return next_ids[sel]
+
+    def feed(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (ids [B]); return the logits [B, V] for the next one."""
+        col = next_ids[:, None]
+        if self.seen is not None:
+            self.seen.scatter_(1, col, True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, col, torch.ones_like(col, dtype=self.counts.dtype))
+        if self.cache is not None:
+            return self.model.forward_cached(col, self.cache)[:, -1]
+        self.ids = torch.cat([self.ids, col], dim=1)
+        return _full_forward(self.model, self.ids, self.pad)
 
 
 def _full_forward(model, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -20,28 +20,27 @@ Every filter keeps at least the most likely token, so a row never becomes all -i
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .fields import ConfigMixin, at_least, number, option
 
 
 class SamplingError(ValueError):
     """A sampling setting out of range (the message names the setting and the valid range)."""
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _stop_strings(name: str, v: Any) -> None:
+    if not isinstance(v, tuple) or not all(isinstance(s, str) for s in v):
+        raise ValueError(f"{name} must be a list of strings, got {v!r}")
+    if any(s == "" for s in v):
+        raise ValueError(f"{name} strings must not be empty")
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(ConfigMixin):
     """How to pick each next token and when to stop.
 
     temperature         >= 0; 0 means greedy (argmax after the penalties).
@@ -55,79 +54,38 @@ class SamplingConfig:
     max_new_tokens      >= 1; generation stops after this many new tokens.
     seed                None (fresh randomness) or an int >= 0: same seed, same tokens.
     stop                stop strings; generation ends when one appears, and the text
-                        returned never contains it (nor anything after it).
+                        returned never contains it (nor anything after it). A single
+                        string is taken as a list of one.
     """
 
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.95
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    max_new_tokens: int = 256
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
+    error = SamplingError
+    what = "sampling config"
+
+    temperature: float = option(0.8, number(lo=0), "0 = greedy", metavar="T")
+    top_k: int = option(0, at_least(0), "keep the k most likely tokens, 0 = off", metavar="K")
+    top_p: float = option(
+        0.95, number(lo=0, lo_open=True, hi=1), "nucleus sampling, in (0, 1]", metavar="P"
+    )
+    min_p: float = option(
+        0.0, number(lo=0, hi=1, hi_open=True), "drop p < min_p * p(best), in [0, 1)", metavar="P"
+    )
+    repetition_penalty: float = option(1.0, number(lo=0, lo_open=True), "> 0, 1 = off", metavar="X")
+    frequency_penalty: float = option(0.0, number(), "per repeat in the answer", metavar="X")
+    presence_penalty: float = option(0.0, number(), "once per token in the answer", metavar="X")
+    max_new_tokens: int = option(256, at_least(1), "longest answer in tokens", metavar="N")
+    seed: int | None = option(
+        None, at_least(0, optional=True), "seed for reproducible sampling", metavar="N"
+    )
+    stop: tuple[str, ...] = option((), _stop_strings, "stop strings", flag=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        elif isinstance(self.stop, list):
-            self.stop = tuple(self.stop)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`SamplingError` naming the first bad setting."""
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-        ):
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value):
-                raise SamplingError(f"{name} must be a finite number, got {value!r}")
-        for name in ("top_k", "max_new_tokens"):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise SamplingError(f"{name} must be an integer, got {value!r}")
-        if self.temperature < 0:
-            raise SamplingError(
-                f"temperature must be >= 0 (0 means greedy), got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1] (1 means off), got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
-            raise SamplingError(f"min_p must be in [0, 1) (0 means off), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise SamplingError(
-                f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}"
-            )
-        if self.max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise SamplingError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise SamplingError(f"stop must be a list of strings, got {self.stop!r}")
-        if any(s == "" for s in self.stop):
-            raise SamplingError("stop strings must not be empty")
+        super().__post_init__()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stop"] = list(self.stop)
-        return d
-
-    def replace(self, **changes: Any) -> SamplingConfig:
-        """A validated copy with some settings changed."""
-        return dataclasses.replace(self, **changes)
 
 
 # Names accepted by parse_setting (llm-chat's /set), with their parsers.

@@ -208,6 +208,15 @@ def test_valid_edges_accepted_and_replace_validates():
         cfg.replace(top_p=2.0)
 
 
+def test_dict_roundtrip_and_unknown_keys():
+    cfg = SamplingConfig(temperature=0.5, top_k=7, seed=3, stop=("User:", "###"))
+    d = cfg.to_dict()
+    assert d["stop"] == ["User:", "###"]  # JSON-ready: tuples become lists
+    assert SamplingConfig.from_dict(d) == cfg
+    with pytest.raises(SamplingError, match="unknown sampling config key.*warmth"):
+        SamplingConfig.from_dict({"warmth": 1})
+
+
 def test_parse_setting():
     cfg = SamplingConfig()
     assert parse_setting(cfg, "temperature", "0.5").temperature == 0.5

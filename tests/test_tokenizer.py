@@ -17,6 +17,7 @@ import regex
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tritonlm.engine.bpe_trainer import learn_merges, words_from_counts
 from tritonlm.engine.tokenizer import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -164,6 +165,58 @@ def test_random_small_corpora_train_and_match_tiktoken(texts, n_merges):
         assert t.decode(ids) == unicodedata.normalize("NFC", text)
         assert ids == enc.encode_ordinary(t.normalize(text))
     assert BpeTokenizer.from_dict(t.to_dict()).merges == t.merges
+
+
+def _naive_merges(words, freqs, num_merges, min_frequency):
+    """The merge rule with every pair recounted from scratch at each step (a reference)."""
+    words = [list(w) for w in words]
+    token_bytes = [bytes([i]) for i in range(256)]
+    ids = {b: i for i, b in enumerate(token_bytes)}
+    merges = []
+    while len(merges) < num_merges:
+        counts = {}
+        for w, f in zip(words, freqs, strict=True):
+            for pair in zip(w, w[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + f
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))  # the tie rule
+        if counts[best] < min_frequency:
+            break
+        mb = token_bytes[best[0]] + token_bytes[best[1]]
+        m = ids.get(mb)
+        if m is None:  # same bytes as an existing token: reuse its id, no new merge
+            m = ids[mb] = len(token_bytes)
+            token_bytes.append(mb)
+            merges.append(best)
+        for k, w in enumerate(words):
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(m)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[k] = out
+    return merges
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        st.text(st.sampled_from("aabxé"), min_size=1, max_size=12),
+        st.integers(1, 5),
+        min_size=1,
+        max_size=15,
+    ),
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=3),
+)
+def test_incremental_trainer_equals_recounting(piece_counts, n_merges, min_frequency):
+    words, freqs = words_from_counts(piece_counts)
+    want = _naive_merges(words, freqs, n_merges, min_frequency)
+    assert learn_merges(words, freqs, n_merges, min_frequency) == want
 
 
 def test_custom_pattern_with_empty_matches_roundtrips():
