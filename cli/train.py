@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -183,6 +184,9 @@ def _check_args(args) -> None:
         raise UsageError("--sft-steps needs --chat-data")
     if args.min_lr is not None and args.min_lr > min(args.lr, args.sft_lr or args.lr):
         raise UsageError(f"--min-lr {args.min_lr} is larger than the learning rate")
+    cores = os.cpu_count() or 1
+    if args.threads and args.threads > cores:
+        raise UsageError(f"--threads {args.threads}: this machine has {cores} CPU cores")
     shape = [args.d_model, args.n_layers, args.n_heads, args.d_ff]
     if args.init_from and any(v is not None for v in shape):
         raise UsageError("the model shape comes from --init-from; drop --d-model/--n-layers/...")
@@ -268,6 +272,8 @@ def _tokenizer_and_model(args, texts, chats):
             set_dropout(ckpt.model, args.dropout)
         return ckpt, ckpt.tokenizer, ckpt.model
     if args.tokenizer:
+        if not Path(args.tokenizer).is_file():  # a FIFO or device would block or never end
+            raise UsageError(f"--tokenizer {args.tokenizer}: not a regular file")
         tokenizer = BpeTokenizer.load(args.tokenizer)
     else:
         vocab = args.vocab_size or DEFAULT_VOCAB[args.preset]
@@ -281,8 +287,9 @@ def _tokenizer_and_model(args, texts, chats):
 
 
 def _run_phases(args, out: Path, ctx, stop) -> int:
+    import torch
     from tritonlm.engine.progress import TrainingBar
-    from tritonlm.engine.run_plan import is_checkpoint, plan_phases
+    from tritonlm.engine.run_plan import check_memory, is_checkpoint, plan_phases
     from tritonlm.engine.token_cache import build_chat_cache, build_pretrain_cache
     from tritonlm.engine.train import TrainingError, train
 
@@ -299,6 +306,11 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
             print(f"nothing left to train; checkpoint: {ckpt.path}")
         return EXIT_OK
     configs = _phase_configs(args, phases, resume_state)
+    device = ctx.device or torch.device("cuda" if args.device != "cpu" and
+                                        torch.cuda.is_available() else "cpu")  # fmt: skip
+    for cfg in configs.values():  # refuse what cannot fit before tokenizing anything
+        check_memory(model.config, cfg.batch_size, cfg.seq_len or model.config.max_seq_len,
+                     device)  # fmt: skip
     fresh_over_old = resume_state is None and is_checkpoint(out) and ctx.is_main
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent / ".cache"
     bar = TrainingBar(enabled=not args.quiet and ctx.is_main)

@@ -127,6 +127,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["cuda"]])
 
 
+def _is_oom(e: BaseException) -> bool:
+    """An allocation failure (CUDA, the CPU allocator, numpy)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(e)
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -314,6 +319,15 @@ class Trainer:
             f"stopped ({where}). Try a lower --lr or a smaller --grad-clip"
         )
 
+    def _out_of_memory(self, e: BaseException) -> TrainingError:
+        self.optimizer.zero_grad(set_to_none=True)
+        b, t = self.config.batch_size, self.data.T
+        return TrainingError(
+            f"out of memory in step {self.step + 1} ({self.device.type}, batch {b} x {t} "
+            f"tokens): lower --batch-size or --seq-len, or use --grad-accum "
+            f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+        )
+
     # -- evaluation ----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -422,7 +436,12 @@ class Trainer:
                     status = "interrupted"
                     break
                 ahead = self.step + 1 if self.step + 1 < self.total_steps else None
-                self.train_step(batches.get(self.step, ahead))
+                try:
+                    self.train_step(batches.get(self.step, ahead))
+                except (MemoryError, RuntimeError) as e:  # CUDA OOM is a RuntimeError too
+                    if not _is_oom(e):
+                        raise
+                    raise self._out_of_memory(e) from None
                 if (end := self._after_step()) is not None:
                     status = end
                     break
