@@ -260,11 +260,14 @@ def _tokenizer_and_model(args, texts, chats):
     from tritonlm.engine.checkpoint import load_checkpoint
     from tritonlm.engine.run_plan import DEFAULT_VOCAB, new_model, set_dropout, tokenizer_texts
     from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.trainer_state import check_trainer_state
 
     if args.resume or args.init_from:
         ckpt = load_checkpoint(args.resume or args.init_from, backend=args.backend)
         if args.resume and not ckpt.resumable:
             raise UsageError(f"--resume {args.resume}: not a resumable checkpoint")
+        if args.resume:  # every field a resume reads, checked before it is used
+            check_trainer_state(ckpt.trainer_state, str(ckpt.path))
         if args.seq_len and args.seq_len > ckpt.model.config.max_seq_len:
             raise UsageError(f"--seq-len {args.seq_len} exceeds the checkpoint's max_seq_len "
                              f"{ckpt.model.config.max_seq_len}")  # fmt: skip

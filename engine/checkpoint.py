@@ -35,6 +35,7 @@ CheckpointError that names the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,9 +49,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import fsync_dir, fsync_file
-from .checkpoint_store import MANIFEST_FILE, replace_directory, resolve
+from .checkpoint_store import MANIFEST_FILE, is_complete, replace_directory, resolve
 from .config import ConfigError, ModelConfig
+from .memory import build_bytes, too_big
 from .model import Transformer
+from .optimizer_state import check_optimizer_meta, flatten_optimizer, restore_optimizer
 from .tokenizer import BpeTokenizer, TokenizerError
 
 FORMAT_MAGIC = "tritonlm-checkpoint"
@@ -122,43 +125,6 @@ def _unwrap(model: torch.nn.Module) -> Transformer:
 # ----------------------------------------------------------------------------- optimizer state
 
 
-def _optimizer_names(optimizer: torch.optim.Optimizer, model: Transformer) -> list[str]:
-    """Parameter names in the optimizer's own order (the order of its state_dict ids)."""
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    names = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in by_id:
-                raise CheckpointError("optimizer holds a tensor that is not a model parameter")
-            names.append(by_id[id(p)])
-    return names
-
-
-def _flatten_optimizer(optimizer, model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    names = _optimizer_names(optimizer, model)
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{names[index]}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(names[index], {})[key] = value
-    groups = []
-    for group in sd["param_groups"]:
-        g = {k: v for k, v in group.items() if k != "params"}
-        for k, v in g.items():
-            if isinstance(v, torch.Tensor):
-                g[k] = v.item() if v.numel() == 1 else v.tolist()
-            elif isinstance(v, tuple):
-                g[k] = list(v)
-        g["params"] = [names[i] for i in group["params"]]
-        groups.append(g)
-    meta = {"class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars}
-    return tensors, meta
-
-
 # ----------------------------------------------------------------------------- save
 
 
@@ -221,7 +187,10 @@ def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_stat
     save_file(weights, str(tmp / MODEL_FILE), metadata={"format": FORMAT_MAGIC})
     tokenizer.save(tmp / TOKENIZER_FILE)
     if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer, model)
+        try:
+            tensors, meta = flatten_optimizer(optimizer, model)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT_MAGIC})
         _write_json(
             tmp / TRAINER_STATE_FILE, {"trainer_state": trainer_state or {}, "optimizer": meta}
@@ -265,41 +234,22 @@ class Checkpoint:
         parameters, same parameter groups); raises CheckpointError on any mismatch."""
         if not self.resumable:
             raise CheckpointError(f"{self.path}: not a resumable checkpoint (no optimizer state)")
-        meta = _read_json(self.path / TRAINER_STATE_FILE)["optimizer"]
         opt_path = self.path / OPTIMIZER_FILE
+        state_path = self.path / TRAINER_STATE_FILE
+        try:
+            meta = check_optimizer_meta(_read_json(state_path))
+        except ValueError as e:
+            raise CheckpointError(f"{state_path}: {e}") from None
         _verify_file(self.path, OPTIMIZER_FILE, self.manifest)
         if meta["class"] != type(optimizer).__name__:
             raise CheckpointError(
                 f"{opt_path}: saved for {meta['class']}, not {type(optimizer).__name__}"
             )
-        names = _optimizer_names(optimizer, self.model)
-        saved_names = [n for g in meta["param_groups"] for n in g["params"]]
-        if names != saved_names or len(meta["param_groups"]) != len(optimizer.param_groups):
-            raise CheckpointError(
-                f"{opt_path}: parameter groups differ from the optimizer's "
-                f"({len(saved_names)} saved parameters, {len(names)} in the optimizer)"
-            )
         tensors = _load_safetensors(opt_path)
-        index = {n: i for i, n in enumerate(names)}
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            pname, _, skey = key[len("state.") :].rpartition(".")
-            if not key.startswith("state.") or pname not in index:
-                raise CheckpointError(f"{opt_path}: unexpected tensor {key!r}")
-            state.setdefault(index[pname], {})[skey] = value
-        for pname, values in meta["scalars"].items():
-            if pname not in index:
-                raise CheckpointError(f"{opt_path}: scalars for unknown parameter {pname!r}")
-            state.setdefault(index[pname], {}).update(values)
-        groups, start = [], 0
-        for g in meta["param_groups"]:
-            n = len(g["params"])
-            groups.append({**g, "params": list(range(start, start + n))})
-            start += n
         try:
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{opt_path}: cannot load optimizer state ({e})") from None
+            restore_optimizer(optimizer, self.model, meta, tensors)
+        except ValueError as e:
+            raise CheckpointError(f"{opt_path}: {e}") from None
 
 
 def _resolve(path: Path) -> Path:
@@ -372,14 +322,20 @@ def _read_config(root: Path) -> dict[str, Any]:
     cfg["format_version"] = version
     if not isinstance(cfg.get("model_config"), dict):
         raise CheckpointError(f"{path}: model_config is missing")
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in cfg["model_config"]]
+    if missing:  # a default would silently build another model
+        raise CheckpointError(f"{path}: model_config does not state {', '.join(missing)}")
     name = cfg.get("tokenizer_file")
     if not isinstance(name, str) or "/" in name or "\\" in name:
         raise CheckpointError(f"{path}: bad tokenizer_file {name!r}")
     return cfg
 
 
-def _load_weights(model: Transformer, path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _check_header(cfg: ModelConfig, path: Path) -> None:
+    """Compare the safetensors header with the shapes ``cfg`` implies, before anything is
+    allocated (the expected shapes come from a model built on the ``meta`` device)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -398,10 +354,15 @@ def _load_weights(model: Transformer, path: Path) -> None:
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {list(found[name])}, model expects {list(shape)}"
             )
+
+
+def _load_weights(model: Transformer, path: Path) -> None:
     tensors = _load_safetensors(path)
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: tensor {name} has non-float dtype {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
     model.load_state_dict(tensors, strict=True)
 
 
@@ -412,9 +373,22 @@ def load_checkpoint(
 
     The model comes back in eval mode on ``device`` with float32 weights (as saved).
     For a resumable checkpoint call ``ckpt.load_optimizer_state(optimizer)`` after building
-    the optimizer over ``ckpt.model``'s parameters.
+    the optimizer over ``ckpt.model``'s parameters. A save running at the same time (a
+    training run writing the checkpoint a chat is loading) may swap the directory away
+    mid-read: then the load starts again on whichever copy is complete now.
     """
-    root = _resolve(Path(path))
+    for _ in range(4):
+        root = _resolve(Path(path))
+        complete = is_complete(root)
+        try:
+            return _load_from(root, device, backend)
+        except CheckpointError:
+            if not complete or is_complete(root):  # not swapped away: the content is bad
+                raise
+    raise CheckpointError(f"{path}: the checkpoint kept changing while it was read")
+
+
+def _load_from(root: Path, device, backend: str) -> Checkpoint:
     manifest = _read_manifest(root)
     for name in (CONFIG_FILE, MODEL_FILE):
         if name not in manifest["files"]:
@@ -445,6 +419,10 @@ def load_checkpoint(
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{root / CONFIG_FILE}: bad model_config ({e})") from None
 
+    _check_header(model_config, root / MODEL_FILE)
+    reason = too_big(build_bytes(model_config), torch.device("cpu"))
+    if reason:
+        raise CheckpointError(f"{root / CONFIG_FILE}: building this model {reason}")
     model = Transformer(model_config, backend=backend)
     _load_weights(model, root / MODEL_FILE)
     model.to(device).eval()

@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint_store import resolve
 from .config import ModelConfig
+from .memory import build_bytes, step_bytes, too_big
 from .model import Transformer
 from .train_config import PHASES, TrainConfig, TrainingError
 
@@ -103,14 +104,9 @@ def tokenizer_texts(texts: Iterable[str] | None, chats: Iterable[list] | None) -
 def new_model(preset: str, vocab_size: int, overrides: dict[str, Any], seed: int) -> Transformer:
     """A freshly initialized model of a preset's shape (seeded, so runs are repeatable)."""
     cfg = ModelConfig.preset(preset, vocab_size, **overrides)
-    # weights (and as much again while initializing) + RoPE tables and their temporaries
-    params = cfg.num_parameters() * 4 * 2 + cfg.max_seq_len * cfg.head_dim * 4 * 8
-    have = available_memory(torch.device("cpu"))
-    if have is not None and params > have:
-        raise TrainingError(
-            f"the model needs {params / 2**30:.1f} GiB to build, this machine has "
-            f"{have / 2**30:.1f} GiB available; choose a smaller shape"
-        )
+    reason = too_big(build_bytes(cfg), torch.device("cpu"))
+    if reason:
+        raise TrainingError(f"building this model {reason}; choose a smaller shape")
     torch.manual_seed(seed)
     return Transformer(cfg)
 
@@ -123,37 +119,11 @@ def set_dropout(model: Transformer, p: float) -> None:
             mod.p = p
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes a run can still allocate on ``device`` (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
-    """A rough lower bound of the bytes one training step needs (float32): weights,
-    gradients and two AdamW moments, plus per-token activations of every block and one
-    chunk of logits. Meant to refuse runs that cannot fit, not to predict the peak."""
-    params = cfg.num_parameters()
-    tokens = batch_size * seq_len
-    per_token = cfg.n_layers * (10 * cfg.d_model + 3 * cfg.d_ff) * 4  # saved activations
-    logits = min(tokens, 8192) * cfg.vocab_size * 4 * 2  # a chunk of logits and its grad
-    return 16 * params + tokens * per_token + logits
-
-
 def check_memory(cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device) -> None:
     """Fail fast, in one line, when a step cannot fit in the memory this machine has."""
-    need, have = step_memory(cfg, batch_size, seq_len), available_memory(device)
-    if have is not None and need > have:
+    reason = too_big(step_bytes(cfg, batch_size, seq_len), device)
+    if reason:
         raise TrainingError(
-            f"a training step needs at least {need / 2**30:.1f} GiB but {device.type} has "
-            f"{have / 2**30:.1f} GiB available; lower --batch-size or --seq-len (or use "
-            "--grad-accum for the same global batch)"
+            f"a training step of batch {batch_size} x {seq_len} tokens {reason}; lower "
+            "--batch-size or --seq-len (or use --grad-accum for the same global batch)"
         )

@@ -22,7 +22,6 @@ distributed errors of the modules that raise them).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import gc
@@ -44,8 +43,7 @@ from .run_log import RunLog, plot_losses
 from .stop import StopRequest
 from .token_cache import TokenCache
 from .train_config import TrainConfig, TrainingError, lr_at
-
-TRAINER_STATE_VERSION = 1
+from .trainer_state import TRAINER_STATE_VERSION, check_trainer_state, rng_state, set_rng_state
 
 Progress = Callable[[dict], None]
 
@@ -104,27 +102,6 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
-
-
-def _encode_rng(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _decode_rng(s: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-
-
-def rng_state() -> dict:
-    state = {"torch": _encode_rng(torch.get_rng_state())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_decode_rng(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["cuda"]])
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -207,21 +184,18 @@ class Trainer:
         }
 
     def _load_state(self, resume) -> None:
-        st, where = resume.trainer_state, resume.path
-        if not st:
-            raise TrainingError(f"{where}: not a resumable checkpoint")
-        if st.get("version") != TRAINER_STATE_VERSION:
-            raise TrainingError(f"{where}: unsupported trainer state version {st.get('version')!r}")
-        if st.get("phase") != self.config.phase:
+        where = str(resume.path)
+        st = check_trainer_state(resume.trainer_state, where)
+        if st["phase"] != self.config.phase:
             raise TrainingError(
-                f"{where}: saved in phase {st.get('phase')!r}, not {self.config.phase!r}"
+                f"{where}: saved in phase {st['phase']!r}, not {self.config.phase!r}"
             )
-        if st.get("world_size", 1) != self.world_size:
+        if st["world_size"] != self.world_size:
             raise TrainingError(
-                f"{where}: saved with {st.get('world_size')} processes; "
+                f"{where}: saved with {st['world_size']} processes; "
                 f"resume with the same number (this run has {self.world_size})"
             )
-        if self.data_key and st.get("data_key") and st["data_key"] != self.data_key:
+        if self.data_key and st["data_key"] and st["data_key"] != self.data_key:
             raise TrainingError(
                 f"{where}: the training data or tokenizer differ from the run being resumed"
             )
@@ -230,9 +204,8 @@ class Trainer:
             raise TrainingError(
                 f"{where}: at step {self.step}, beyond this run's {self.total_steps} steps"
             )
-        self.tokens_seen = int(st.get("tokens_seen", 0))
-        self.best_val = st.get("best_val_loss")
-        self.bad_evals = int(st.get("bad_evals", 0))
+        self.tokens_seen, self.best_val = st["tokens_seen"], st["best_val_loss"]
+        self.bad_evals = st["bad_evals"]
         resume.load_optimizer_state(self.optimizer)
         ranks = st.get("rng_ranks")
         own = ranks[self.dist.rank] if ranks and len(ranks) == self.world_size else st["rng"]
