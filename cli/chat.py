@@ -2,7 +2,8 @@
 
     llm-chat CKPT                          interactive chat (stdin is a terminal)
     llm-chat CKPT --prompt "What is BPE?"  one answer, then exit
-    printf 'hi\\nbye\\n' | llm-chat CKPT    one answer per input line (each on its own)
+    printf 'hi\\nbye\\n' | llm-chat CKPT    one answer per input line (each on its own);
+                                           slash commands work there too (output on stderr)
     llm-chat CKPT --raw --prompt "Once"    continue plain text (pretrained-only model)
     llm-chat CKPT --json ...               one JSON object per answer instead of the text
 
@@ -14,30 +15,30 @@ Errors (missing or corrupted checkpoint, bad settings) are one line on stderr, e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 
+from .chat_session import (
+    HELP_TEXT,
+    PROG,
+    CommandError,
+    Session,
+    answer,
+    check_utf8,
+    command,
+    info_text,
+    is_utf8,
+    load,
+    prompt_ids,
+    run_command,
+    settings_text,
+)
 from .common import EXIT_INTERRUPTED, Parser, UsageError, report
 
-PROG = "llm-chat"
-PROMPT = "you> "
+__all__ = ["CommandError", "Session", "answer", "command", "info_text", "load", "main",
+           "pipe", "prompt_ids", "run_command", "settings_text"]  # fmt: skip
 
-HELP_TEXT = """\
-commands:
-  /help              this list
-  /reset             forget the conversation (the system prompt stays)
-  /set KEY VALUE     change a sampling setting, e.g. /set temperature 0.7
-                     keys: temperature top_k top_p min_p repetition_penalty
-                     frequency_penalty presence_penalty max_new_tokens seed
-                     stop (adds a stop string; '/set stop none' clears them)
-  /set               show the sampling settings
-  /system TEXT       set the system prompt (no TEXT: remove it)
-  /load PATH         switch to another checkpoint (the conversation stays)
-  /info              model size, context length and sampling settings
-  /exit              quit (also Ctrl-D); Ctrl-C stops the current answer
-  //text             send a message that starts with '/'"""
+PROMPT = "you> "
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_from_args(args: argparse.Namespace):
     """SamplingConfig from the options that were given (the rest keep their defaults)."""
-    from tritonlm.engine.sampling import SamplingConfig, SamplingError
+    from tritonlm.engine.sampling import SamplingConfig
 
     names = (
         "temperature",
@@ -92,9 +93,13 @@ def sampling_from_args(args: argparse.Namespace):
     )
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
-        return SamplingConfig(**given, stop=tuple(args.stop))
-    except SamplingError as e:
-        raise UsageError(str(e)) from None
+        config = SamplingConfig(**given, stop=tuple(args.stop))
+    except ValueError as e:  # SamplingError, or a limit below: name the flag that was given
+        msg = str(e)
+        name = next((n for n in given if msg.startswith(n + " ")), None)
+        flag = f"--{name.replace('_', '-')} {given[name]}: " if name else ""
+        raise UsageError(flag + msg) from None
+    return config
 
 
 def resolve_device(name: str):
@@ -108,6 +113,8 @@ def resolve_device(name: str):
         raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"unknown device {name!r} (there is one cpu device: use cpu)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -124,180 +131,51 @@ def check_backend(backend: str, device) -> None:
         raise UsageError(str(e)) from None
 
 
-# ----------------------------------------------------------------------------- session
+# ----------------------------------------------------------------------------- modes
 
 
-@dataclass
-class Session:
-    """Everything the chat loop keeps between answers."""
-
-    checkpoint: object  # engine.checkpoint.Checkpoint
-    sampling: object  # engine.sampling.SamplingConfig
-    raw: bool = False
-    as_json: bool = False
-    system: str | None = None
-    history: list[dict[str, str]] = field(default_factory=list)
-    device: object = None
-    backend: str = "auto"
-
-    @property
-    def model(self):
-        return self.checkpoint.model
-
-    @property
-    def tokenizer(self):
-        return self.checkpoint.tokenizer
-
-    def messages(self, user_text: str, history: bool = True) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        past = self.history if history else []
-        return msgs + past + [{"role": "user", "content": user_text}]
-
-
-def load(path: str, device, backend: str):
-    """Load a checkpoint; errors become UsageError with the engine's one-line message."""
-    from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        return load_checkpoint(path, device=device, backend=backend)
-    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
-        raise UsageError(str(e)) from None
-
-
-def prompt_ids(session: Session, text: str, history: bool) -> tuple[list[int], int, int]:
-    """Token ids for one user message (with history when ``history``): (ids, messages
-    dropped to fit the context, tokens cut from a message longer than the context)."""
-    from tritonlm.engine.generate import build_chat_prompt, encode_raw_prompt
-
-    tok = session.tokenizer
-    if session.raw:
-        return encode_raw_prompt(tok, text), 0, 0
-    ctx = session.model.config.max_seq_len
-    room = min(session.sampling.max_new_tokens, max(1, ctx // 4))
-    chat = build_chat_prompt(tok, session.messages(text, history), max_tokens=ctx - room)
-    return chat.ids, chat.dropped, chat.cut_tokens
-
-
-def answer(session: Session, text: str, out, err, history: bool) -> None:
-    """Generate one answer, streaming it to ``out`` (or printing JSON); update the history.
-
-    Ctrl-C during generation stops the answer; the part already printed is kept.
-    """
-    from tritonlm.engine.generate import stream
-
-    ids, dropped, cut = prompt_ids(session, text, history)
-    s = stream(session.model, session.tokenizer, ids, session.sampling)
-    interrupted = False
-    try:
-        for piece in s:
-            if not session.as_json and piece.text:
-                out.write(piece.text)
-                out.flush()
-    except KeyboardInterrupt:
-        s.close()
-        interrupted = True
-    result = s.result
-    if cut:
-        result.prompt_truncated += cut
-        result.warnings.append(
-            f"the message is longer than the context: its first {cut} tokens were left out"
-        )
-    if session.as_json:
-        record = {
-            "text": result.text,
-            "prompt_tokens": result.prompt_tokens,
-            "new_tokens": result.new_tokens,
-            "tokens_per_s": round(result.tokens_per_s, 3),
-            "time_to_first_token_s": round(result.time_to_first_token_s, 6),
-            "stop_reason": result.stop_reason,
-            "prompt_truncated": result.prompt_truncated,
-            "dropped_messages": dropped,
-            "warnings": result.warnings,
-        }
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    else:
-        out.write("\n")
-        for w in result.warnings:
-            err.write(f"{PROG}: warning: {w}\n")
-        if dropped:
-            err.write(f"{PROG}: note: dropped the {dropped} oldest message(s) to fit the context\n")
-        if interrupted:
-            err.write(f"{PROG}: [answer stopped]\n")
-    out.flush()
-    err.flush()
-    if history and not session.raw and (result.text or not interrupted):
-        session.history += [
-            {"role": "user", "content": text},
-            {"role": "assistant", "content": result.text},
-        ]
-
-
-def info_text(session: Session) -> str:
-    cfg = session.model.config
-    n = session.model.num_parameters()
-    lines = [
-        f"checkpoint   {session.checkpoint.path}",
-        f"parameters   {n:,} ({n / 1e6:.2f}M)",
-        f"shape        d_model {cfg.d_model}, layers {cfg.n_layers}, heads {cfg.n_heads}, "
-        f"d_ff {cfg.d_ff}",
-        f"context      {cfg.max_seq_len} tokens",
-        f"vocabulary   {session.tokenizer.vocab_size} tokens",
-        f"device       {session.device} (backend {session.backend})",
-        f"mode         {'raw text' if session.raw else 'chat'}; "
-        f"{len(session.history)} message(s) in history",
-        f"system       {session.system!r}",
-        "sampling     " + settings_text(session.sampling),
-    ]
-    return "\n".join(lines)
-
-
-def settings_text(sampling) -> str:
-    return " ".join(f"{k}={v!r}" for k, v in sampling.to_dict().items())
-
-
-def run_command(session: Session, line: str, out) -> bool:
-    """Handle one slash command; return False when the session should end."""
-    from tritonlm.engine.sampling import SamplingError, parse_setting
-
-    cmd, _, rest = line[1:].partition(" ")
-    cmd, rest = cmd.lower(), rest.strip()
-    if cmd in ("exit", "quit"):
-        return False
-    if cmd == "help":
-        out.write(HELP_TEXT + "\n")
-    elif cmd == "reset":
-        session.history.clear()
-        out.write("(conversation cleared)\n")
-    elif cmd == "set":
-        if not rest:
-            out.write(settings_text(session.sampling) + "\n")
-            return True
-        key, _, value = rest.partition(" ")
+def pipe(session: Session, lines, out, err) -> int:
+    """Pipe mode: one answer per message line (each on its own, no history), and the same
+    slash commands as interactive mode. What a command says goes to ``err``, so ``out``
+    holds only the answers (one JSON object each with --json). A line that is not UTF-8
+    or a command that fails ends the run with one error line (exit 2)."""
+    for number, raw in enumerate(lines, start=1):
         try:
-            session.sampling = parse_setting(session.sampling, key, value.strip())
-        except SamplingError as e:
-            out.write(f"error: {e}\n")
-        else:
-            out.write(f"(set {key} = {value.strip()})\n")
-    elif cmd == "system":
-        session.system = rest or None
-        out.write("(system prompt set)\n" if rest else "(system prompt removed)\n")
-    elif cmd == "load":
-        if not rest:
-            out.write("error: /load needs a checkpoint path\n")
-            return True
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as e:
+            at = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+            raise UsageError(f"stdin line {number}: not valid UTF-8 ({at})") from None
+        check_utf8(f"stdin line {number}", line)
+        line = line.rstrip("\r\n")
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            try:
+                if not command(session, text, err):
+                    return 0
+            except CommandError as e:
+                name = text.split()[0]
+                said = str(e) if name in str(e) else f"{name}: {e}"
+                raise UsageError(f"stdin line {number}: {said}") from None
+            err.flush()
+            continue
+        answer(session, text[1:] if text.startswith("//") else line, out, err, history=False)
+    return 0
+
+
+def stdin_lines(stream):
+    """The lines of stdin as bytes (decoded one at a time by `pipe`); read errors are
+    UsageErrors. Lines are read as they come, so a slow producer is answered at once."""
+    source = getattr(stream, "buffer", stream)
+    while True:
         try:
-            ckpt = load(os.path.expanduser(rest), session.device, session.backend)
-        except UsageError as e:
-            out.write(f"error: {e}\n")
-        else:
-            session.checkpoint = ckpt
-            out.write(f"(loaded {ckpt.path}: {ckpt.model.num_parameters():,} parameters)\n")
-    elif cmd == "info":
-        out.write(info_text(session) + "\n")
-    else:
-        out.write(f"error: unknown command /{cmd}; /help lists the commands\n")
-    return True
+            line = source.readline()
+        except OSError as e:
+            raise UsageError(f"cannot read stdin: {e.strerror or e}") from None
+        if not line:
+            return
+        yield line
 
 
 def interactive(session: Session, out, err) -> int:
@@ -318,6 +196,11 @@ def interactive(session: Session, out, err) -> int:
             return 0
         except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, keep going
             out.write("\n")
+            continue
+        except UnicodeDecodeError:  # a strict terminal encoding
+            line = None
+        if line is None or not is_utf8(line):  # or one that escapes bad bytes
+            out.write("error: this line is not valid UTF-8 (check the terminal's encoding)\n")
             continue
         line = line.strip()
         if not line:
@@ -340,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         args = build_parser().parse_args(argv)
+        for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+            check_utf8(flag, text)
+        for text in args.stop:
+            check_utf8("--stop", text)
+        if not args.checkpoint:  # Path("") would be the current folder
+            raise UsageError("CKPT is an empty path: give a checkpoint directory")
         sampling = sampling_from_args(args)
         device = resolve_device(args.device)
         check_backend(args.backend, device)
@@ -356,12 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:
             answer(session, args.prompt, out, err, history=False)
             return 0
+        if sys.stdin is None:  # started with stdin closed
+            raise UsageError("stdin is closed: give --prompt TEXT or pipe messages in")
         if not sys.stdin.isatty():
-            for line in sys.stdin:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    answer(session, line, out, err, history=False)
-            return 0
+            return pipe(session, stdin_lines(sys.stdin), out, err)
         return interactive(session, out, err)
     except UsageError as e:
         return report(PROG, e, file=err)

@@ -166,6 +166,20 @@ _epochs = _positive_float
 # ----------------------------------------------------------------------------- the run
 
 
+def _null():
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _naming(option: str):
+    """An OSError from the filesystem becomes one line naming the option it concerns."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UsageError(f"{option}: {e.strerror or e}{where}") from None
+
+
 def _check_args(args) -> None:
     """Combinations argparse cannot express; each a UsageError before any slow work."""
     if not args.out:
@@ -221,7 +235,8 @@ def run(args, stop) -> int:
     from tritonlm.kernels.dispatch import check_backend
 
     _check_args(args)
-    out = check_run_dir(args.out)
+    with _naming(f"--out {args.out}"):
+        out = check_run_dir(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
     cuda = args.device != "cpu" and torch.cuda.is_available()
@@ -236,7 +251,7 @@ def run(args, stop) -> int:
     ctx = init_distributed(args.device, args.dist_timeout)
     stop.second_aborts = ctx.world_size == 1  # torchrun's agent escalates by itself
     # One writer per run directory (rank 0 writes): a second llm-train on it stops here.
-    with exclusive(out, "--out") if ctx.is_main else contextlib.nullcontext():
+    with _naming(f"--out {out}"), exclusive(out, "--out") if ctx.is_main else _null():
         code = _run_phases(args, out, ctx, stop)
     ctx.close()
     return code
@@ -246,10 +261,11 @@ def _load_inputs(args, ctx):
     from tritonlm.engine.data import load_chats, load_texts
 
     loaded = {}
-    for kind, paths, load in (("documents", args.data, load_texts),
-                              ("chats", args.chat_data, load_chats)):  # fmt: skip
+    sources = (("documents", args.data, load_texts, "--data"),
+               ("chats", args.chat_data, load_chats, "--chat-data"))  # fmt: skip
+    for kind, paths, load, flag in sources:
         if paths:
-            result = load(paths)
+            result = load(paths, option=flag)
             if ctx.is_main and not args.quiet:
                 print(f"data: {result.summary(kind)}", flush=True)
             loaded[kind] = result.items
@@ -277,7 +293,8 @@ def _tokenizer_and_model(args, texts, chats):
     if args.tokenizer:
         if not Path(args.tokenizer).is_file():  # a FIFO or device would block or never end
             raise UsageError(f"--tokenizer {args.tokenizer}: not a regular file")
-        tokenizer = BpeTokenizer.load(args.tokenizer)
+        with _naming(f"--tokenizer {args.tokenizer}"):
+            tokenizer = BpeTokenizer.load(args.tokenizer)
     else:
         vocab = args.vocab_size or DEFAULT_VOCAB[args.preset]
         tokenizer = BpeTokenizer.train(tokenizer_texts(texts, chats),
@@ -320,7 +337,8 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
     summary = []
     for phase in phases:
         build = build_pretrain_cache if phase == "pretrain" else build_chat_cache
-        cache = build(texts if phase == "pretrain" else chats, tokenizer, cache_dir)
+        with _naming(f"--cache-dir {cache_dir}"):
+            cache = build(texts if phase == "pretrain" else chats, tokenizer, cache_dir)
         ctx.check_same(cache.key, f"the tokenized {phase} data (or the tokenizer)")
         resuming = resume_state is not None and resume_state.get("phase") == phase
         try:

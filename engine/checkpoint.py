@@ -334,8 +334,11 @@ def _read_config(root: Path) -> dict[str, Any]:
 def _check_header(cfg: ModelConfig, path: Path) -> None:
     """Compare the safetensors header with the shapes ``cfg`` implies, before anything is
     allocated (the expected shapes come from a model built on the ``meta`` device)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: model_config describes no buildable model ({e})") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

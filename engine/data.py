@@ -14,11 +14,13 @@ Every problem with the structure of a file is a `DataError` whose message starts
 empty (empty or whitespace-only strings, blank JSONL lines, empty CSV rows) are skipped, and
 every skip is counted in `LoadResult.skipped` under its reason, so nothing vanishes unseen.
 If no usable item is left across all the given paths, that is a `DataError` too.
+Paths are checked before anything is read (engine/data_files.py): only regular files are
+opened, and a file reached twice is read once (counted as "duplicate path"). A .json list
+is parsed as a stream (engine/json_list.py), so memory holds the items, not the text too.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
@@ -28,6 +30,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data_files import DataError, PathWalker, read_lines, read_text
+from .json_list import json_list_items
+
+__all__ = ["DataError", "LoadResult", "check_chat", "load_chats", "load_texts", "parse_flat_chat"]
+
 ROLES = ("system", "user", "assistant")
 TEXT_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv")
 CHAT_EXTENSIONS = (".json", ".jsonl")
@@ -35,50 +42,57 @@ CHAT_EXTENSIONS = (".json", ".jsonl")
 PathLike = str | os.PathLike
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file and the line or row."""
-
-
 @dataclass
 class LoadResult:
-    """What a loader found: the usable items, what it skipped and why, the files it read."""
+    """What a loader found: the usable items, what it skipped and why, the files it read.
+
+    `examples` keeps the first path skipped for a path-level reason ("duplicate path",
+    "unreadable folder", ...), so the summary can say which one.
+    """
 
     items: list
     skipped: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    examples: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, reason: str, count: int = 1) -> None:
-        """Count `count` skipped items under `reason`."""
+    def skip(self, reason: str, count: int = 1, example: object = None) -> None:
+        """Count `count` skipped items under `reason` (`example`: the first path, if any)."""
         self.skipped[reason] = self.skipped.get(reason, 0) + count
+        if example is not None:
+            self.examples.setdefault(reason, str(example))
 
     def summary(self, kind: str) -> str:
         """'2576 documents from 1 file (skipped: 3 empty text)': nothing dropped silently."""
         files = len(self.sources)
         line = f"{len(self.items)} {kind} from {files} file{'s' if files != 1 else ''}"
-        return line + (f" (skipped: {_fmt_skipped(self.skipped)})" if self.skipped else "")
+        detail = _fmt_skipped(self.skipped, self.examples)
+        return line + (f" (skipped: {detail})" if self.skipped else "")
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def load_texts(paths: PathLike | Iterable[PathLike]) -> LoadResult:
+def load_texts(paths: PathLike | Iterable[PathLike], option: str | None = None) -> LoadResult:
     """Load pretraining documents (`list[str]`) from files and folders, in the given order.
+
+    `option` (e.g. "--data") starts every error message, so a command line's error says
+    which of its options holds the bad path.
 
     >>> load_texts(["notes.txt", "more.json"]).items    # doctest: +SKIP
     ['whole text of notes.txt', 'first string of more.json', ...]
     """
     readers = {".txt": _texts_txt, ".json": _texts_json, ".jsonl": _texts_jsonl, ".csv": _texts_csv}
-    return _load(paths, readers, "texts")
+    return _load(paths, readers, "texts", option)
 
 
-def load_chats(paths: PathLike | Iterable[PathLike]) -> LoadResult:
+def load_chats(paths: PathLike | Iterable[PathLike], option: str | None = None) -> LoadResult:
     """Load conversations (`list[list[{"role", "content"}]]`) from .json and .jsonl files.
 
     Each conversation passes `check_chat`: known roles, non-empty contents, an optional
     system message only at the start, and at least one assistant turn.
     """
     readers = {".json": _chats_json, ".jsonl": _chats_jsonl}
-    return _load(paths, readers, "chats")
+    return _load(paths, readers, "chats", option)
 
 
 _MARKER = re.compile(r"(?:^|(?<=\s))(System|User|Assistant):")
@@ -126,6 +140,8 @@ def check_chat(messages: object) -> list[dict[str, str]]:
             raise DataError(f"message {i} content is {_kind(content)}, expected a string")
         if not content.strip():
             raise DataError(f"message {i} ({role}) has empty content")
+        if _SURROGATE.search(content):
+            raise DataError(f"message {i} ({role}) {_SURROGATE_MSG}")
         if role == "system" and i != 0:
             raise DataError(f"message {i}: a system message may only come first")
         clean.append({"role": role, "content": content})
@@ -137,101 +153,68 @@ def check_chat(messages: object) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- walking paths
 
 
-def _load(paths, readers: dict, what: str) -> LoadResult:
-    """Read every file under `paths` with the reader for its extension."""
+def _load(paths, readers: dict, what: str, option: str | None) -> LoadResult:
+    """Check and expand every path first (so a bad one fails fast), then read each file."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [Path(p) for p in paths]
+    paths = list(paths)
     if not paths:
         raise DataError(f"no input paths given for {what}")
-    result = LoadResult(items=[])
-    for path in paths:
-        for file in _expand(path, tuple(readers), result):
+    try:
+        result = LoadResult(items=[])
+        walker = PathWalker(tuple(readers), lambda reason, path: result.skip(reason, 1, path))
+        for path in paths:
+            walker.add(path)
+        for file in walker.files:
             result.sources.append(str(file))
-            readers[file.suffix.lower()](file, _read_text(file), result)
-    if not result.items:
-        names = ", ".join(str(p) for p in paths)
-        detail = f" (skipped: {_fmt_skipped(result.skipped)})" if result.skipped else ""
-        raise DataError(f"{names}: no usable {what} found{detail}")
+            readers[file.suffix.lower()](file, result)
+        if not result.items:
+            names = ", ".join(str(p) for p in paths)
+            skipped = _fmt_skipped(result.skipped, result.examples)
+            detail = f" (skipped: {skipped})" if result.skipped else ""
+            raise DataError(f"{names}: no usable {what} found{detail}")
+    except DataError as e:
+        if option:
+            raise DataError(f"{option} {e}") from None
+        raise
     return result
-
-
-def _expand(path: Path, extensions: tuple[str, ...], result: LoadResult) -> list[Path]:
-    """A file stands for itself; a folder for its supported files, recursively.
-
-    Folder contents are sorted by their relative path parts, so the order never depends on
-    the file system. Files there with other extensions are counted as skipped. Hidden files
-    and folders (names starting with ".") are not data: a run directory inside the corpus
-    keeps its token cache in ``.cache``, which must never be read back as text.
-    """
-    if path.is_dir():
-        files = sorted(
-            (
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ),
-            key=lambda p: p.relative_to(path).parts,
-        )
-        keep = [p for p in files if p.suffix.lower() in extensions]
-        if len(keep) < len(files):
-            result.skip("file with unsupported extension in folder", len(files) - len(keep))
-        return keep
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.suffix.lower() not in extensions:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix or '(none)'!r} "
-            f"(expected one of {', '.join(extensions)})"
-        )
-    return [path]
-
-
-def _read_text(file: Path) -> str:
-    """The file's text as strict UTF-8 (a leading byte-order mark is dropped)."""
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise DataError(f"{file}: cannot read ({e.strerror or e})") from e
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{file}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
-        ) from e
 
 
 # ----------------------------------------------------------------------------- readers
 
 
-def _texts_txt(file: Path, text: str, result: LoadResult) -> None:
+def _texts_txt(file: Path, result: LoadResult) -> None:
+    text = read_text(file)
     if text.strip():
         result.items.append(text)
     else:
         result.skip("empty text")
 
 
-def _texts_json(file: Path, text: str, result: LoadResult) -> None:
-    for line, value in _json_list(file, text):
-        if not isinstance(value, str):
+def _texts_json(file: Path, result: LoadResult) -> None:
+    items, surrogate = result.items, _SURROGATE.search  # the hot loop of a big corpus
+    for line, value in json_list_items(file):
+        if type(value) is not str:
             raise DataError(f"{file}:{line}: list item is {_kind(value)}, expected a string")
-        _add_text(value, result)
+        if surrogate(value):
+            raise DataError(f"{file}:{line}: text {_SURROGATE_MSG}")
+        if value and not value.isspace():
+            items.append(value)
+        else:
+            result.skip("empty text")
 
 
-def _texts_jsonl(file: Path, text: str, result: LoadResult) -> None:
-    for line, record in _jsonl_records(file, text, result):
+def _texts_jsonl(file: Path, result: LoadResult) -> None:
+    for line, record in _jsonl_records(file, result):
         value = record.get("text") if isinstance(record, dict) else None
         if not isinstance(value, str):
             raise DataError(f'{file}:{line}: expected an object with a string "text" field')
-        _add_text(value, result)
+        _add_text(file, line, value, result)
 
 
-def _texts_csv(file: Path, text: str, result: LoadResult) -> None:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _texts_csv(file: Path, result: LoadResult) -> None:
+    # strict: an unclosed quote would otherwise swallow the rest of the file into one cell
+    reader = csv.reader(io.StringIO(read_text(file), newline=""), strict=True)
     line = 1
     try:
         for row in reader:
@@ -245,8 +228,8 @@ def _texts_csv(file: Path, text: str, result: LoadResult) -> None:
         raise DataError(f"{file}:{line}: bad CSV row ({e})") from e
 
 
-def _chats_json(file: Path, text: str, result: LoadResult) -> None:
-    for line, value in _json_list(file, text):
+def _chats_json(file: Path, result: LoadResult) -> None:
+    for line, value in json_list_items(file):
         if not isinstance(value, str):
             raise DataError(f"{file}:{line}: list item is {_kind(value)}, expected a string")
         if not value.strip():
@@ -258,8 +241,8 @@ def _chats_json(file: Path, text: str, result: LoadResult) -> None:
             raise DataError(f"{file}:{line}: {e}") from None
 
 
-def _chats_jsonl(file: Path, text: str, result: LoadResult) -> None:
-    for line, record in _jsonl_records(file, text, result):
+def _chats_jsonl(file: Path, result: LoadResult) -> None:
+    for line, record in _jsonl_records(file, result):
         if not isinstance(record, dict) or "messages" not in record:
             raise DataError(f'{file}:{line}: expected an object with a "messages" list')
         try:
@@ -270,45 +253,23 @@ def _chats_jsonl(file: Path, text: str, result: LoadResult) -> None:
 
 # ----------------------------------------------------------------------------- JSON helpers
 
+# A \ud800-\udfff escape decodes to half of a UTF-16 pair: not text, and unencodable later.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_MSG = "holds an unpaired surrogate (a \\ud800-\\udfff escape), which is not text"
 
-def _add_text(value: str, result: LoadResult) -> None:
+
+def _add_text(file: Path, line: int, value: str, result: LoadResult) -> None:
+    if _SURROGATE.search(value):
+        raise DataError(f"{file}:{line}: text {_SURROGATE_MSG}")
     if value.strip():
         result.items.append(value)
     else:
         result.skip("empty text")
 
 
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _json_list(file: Path, text: str) -> list[tuple[int, object]]:
-    """Parse a JSON list and return (line, item) pairs: the line where each item starts."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(doc, list):
-        raise DataError(f"{file}:1: expected a JSON list of strings, got {_kind(doc)}")
-    # The document is valid, so a second pass over it only needs to find where items start.
-    decoder = json.JSONDecoder()
-    pairs, line, seen = [], 1, 0
-    pos = _WS.match(text, text.index("[") + 1).end()
-    for _ in doc:
-        line += text.count("\n", seen, pos)
-        seen = pos
-        value, pos = decoder.raw_decode(text, pos)
-        pairs.append((line, value))
-        pos = _WS.match(text, pos).end() + 1  # skip the ',' (or the final ']')
-        pos = _WS.match(text, pos).end()
-    return pairs
-
-
-def _jsonl_records(file: Path, text: str, result: LoadResult):
+def _jsonl_records(file: Path, result: LoadResult):
     """Yield (line, parsed value) for each non-blank line; blank lines are counted."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line starts no new line
-    for line, raw in enumerate(lines, start=1):
+    for line, raw in read_lines(file):
         if not raw.strip():
             result.skip("blank line")
             continue
@@ -316,6 +277,10 @@ def _jsonl_records(file: Path, text: str, result: LoadResult):
             yield line, json.loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"{file}:{line}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{file}:{line}: JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer with more digits than Python allows
+            raise DataError(f"{file}:{line}: not valid JSON ({str(e).split(';')[0]})") from None
 
 
 def _kind(value: object) -> str:
@@ -325,5 +290,11 @@ def _kind(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _fmt_skipped(skipped: dict[str, int]) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+def _fmt_skipped(skipped: dict[str, int], examples: dict[str, str] | None = None) -> str:
+    """'1 duplicate path [a.json], 3 empty text': counts, with the first path where known."""
+    parts = []
+    for reason, n in sorted(skipped.items()):
+        example = (examples or {}).get(reason)
+        where = f" [{example}{', ...' if n > 1 else ''}]" if example else ""
+        parts.append(f"{n} {reason}{where}")
+    return ", ".join(parts)

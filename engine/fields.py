@@ -51,8 +51,12 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def at_least(minimum: int, optional: bool = False) -> Check:
-    """An integer >= minimum (or None when optional)."""
+MAX_INT = 2**40  # beyond any real setting; keeps sizes far from int64 overflow
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+def at_least(minimum: int, optional: bool = False, maximum: int = MAX_INT) -> Check:
+    """An integer >= minimum and <= maximum (or None when optional)."""
 
     def check(name: str, v: Any) -> None:
         if optional and v is None:
@@ -61,6 +65,8 @@ def at_least(minimum: int, optional: bool = False) -> Check:
             raise ValueError(f"{name} must be an integer, got {v!r}")
         if v < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {v}")
+        if v > maximum:
+            raise ValueError(f"{name} must be <= {maximum}, got {v}")
 
     return check
 
@@ -74,9 +80,9 @@ def number(lo=None, hi=None, lo_open=False, hi_open=False, optional=False) -> Ch
         if not _is_number(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
         if lo is not None and (v <= lo if lo_open else v < lo):
-            raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+            raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {v:g}")
         if hi is not None and (v >= hi if hi_open else v > hi):
-            raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+            raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi:g}, got {v:g}")
 
     return check
 

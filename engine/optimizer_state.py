@@ -56,6 +56,9 @@ def flatten_optimizer(optimizer, model) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
+TUNABLE = ("lr", "betas", "eps", "weight_decay", "initial_lr")  # numbers a group may change
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -77,6 +80,8 @@ def check_optimizer_meta(state: Any) -> dict[str, Any]:
         for key in ("lr", "weight_decay", "eps"):
             if key in g and not _number(g[key]):
                 raise ValueError(f"optimizer param_groups[{i}] {key!r} must be a finite number")
+        if "initial_lr" in g and not _number(g["initial_lr"]):
+            raise ValueError(f"optimizer param_groups[{i}] 'initial_lr' must be a number")
         betas = g.get("betas", [0.9, 0.999])
         if not (isinstance(betas, list) and len(betas) == 2 and all(map(_number, betas))):
             raise ValueError(f"optimizer param_groups[{i}] 'betas' must be two numbers")
@@ -117,9 +122,21 @@ def restore_optimizer(optimizer, model: Transformer, meta: dict, tensors: dict) 
             raise ValueError(f"scalars for unknown parameter {pname!r}")
         state.setdefault(index[pname], {}).update(values)
     groups, start = [], 0
-    for g in meta["param_groups"]:
+    for i, (g, own) in enumerate(zip(meta["param_groups"], optimizer.param_groups, strict=True)):
+        # Hyper-parameters come from the file; switches (amsgrad, fused, foreach, ...) must
+        # be the ones this optimizer was built with: a saved null or "x" never reaches it.
+        for key, value in own.items():
+            if key in ("params", *TUNABLE):
+                continue
+            if g.get(key, value) != value or type(g.get(key, value)) is not type(value):
+                raise ValueError(f"param_groups[{i}] {key!r} is {g.get(key)!r}, this optimizer "
+                                 f"uses {value!r}")  # fmt: skip
+        unknown = sorted(set(g) - set(own))
+        if unknown:
+            raise ValueError(f"param_groups[{i}] has unknown keys {unknown}")
         n = len(g["params"])
-        groups.append({**g, "params": list(range(start, start + n))})
+        groups.append({**own, **{k: g[k] for k in TUNABLE if k in g},
+                       "params": list(range(start, start + n))})  # fmt: skip
         start += n
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})

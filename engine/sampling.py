@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .fields import ConfigMixin, at_least, number, option
+from .fields import MAX_SEED, ConfigMixin, at_least, number, option
 
 
 class SamplingError(ValueError):
@@ -37,6 +37,11 @@ def _stop_strings(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a list of strings, got {v!r}")
     if any(s == "" for s in v):
         raise ValueError(f"{name} strings must not be empty")
+
+
+# The sampler works in float32: logits are divided by temperature and repetition_penalty
+# and penalties are multiplied by counts, so values beyond these overflow to inf and nan.
+SMALL, BIG = 1e-6, 1e6
 
 
 @dataclass
@@ -61,7 +66,7 @@ class SamplingConfig(ConfigMixin):
     error = SamplingError
     what = "sampling config"
 
-    temperature: float = option(0.8, number(lo=0), "0 = greedy", metavar="T")
+    temperature: float = option(0.8, number(lo=0, hi=BIG), "0 = greedy", metavar="T")
     top_k: int = option(0, at_least(0), "keep the k most likely tokens, 0 = off", metavar="K")
     top_p: float = option(
         0.95, number(lo=0, lo_open=True, hi=1), "nucleus sampling, in (0, 1]", metavar="P"
@@ -69,12 +74,21 @@ class SamplingConfig(ConfigMixin):
     min_p: float = option(
         0.0, number(lo=0, hi=1, hi_open=True), "drop p < min_p * p(best), in [0, 1)", metavar="P"
     )
-    repetition_penalty: float = option(1.0, number(lo=0, lo_open=True), "> 0, 1 = off", metavar="X")
-    frequency_penalty: float = option(0.0, number(), "per repeat in the answer", metavar="X")
-    presence_penalty: float = option(0.0, number(), "once per token in the answer", metavar="X")
+    repetition_penalty: float = option(
+        1.0, number(lo=SMALL, hi=BIG), f">= {SMALL:g}, 1 = off", metavar="X"
+    )
+    frequency_penalty: float = option(
+        0.0, number(lo=-BIG, hi=BIG), "per repeat in the answer", metavar="X"
+    )
+    presence_penalty: float = option(
+        0.0, number(lo=-BIG, hi=BIG), "once per token in the answer", metavar="X"
+    )
     max_new_tokens: int = option(256, at_least(1), "longest answer in tokens", metavar="N")
     seed: int | None = option(
-        None, at_least(0, optional=True), "seed for reproducible sampling", metavar="N"
+        None,
+        at_least(0, optional=True, maximum=MAX_SEED),
+        "seed for reproducible sampling",
+        metavar="N",
     )
     stop: tuple[str, ...] = option((), _stop_strings, "stop strings", flag=False)
 
@@ -82,6 +96,10 @@ class SamplingConfig(ConfigMixin):
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         super().__post_init__()
+
+    def check_together(self) -> None:
+        if 0 < self.temperature < SMALL:  # dividing float32 logits by it overflows
+            raise ValueError(f"temperature must be 0 or >= {SMALL:g}, got {self.temperature:g}")
 
     @property
     def greedy(self) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tritonlm.kernels.dispatch import BACKENDS
 
-from .fields import ConfigMixin, at_least, boolean, number, one_of, option
+from .fields import MAX_SEED, ConfigMixin, at_least, boolean, number, one_of, option
 
 PHASES = ("pretrain", "sft")
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,7 +71,7 @@ class TrainConfig(ConfigMixin):
     )
     betas: tuple[float, float] = option((0.9, 0.95), _betas, flag=False)
     eps: float = option(1e-8, number(lo=0, lo_open=True), flag=False)
-    seed: int = option(1337, at_least(0), "random seed", metavar="N")
+    seed: int = option(1337, at_least(0, maximum=MAX_SEED), "random seed", metavar="N")
     eval_every: int = option(
         100, at_least(0), "evaluate (and save) every N steps; 0 = never", metavar="N"
     )

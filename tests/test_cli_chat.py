@@ -1,7 +1,7 @@
 """llm-chat: one prompt, JSON, errors, a pipe, and an interactive session on a pseudo-terminal.
 
-The checkpoint is trained here (a tiny model memorizes three one-turn chats), so greedy
-answers are known: "hi" -> "hello there, friend.".
+The checkpoint is trained in chat_fixtures.py (a tiny model memorizes three one-turn
+chats), so greedy answers are known: "hi" -> "hello there, friend.".
 """
 
 import fcntl
@@ -10,56 +10,21 @@ import os
 import select
 import shutil
 import subprocess
-import sys
 import termios
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from chat_fixtures import CHATS, LLM_CHAT, TIMEOUT, trained_checkpoint
 from tritonlm.cli import chat
-from tritonlm.engine.checkpoint import load_checkpoint, save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
+from tritonlm.engine.checkpoint import load_checkpoint
 from tritonlm.engine.sampling import SamplingConfig
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
-
-CHATS = [
-    ("hi", "hello there, friend."),
-    ("what is a token?", "a piece of text."),
-    ("bye", "goodbye! ünïcode ✓"),
-]
-LLM_CHAT = Path(sys.executable).parent / "llm-chat"
-TIMEOUT = 60.0  # generous: the test machine may be busy
 
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:
-    texts = [f"{u} {a}" for u, a in CHATS] * 4
-    tok = BpeTokenizer.train(texts, BpeTokenizerConfig(vocab_size=300))
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size, d_model=48, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64
-    )
-    model = Transformer(cfg, backend="torch")
-    rows = [
-        tok.render_chat([{"role": "user", "content": u}, {"role": "assistant", "content": a}])
-        for u, a in CHATS
-    ]
-    width = max(len(ids) for ids, _ in rows)
-    idx = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
-    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows])
-    lengths = torch.tensor([len(ids) - 1 for ids, _ in rows])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = model.loss(idx[:, :-1], idx[:, 1:], loss_mask=mask[:, 1:], lengths=lengths)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
-    path = tmp_path_factory.mktemp("chat") / "ckpt"
-    save_checkpoint(path, model, tok, train_config={"steps": 60})
-    return path
+    return trained_checkpoint(tmp_path_factory)
 
 
 def run_main(capsys, *argv):
