@@ -113,6 +113,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply, an oversized integer
+        raise CheckpointError(f"{path}: malformed JSON ({type(e).__name__})") from None
 
 
 def _unwrap(model: torch.nn.Module) -> Transformer:

@@ -49,7 +49,7 @@ class RunLog:
         for line in lines:
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 rec = None
             out.append((line, rec if isinstance(rec, dict) else None))
         return out

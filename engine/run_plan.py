@@ -31,7 +31,7 @@ def is_checkpoint(path: Path) -> bool:
         return False
     try:
         cfg = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(cfg, dict) and cfg.get("format") == "tritonlm-checkpoint"
 

@@ -143,8 +143,10 @@ def open_cache(path: str | os.PathLike) -> TokenCache:
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise TokenCacheError(f"{path}: unreadable token cache ({e})") from None
+    if not isinstance(meta, dict):
+        raise TokenCacheError(f"{path}: unreadable token cache (meta.json is not an object)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise TokenCacheError(f"{path}: token cache format {meta.get('format_version')!r}")
     n_tok, n_docs = int(meta["n_tokens"]), int(meta["n_docs"])
@@ -200,7 +202,7 @@ def _reuse(final: Path, key: str) -> TokenCache | None:
         cache = open_cache(final)
         if cache.key == key:
             return cache
-    except (TokenCacheError, KeyError):
+    except (TokenCacheError, KeyError, TypeError, ValueError):  # damaged: build it again
         pass
     shutil.rmtree(final, ignore_errors=True)
     return None

@@ -459,6 +459,8 @@ class BpeTokenizer:
             raise TokenizerError(
                 f"tokenizer file {path} is not valid JSON (truncated or corrupt?): {e}"
             ) from None
+        except (RecursionError, ValueError) as e:  # nested too deeply, an oversized integer
+            raise TokenizerError(f"tokenizer file {path}: unreadable JSON ({e})") from None
         try:
             return cls.from_dict(d)
         except TokenizerError as e:

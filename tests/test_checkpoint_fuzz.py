@@ -204,3 +204,24 @@ def test_non_finite_tensors_are_refused(name, value, made, tmp_path):
     reseal(work)
     with pytest.raises(known_errors(), match="NaN or infinite"):
         use_for_resume(work, cache)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("form", ["whole file", "inside a field", "huge integer"])
+def test_deeply_nested_or_oversized_json_is_one_line(name, form, made, tmp_path):
+    src, cache = made
+    work = work_copy(src, tmp_path / "w")
+    text = (src / name).read_text()
+    if form == "whole file":
+        text = DEEP
+    elif form == "inside a field":
+        text = text.replace("{", '{"deep": ' + DEEP + ", ", 1)
+    else:
+        text = text.replace("{", '{"big": ' + "9" * 5000 + ", ", 1)
+    replace_file(work / name, text.encode())
+    if name != "manifest.json":
+        reseal(work)
+    assert outcome(work, cache) == "refused" or form != "whole file"

@@ -107,3 +107,15 @@ def test_ctrl_c_at_any_moment_stops_without_a_traceback(moment, tmp_path):
             p.kill()
     assert p.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("form", ["array", "object", "inside"])
+def test_deeply_nested_tokenizer_file_is_one_line(form, data, tmp_path, capsys):
+    deep = {"array": "[" * 50000 + "]" * 50000, "object": '{"a":' * 50000 + "1" + "}" * 50000,
+            "inside": '{"merges": ' + "[" * 50000 + "]" * 50000 + "}"}[form]  # fmt: skip
+    tok = tmp_path / "tok.json"
+    tok.write_text(deep)
+    code = cli.main(["--data", str(data), "--out", str(tmp_path / "o"), "--tokenizer",
+                     str(tok), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
