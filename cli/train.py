@@ -55,15 +55,18 @@ in --cache-dir (default: a .cache folder next to --out).
 
 
 def build_parser() -> Parser:
-    from tritonlm.engine.config import PRESETS, ModelConfig
-    from tritonlm.engine.run_plan import DEFAULT_STEPS, DEFAULT_VOCAB
-    from tritonlm.engine.train_config import TrainConfig
-
     p = Parser(prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Train a small decoder-only language model: BPE tokenizer, "
                "pretraining on plain text (--data) and/or instruction tuning on chats "
                "(--chat-data).")  # fmt: skip
-    d = p.add_argument_group("data and output")
+    _data_flags(p.add_argument_group("data and output"))
+    _model_flags(p.add_argument_group("model"))
+    _training_flags(p.add_argument_group("training"))
+    _runtime_flags(p.add_argument_group("runtime"))
+    return p
+
+
+def _data_flags(d) -> None:
     d.add_argument(
         "--data",
         nargs="+",
@@ -80,11 +83,15 @@ def build_parser() -> Parser:
     d.add_argument("--out", metavar="DIR", help="run / checkpoint directory (required)")
     d.add_argument("--cache-dir", metavar="DIR", help="token cache (default: <out>/../.cache)")
 
-    m = p.add_argument_group("model")
+
+def _model_flags(m) -> None:
+    from tritonlm.engine.config import PRESETS, ModelConfig
+    from tritonlm.engine.run_plan import DEFAULT_VOCAB
+
     m.add_argument(
         "--preset", choices=tuple(PRESETS), default="seed", help="model size (default: seed)"
     )
-    add_config_flags(m, ModelConfig, defaults=False)
+    add_config_flags(m, ModelConfig, defaults=False)  # --d-model --n-layers ... --dropout
     vocab = ", ".join(f"{k} {v}" for k, v in DEFAULT_VOCAB.items())
     m.add_argument(
         "--vocab-size",
@@ -96,11 +103,22 @@ def build_parser() -> Parser:
     m.add_argument(
         "--init-from", metavar="CKPT", help="start from this checkpoint's weights and tokenizer"
     )
-    m.add_argument("--resume", metavar="CKPT", help="continue a run from a resumable "
-                   "checkpoint: repeat the first command and add --resume (model and "
-                   "tokenizer options are then taken from the checkpoint)")  # fmt: skip
+    m.add_argument(
+        "--resume",
+        metavar="CKPT",
+        help="continue a run from a resumable "
+        "checkpoint: repeat the first command and add --resume (model and "
+        "tokenizer options are then taken from the checkpoint)",
+    )
 
-    t = p.add_argument_group("training")
+
+RUNTIME = ("device", "backend", "dtype", "compile", "log_every")  # TrainConfig's runtime flags
+
+
+def _training_flags(t) -> None:
+    from tritonlm.engine.run_plan import DEFAULT_STEPS
+    from tritonlm.engine.train_config import TrainConfig
+
     steps = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
     length = t.add_mutually_exclusive_group()
     length.add_argument(
@@ -122,11 +140,13 @@ def build_parser() -> Parser:
         metavar="LR",
         help="peak learning rate of the SFT phase (default: --lr)",
     )
-    runtime = ("device", "backend", "dtype", "compile", "log_every")
-    add_config_flags(t, TrainConfig, [n for n in _flag_names(TrainConfig) if n not in runtime])
+    add_config_flags(t, TrainConfig, [n for n in _flag_names(TrainConfig) if n not in RUNTIME])
 
-    r = p.add_argument_group("runtime")
-    add_config_flags(r, TrainConfig, runtime)
+
+def _runtime_flags(r) -> None:
+    from tritonlm.engine.train_config import TrainConfig
+
+    add_config_flags(r, TrainConfig, RUNTIME)
     r.add_argument(
         "--threads",
         type=_positive,
@@ -134,10 +154,14 @@ def build_parser() -> Parser:
         help="CPU threads for torch (default: torch's choice)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="S",
-                   help="under torchrun: seconds a collective may wait for the other ranks "
-                   "before the run fails (a dead or hung rank; default: 300)")  # fmt: skip
-    return p
+    r.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="S",
+        help="under torchrun: seconds a collective may wait for the other ranks "
+        "before the run fails (a dead or hung rank; default: 300)",
+    )
 
 
 def _flag_names(cls) -> list[str]:
