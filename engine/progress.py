@@ -52,7 +52,7 @@ class TrainingBar:
     def _line(self, ev: dict) -> None:
         """Plain-text progress: a line at start, every ``interval`` s, and at the end."""
         kind, now = ev["event"], time.monotonic()
-        if "val_loss" in ev:
+        if kind == "step" and ev.get("val_loss") is not None:
             self.val = f"{ev['val_loss']:.3f}"
         if kind == "start":
             self.t0, self.step0, self.total = now, ev["step"], ev["total_steps"]

@@ -55,3 +55,11 @@ def test_a_bar_on_a_terminal_and_nothing_when_disabled():
     for ev in EVENTS:
         off(ev)
     assert quiet.getvalue() == ""
+
+
+def test_a_phase_without_validation_ends_with_a_line():
+    out = io.StringIO()
+    bar = TrainingBar(file=out, interval=0.0)
+    bar(EVENTS[0])
+    bar({**EVENTS[-1], "val_loss": None, "loss": 4.0})  # what the trainer reports at the end
+    assert out.getvalue().splitlines()[-1] == "pretrain: completed at step 30/30"
