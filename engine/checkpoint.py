@@ -335,17 +335,22 @@ def _read_config(root: Path) -> dict[str, Any]:
 
 def _check_header(cfg: ModelConfig, path: Path) -> None:
     """Compare the safetensors header with the shapes ``cfg`` implies, before anything is
-    allocated (the expected shapes come from a model built on the ``meta`` device)."""
-    try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
-        raise CheckpointError(f"{path}: model_config describes no buildable model ({e})") from None
+    allocated (the expected shapes come from a model built on the ``meta`` device, once
+    the header's block count bounds how big that build can be)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+    blocks = {k.split(".")[1] for k in found if k.startswith("blocks.") and k.count(".") > 1}
+    if len(blocks) != cfg.n_layers:
+        raise CheckpointError(f"{path}: holds {len(blocks)} blocks, config.json says n_layers "
+                              f"{cfg.n_layers} (missing or extra blocks)")  # fmt: skip
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: model_config describes no buildable model ({e})") from None
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:

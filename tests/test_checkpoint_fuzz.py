@@ -225,3 +225,27 @@ def test_deeply_nested_or_oversized_json_is_one_line(name, form, made, tmp_path)
     if name != "manifest.json":
         reseal(work)
     assert outcome(work, cache) == "refused" or form != "whole file"
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"max_seq_len": 2**31}, "GiB"),  # shapes agree; building would need ~TBs of RoPE tables
+        ({"d_model": 2**20, "n_heads": 2**10}, "shape"),  # the header disagrees first
+        ({"n_layers": 2**30}, "blocks"),  # refused before building 2**30 blocks
+    ],
+)
+def test_tampered_sizes_are_refused_before_allocating(change, words, made, tmp_path):
+    import resource
+
+    src, _ = made
+    work = work_copy(src, tmp_path / "w")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_config"].update(change)
+    replace_file(work / "config.json", json.dumps(cfg).encode())
+    reseal(work)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(known_errors(), match=words):
+        load_checkpoint(work)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200  # refused before any large allocation
