@@ -342,6 +342,9 @@ def _check_header(cfg: ModelConfig, path: Path) -> None:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+    if "tok_emb.weight" not in found:
+        raise CheckpointError(f"{path}: not a tritonlm model file (no tok_emb.weight; found "
+                              f"{sorted(found)[:3]})")  # fmt: skip
     blocks = {k.split(".")[1] for k in found if k.startswith("blocks.") and k.count(".") > 1}
     if len(blocks) != cfg.n_layers:
         raise CheckpointError(f"{path}: holds {len(blocks)} blocks, config.json says n_layers "
