@@ -48,6 +48,7 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if not self._deferring:
+            self.reason = self.reason or name  # remembered even if the exception is swallowed
             raise KeyboardInterrupt  # nothing to save yet: stop right here
         if self.reason is None:
             self.reason = name
@@ -74,7 +75,11 @@ class StopRequest:
 
     @contextlib.contextmanager
     def deferred(self):
-        """Within this block signals only set the flag (the trainer acts on it)."""
+        """Within this block signals only set the flag (the trainer acts on it). A stop
+        requested before the block (whose KeyboardInterrupt some library code swallowed,
+        say in a ``__del__``) stops here, before the block runs."""
+        if self.reason is not None and not self._deferring:
+            raise KeyboardInterrupt
         old, self._deferring = self._deferring, True
         try:
             yield self

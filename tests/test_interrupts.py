@@ -254,3 +254,18 @@ def test_two_quick_ctrl_c_leave_a_loadable_checkpoint(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert load_checkpoint(out).trainer_state["step"] >= 3
+
+
+def test_a_stop_swallowed_before_training_still_stops_it():
+    """A KeyboardInterrupt raised outside ``deferred()`` may be swallowed by library code
+    (an exception in a ``__del__`` or a weakref callback is only printed); the request is
+    remembered and the run stops when training would start."""
+    stop = StopRequest()
+    try:
+        stop._handle(signal.SIGINT, None)  # what the signal does before training
+    except KeyboardInterrupt:
+        pass  # ... swallowed somewhere
+    assert stop.reason == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        with stop.deferred():
+            raise AssertionError("training must not start")
