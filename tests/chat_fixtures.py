@@ -54,3 +54,20 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     save_checkpoint(path, model, tok, train_config={"steps": 60})
     _BUILT.append(path)
     return path
+
+
+class Sink:
+    """A text stream that keeps what was written (for answers and errors)."""
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.parts)

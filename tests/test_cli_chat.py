@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from chat_fixtures import CHATS, LLM_CHAT, TIMEOUT, trained_checkpoint
+from chat_fixtures import CHATS, LLM_CHAT, TIMEOUT, Sink, trained_checkpoint
 from tritonlm.cli import chat
 from tritonlm.engine.checkpoint import load_checkpoint
 from tritonlm.engine.sampling import SamplingConfig
@@ -163,21 +163,6 @@ def make_session(ckpt, **kw):
         backend="torch",
         **kw,
     )
-
-
-class Sink:
-    def __init__(self):
-        self.parts = []
-
-    def write(self, s):
-        self.parts.append(s)
-
-    def flush(self):
-        pass
-
-    @property
-    def text(self):
-        return "".join(self.parts)
 
 
 def test_slash_commands(ckpt, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from chat_fixtures import LLM_CHAT, TIMEOUT, trained_checkpoint
+from chat_fixtures import LLM_CHAT, TIMEOUT, Sink, trained_checkpoint
 from tritonlm.cli import chat
 from tritonlm.cli.common import UsageError
 from tritonlm.engine.sampling import SamplingConfig
@@ -101,21 +101,6 @@ def test_largest_seed_works(ckpt, capsys):
 
 
 # ----------------------------------------------------------------------------- pipe mode
-
-
-class Sink:
-    def __init__(self):
-        self.parts = []
-
-    def write(self, s):
-        self.parts.append(s)
-
-    def flush(self):
-        pass
-
-    @property
-    def text(self):
-        return "".join(self.parts)
 
 
 def session(ckpt, **kw):

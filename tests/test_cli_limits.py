@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import running, signal_and_wait, wait_until
 from tritonlm.cli import train as cli
 
 SCRIPT = Path(sys.executable).parent / "llm-train"
@@ -94,17 +94,9 @@ def test_ctrl_c_at_any_moment_stops_without_a_traceback(moment, tmp_path):
     argv = [str(SCRIPT), "--data", str(data), "--out", str(out), "--steps", "100000",
             "--eval-every", "0", "--vocab-size", "300", "--quiet", "--threads", "1",
             "--log-every", "1"]  # fmt: skip
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120  # a hang guard only
-        while not MOMENTS[moment](p, out) and p.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    with running(argv) as p:
+        wait_until(p, lambda: MOMENTS[moment](p, out), poll=0.002)
+        err = signal_and_wait(p, signal.SIGINT)
     assert p.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import running, saved_step, signal_and_wait, wait_until
 from tritonlm.cli.train import main as train_main
 from tritonlm.engine import distributed as dd
-from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint
+from tritonlm.engine.checkpoint import load_checkpoint
 
 TEXTS = [
     f"The {a} {b} fox jumps over the {c} dog number {i}. It was a {b} day in town."
@@ -275,7 +276,6 @@ def test_ctrl_c_under_torchrun_saves_or_keeps_the_last_checkpoint(data, tmp_path
     next step boundary and save together (or, if the launcher's patience runs out, the
     previous checkpoint stays intact). Either way the run directory resumes."""
     import signal
-    import time
 
     texts, _ = data
     out = tmp_path / "run"
@@ -283,23 +283,11 @@ def test_ctrl_c_under_torchrun_saves_or_keeps_the_last_checkpoint(data, tmp_path
             "--data", str(texts), "--out", str(out), "--steps", "100000", "--eval-every", "0",
             "--save-every", "3", "--log-every", "1", "--dist-timeout", "60"]  # fmt: skip
     cmd, env = torchrun_cmd(args)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S  # hang guard only
-        saved = -1
-        while saved < 3:  # the run may be swapping directories while we look
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-            try:
-                saved = load_checkpoint(out).trainer_state["step"]
-            except CheckpointError:
-                pass
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen = [-1]  # the last checkpoint step seen before the Ctrl-C
+    with running(cmd, env=env) as proc:
+        wait_until(proc, lambda: seen.append(saved_step(out)) or seen[-1] >= 3, poll=0.2)
+        err = signal_and_wait(proc, signal.SIGINT)
+    saved = seen[-1]
     assert proc.returncode != 0
     assert "llm-train: error" not in err  # (the launcher itself prints its own traceback)
     state = load_checkpoint(out).trainer_state  # complete, whichever save was last

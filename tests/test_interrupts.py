@@ -10,11 +10,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from procs import running, signal_and_wait, wait_until
 from tritonlm.cli import train as cli
 from tritonlm.engine import checkpoint_store as store
 from tritonlm.engine import token_cache as tc
@@ -168,20 +168,6 @@ def test_cli_ctrl_c_then_ctrl_c_in_the_token_cache_build_then_resume(tmp_path, m
     assert _logged(out) == _logged(tmp_path / "full")  # bitwise, step by step
 
 
-def _start(argv, **kw):
-    return subprocess.Popen([str(SCRIPT), *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
-
-
-def _wait_for_metrics(proc, out: Path, timeout=120.0) -> None:
-    deadline = time.monotonic() + timeout  # a hang guard, not a timing assertion
-    metrics = out / "metrics.jsonl"
-    while not (metrics.exists() and metrics.stat().st_size > 0):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.1)
-
-
 def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a background job of `sh -c` inherits
 
@@ -193,14 +179,10 @@ def test_stop_works_even_when_the_parent_ignores_sigint(sig, tmp_path):
     out = tmp_path / "run"
     argv = [*TINY, "--data", data, "--out", out, "--steps", "100000", "--eval-every", "0",
             "--log-every", "1"]  # fmt: skip
-    proc = _start(argv, preexec_fn=_ignore_sigint)
-    try:
-        _wait_for_metrics(proc, out)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    metrics = out / "metrics.jsonl"
+    with running([SCRIPT, *argv], preexec_fn=_ignore_sigint) as proc:
+        wait_until(proc, lambda: metrics.exists() and metrics.stat().st_size > 0)
+        err = signal_and_wait(proc, sig)
     assert proc.returncode == 130, err
     assert "stopping after this step" in err and "Traceback" not in err
     assert "resumable checkpoint saved" in err
@@ -239,18 +221,9 @@ def test_two_quick_ctrl_c_leave_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     argv = [*TINY, "--data", data, "--out", out, "--steps", "100000", "--eval-every", "0",
             "--save-every", "3", "--log-every", "1"]  # fmt: skip
-    proc = _start(argv)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "manifest.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with running([SCRIPT, *argv]) as proc:
+        wait_until(proc, lambda: (out / "manifest.json").exists())
+        err = signal_and_wait(proc, signal.SIGINT, signal.SIGINT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert load_checkpoint(out).trainer_state["step"] >= 3

@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from procs import running, saved_step, signal_and_wait, wait_until
 from tritonlm.engine import token_cache as tc
-from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint
+from tritonlm.engine.checkpoint import load_checkpoint
 from tritonlm.engine.run_lock import BusyError, exclusive, lock_file
 from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
 
@@ -93,44 +93,23 @@ def test_two_processes_tokenize_the_same_data_once(tmp_path):
     assert again.n_docs == len(TEXTS) * 20
 
 
-def _saved_step(out: Path) -> int:
-    try:  # the run may be swapping directories right now
-        return load_checkpoint(out).trainer_state["step"]
-    except CheckpointError:
-        return -1
-
-
 def test_second_llm_train_on_the_same_out_is_refused_then_takes_over(tmp_path):
     data = tmp_path / "texts.json"
     data.write_text(json.dumps(TEXTS))
     out = tmp_path / "run"
     argv = [str(SCRIPT), *TINY, "--data", str(data), "--out", str(out), "--steps", "100000",
             "--eval-every", "0", "--save-every", "2"]  # fmt: skip
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120  # a hang guard only
-        while _saved_step(out) < 2:
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.1)
+    with running(argv) as first:
+        wait_until(first, lambda: saved_step(out) >= 2)
         second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         assert second.stderr.count("\n") == 1 and f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run was not disturbed
-    finally:
         first.send_signal(signal.SIGKILL)  # dies holding the lock, maybe mid-save
         first.wait()
     step = load_checkpoint(out).trainer_state["step"]
     # a new run takes the dead holder's lock over; stop it once it has saved a later step
-    r = subprocess.Popen([*argv, "--resume", str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while _saved_step(out) <= step:
-            assert r.poll() is None and time.monotonic() < deadline, r.communicate()
-            time.sleep(0.2)
-        r.send_signal(signal.SIGINT)
-        _, err = r.communicate(timeout=120)
-    finally:
-        if r.poll() is None:
-            r.kill()
+    with running([*argv, "--resume", str(out)]) as r:
+        wait_until(r, lambda: saved_step(out) > step, poll=0.2)
+        err = signal_and_wait(r, signal.SIGINT)
     assert r.returncode == 130, err
