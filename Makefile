@@ -8,9 +8,16 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup setup-bench test demo bench lint format clean
+.PHONY: setup setup-bench test demo bench lint format clean browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The chat page is tested in a real headless browser: Debian's chromium (needs root or sudo).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)

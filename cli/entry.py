@@ -1,8 +1,9 @@
 """Console-script entry points: take over Ctrl-C before anything heavy is imported.
 
-``llm-train`` / ``llm-chat`` start here. Until a command installs its own handlers, a
-SIGINT or SIGTERM (also one inherited as ignored) ends the process quietly with exit 130,
-so an early Ctrl-C (while torch loads, say) never prints a traceback.
+Every console script (``llm-train``, ``llm-chat``, ``llm-export``, ...) starts here. Until
+a command installs its own handlers, a SIGINT or SIGTERM (also one inherited as ignored)
+ends the process quietly with exit 130, so an early Ctrl-C (while torch loads, say) never
+prints a traceback.
 """
 
 from __future__ import annotations
@@ -34,4 +35,32 @@ def chat() -> int:
     from .chat import main
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # llm-chat: Ctrl-C stops an answer
+    return main()
+
+
+def export() -> int:
+    _take_over_signals()
+    from .export import main
+
+    return main()
+
+
+def import_hf() -> int:
+    _take_over_signals()
+    from .import_hf import main
+
+    return main()
+
+
+def serve() -> int:
+    _take_over_signals()
+    from .serve import main
+
+    return main()
+
+
+def evaluate() -> int:
+    _take_over_signals()
+    from .evaluate import main
+
     return main()
