@@ -13,8 +13,10 @@ __all__ = ["ChatPrompt", "build_chat_prompt", "encode_raw_prompt"]
 
 
 def encode_raw_prompt(tokenizer, text: str) -> list[int]:
-    """Plain-text continuation prompt: <|bos|> + text (pretraining documents look like this)."""
-    return [tokenizer.bos_id, *tokenizer.encode(text)]
+    """Plain-text continuation prompt: <|bos|> + text (pretraining documents look like this);
+    an imported tokenizer whose original adds no bos token gives just the text."""
+    bos = tokenizer.bos_id
+    return [*([bos] if bos is not None else []), *tokenizer.encode(text)]
 
 
 @dataclass
@@ -64,7 +66,8 @@ def _cut_last_message(tokenizer, system, last, max_tokens: int, dropped: int) ->
     if keep < 1:  # the system prompt alone fills the context: the generator truncates
         ids, _ = tokenizer.render_chat([*system, last], add_generation_prompt=True)
         return ChatPrompt(ids=list(ids), dropped=dropped, messages=[*system, last])
-    ids = frame[:-2] + content[-keep:] + frame[-2:]  # frame ends with <|end|> <|assistant|>
+    tail = tokenizer.chat_tail_length()  # <|end|> <|assistant|> in our template
+    ids = frame[:-tail] + content[-keep:] + frame[-tail:]
     return ChatPrompt(
         ids=ids, dropped=dropped, messages=[*system, last], cut_tokens=len(content) - keep
     )

@@ -8,14 +8,17 @@ Layout (format version 1)::
                               "tokenizer_file": "tokenizer.json", "resumable": bool}
       model.safetensors      weights by parameter name (see engine.model.Transformer);
                              tied embeddings are stored once, as tok_emb.weight
+                             (above max_shard_size: model-0000i-of-0000N.safetensors
+                             + model.safetensors.index.json, see engine.shards)
       tokenizer.json         the tokenizer's own save format (BpeTokenizer.save)
       optimizer.safetensors  resumable only: optimizer tensors named
-                             "state.<parameter name>.<key>" (e.g. state.norm.weight.exp_avg)
+                             "state.<parameter name>.<key>" (e.g. state.norm.weight.exp_avg),
+                             sharded like the weights
       trainer_state.json     resumable only: {"trainer_state": {...caller's JSON...},
                               "optimizer": {"class", "param_groups" (params given by name),
                               "scalars": {param name: {key: non-tensor value}}}}
       manifest.json          {"format": ..., "files": {name: {"size": int, "sha256": hex}}}
-                             for every file above
+                             for every file above, every shard and index included
 
 Saving writes everything into a sibling temporary directory ``.<name>.tmp-<random>``,
 fsyncs each file and the directory, then renames it into place. When ``<name>`` already
@@ -25,8 +28,9 @@ aside copy is deleted. Renames are atomic, so after a crash at any point either
 uses ``<name>`` when it exists and otherwise falls back to ``.<name>.old``; the next
 successful save removes leftover ``.old`` and ``.tmp-*`` directories.
 
-Loading checks the manifest (size and sha256 of every file; the optimizer state is hashed
-by ``load_optimizer_state``, when a resume uses it) first, then the config's magic
+Loading checks the manifest (size and sha256 of every file; the optimizer shards are hashed
+by ``load_optimizer_state``, when a resume uses it) first, and that every file of the weight
+and optimizer sets is listed in it, then the config's magic
 and format version (newer: refused; older: migrated through MIGRATIONS), rebuilds the
 tokenizer, takes the vocabulary size from it, builds the model from its config and loads
 the weights with strict name and shape checks. Every problem is a one-line
@@ -39,14 +43,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from .atomic import fsync_dir, fsync_file
 from .checkpoint_store import MANIFEST_FILE, is_complete, replace_directory, resolve
@@ -54,12 +58,24 @@ from .config import ConfigError, ModelConfig
 from .memory import build_bytes, too_big
 from .model import Transformer
 from .optimizer_state import check_optimizer_meta, flatten_optimizer, restore_optimizer
+from .shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardError,
+    TensorInfo,
+    index_name,
+    parse_size,
+    read_headers,
+    read_shards,
+    shard_files,
+    write_shards,
+)
 from .tokenizer import BpeTokenizer, TokenizerError
 
 FORMAT_MAGIC = "tritonlm-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
+MODEL_BASE, OPTIMIZER_BASE = "model", "optimizer"  # the two sharded tensor sets
+MODEL_FILE = "model.safetensors"  # the set's name when it is one file
 TOKENIZER_FILE = "tokenizer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -137,14 +153,20 @@ def save_checkpoint(
     train_config: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Atomically write a checkpoint directory at ``path`` (replacing any old one).
 
     With ``optimizer`` (and optionally ``trainer_state``, a JSON-serializable dict such as
     step, RNG states as lists of ints, data position) the checkpoint is resumable.
-    Returns the checkpoint path.
+    Weights and optimizer state are split into shards above ``max_shard_size`` (bytes or
+    a size such as "5GB"). Returns the checkpoint path.
     """
     model = _unwrap(model)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise CheckpointError(f"max_shard_size: {e}") from None
     if model.config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(
             f"model vocab_size {model.config.vocab_size} != tokenizer vocab_size "
@@ -154,10 +176,11 @@ def save_checkpoint(
         raise CheckpointError("trainer_state needs the optimizer too (resumable checkpoint)")
 
     def fill(tmp: Path) -> None:
-        _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state)
+        _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state,
+                        shard_bytes)  # fmt: skip
 
     try:
-        return replace_directory(Path(path), fill, CHECKPOINT_FILES)
+        return replace_directory(Path(path), fill, is_checkpoint_file)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: cannot write the checkpoint ({e})") from None
     except OSError as e:  # disk full, permissions, ...
@@ -172,10 +195,26 @@ def _os_reason(e: OSError) -> str:
 CHECKPOINT_FILES = frozenset(
     {CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, MANIFEST_FILE}
 )
+# The variable names of a sharded set: model-00001-of-00003.safetensors, its index.
+_SHARDED = re.compile(rf"({MODEL_BASE}|{OPTIMIZER_BASE})"
+                      r"(-\d+-of-\d+\.safetensors|\.safetensors\.index\.json)")  # fmt: skip
 
 
-def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state) -> None:
-    files = [CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE]
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file in a checkpoint directory belongs to the checkpoint (a save replaces
+    it) rather than to the user or the run log (a save carries it over)."""
+    return name in CHECKPOINT_FILES or _SHARDED.fullmatch(name) is not None
+
+
+def _is_optimizer_shard(name: str) -> bool:
+    """Optimizer tensors (twice the weights): hashed only when a resume reads them."""
+    return name.startswith(OPTIMIZER_BASE) and name.endswith(".safetensors")
+
+
+def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state,
+                    shard_bytes: int) -> None:  # fmt: skip
+    files = [CONFIG_FILE, TOKENIZER_FILE]  # the JSON files, fsynced below
+    tensor_files: list[str] = []  # write_shards fsyncs its own files
     config = {
         "format": FORMAT_MAGIC,
         "format_version": FORMAT_VERSION,
@@ -185,24 +224,25 @@ def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_stat
         "resumable": optimizer is not None,
     }
     _write_json(tmp / CONFIG_FILE, config)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": FORMAT_MAGIC})
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensor_files += write_shards(tmp, weights, shard_bytes, MODEL_BASE, {"format": FORMAT_MAGIC})
     tokenizer.save(tmp / TOKENIZER_FILE)
     if optimizer is not None:
         try:
             tensors, meta = flatten_optimizer(optimizer, model)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
-        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT_MAGIC})
+        tensor_files += write_shards(tmp, tensors, shard_bytes, OPTIMIZER_BASE,
+                                     {"format": FORMAT_MAGIC})  # fmt: skip
         _write_json(
             tmp / TRAINER_STATE_FILE, {"trainer_state": trainer_state or {}, "optimizer": meta}
         )
-        files += [OPTIMIZER_FILE, TRAINER_STATE_FILE]
+        files.append(TRAINER_STATE_FILE)
     manifest = {
         "format": FORMAT_MAGIC,
         "files": {
             name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            for name in files
+            for name in files + tensor_files
         },
     }
     _write_json(tmp / MANIFEST_FILE, manifest)
@@ -236,18 +276,20 @@ class Checkpoint:
         parameters, same parameter groups); raises CheckpointError on any mismatch."""
         if not self.resumable:
             raise CheckpointError(f"{self.path}: not a resumable checkpoint (no optimizer state)")
-        opt_path = self.path / OPTIMIZER_FILE
+        files = _tensor_set(self.path, OPTIMIZER_BASE, self.manifest)
+        opt_path = self.path / files[0]  # the one file, or the index of the shards
         state_path = self.path / TRAINER_STATE_FILE
         try:
             meta = check_optimizer_meta(_read_json(state_path))
         except ValueError as e:
             raise CheckpointError(f"{state_path}: {e}") from None
-        _verify_file(self.path, OPTIMIZER_FILE, self.manifest)
+        for name in files:
+            _verify_file(self.path, name, self.manifest)
         if meta["class"] != type(optimizer).__name__:
             raise CheckpointError(
                 f"{opt_path}: saved for {meta['class']}, not {type(optimizer).__name__}"
             )
-        tensors = _load_safetensors(opt_path)
+        tensors = _read_set(self.path, OPTIMIZER_BASE)
         try:
             restore_optimizer(optimizer, self.model, meta, tensors)
         except ValueError as e:
@@ -298,11 +340,27 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _tensor_set(root: Path, base: str, manifest: dict[str, Any]) -> list[str]:
+    """The files of the tensor set ``base`` (one file, or index + shards), each of which
+    must be listed in the manifest: a shard dropped in from elsewhere is refused."""
     try:
-        return load_file(str(path))
+        files = shard_files(root, base)
+    except ShardError as e:
+        raise CheckpointError(str(e)) from None
+    for name in files:
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{root / name}: not listed in {MANIFEST_FILE}")
+    return files
+
+
+def _read_set(root: Path, base: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a set, shard by shard (the messages name the shard)."""
+    try:
+        return read_shards(root, base)
+    except ShardError as e:
+        raise CheckpointError(str(e)) from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+        raise CheckpointError(f"{root}: unreadable {base} safetensors ({e})") from None
 
 
 def _read_config(root: Path) -> dict[str, Any]:
@@ -324,7 +382,11 @@ def _read_config(root: Path) -> dict[str, Any]:
     cfg["format_version"] = version
     if not isinstance(cfg.get("model_config"), dict):
         raise CheckpointError(f"{path}: model_config is missing")
-    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in cfg["model_config"]]
+    missing = [
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in cfg["model_config"] and f.name not in ModelConfig.added_later
+    ]
     if missing:  # a default would silently build another model
         raise CheckpointError(f"{path}: model_config does not state {', '.join(missing)}")
     name = cfg.get("tokenizer_file")
@@ -333,15 +395,18 @@ def _read_config(root: Path) -> dict[str, Any]:
     return cfg
 
 
-def _check_header(cfg: ModelConfig, path: Path) -> None:
-    """Compare the safetensors header with the shapes ``cfg`` implies, before anything is
+def _check_header(cfg: ModelConfig, root: Path, files: list[str]) -> dict[str, TensorInfo]:
+    """Compare the safetensors headers with the shapes ``cfg`` implies, before anything is
     allocated (the expected shapes come from a model built on the ``meta`` device, once
-    the header's block count bounds how big that build can be)."""
+    the headers' block count bounds how big that build can be). Returns the headers."""
+    path = root / files[0]  # the one file, or the index of the shards
     try:
-        with safe_open(str(path), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        headers = read_headers(root, MODEL_BASE)
+    except ShardError as e:
+        raise CheckpointError(str(e)) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+    found = {k: info.shape for k, info in headers.items()}
     if "tok_emb.weight" not in found:
         raise CheckpointError(f"{path}: not a tritonlm model file (no tok_emb.weight; found "
                               f"{sorted(found)[:3]})")  # fmt: skip
@@ -364,14 +429,15 @@ def _check_header(cfg: ModelConfig, path: Path) -> None:
         )
     for name, shape in expected.items():
         if found[name] != shape:
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {list(found[name])}, model expects {list(shape)}"
-            )
+            raise CheckpointError(f"{root / headers[name].file}: tensor {name} has shape "
+                                  f"{list(found[name])}, model expects {list(shape)}")  # fmt: skip
+    return headers
 
 
-def _load_weights(model: Transformer, path: Path) -> None:
-    tensors = _load_safetensors(path)
+def _load_weights(model: Transformer, root: Path, headers: dict[str, TensorInfo]) -> None:
+    tensors = _read_set(root, MODEL_BASE)
     for name, t in tensors.items():
+        path = root / headers[name].file if name in headers else root  # the shard holding it
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: tensor {name} has non-float dtype {t.dtype}")
         if not bool(torch.isfinite(t).all()):
@@ -403,13 +469,17 @@ def load_checkpoint(
 
 def _load_from(root: Path, device, backend: str) -> Checkpoint:
     manifest = _read_manifest(root)
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if name not in manifest["files"]:
-            raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {name}")
-    for name in manifest["files"]:
+    listed = manifest["files"]
+    if CONFIG_FILE not in listed:
+        raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {CONFIG_FILE}")
+    if MODEL_FILE not in listed and index_name(MODEL_BASE) not in listed:
+        raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {MODEL_FILE} "
+                              f"(nor {index_name(MODEL_BASE)})")  # fmt: skip
+    for name in listed:
         # The optimizer state (twice the weights) is hashed only when it is used, by
         # load_optimizer_state; a chat session never pays for it. Its size is still checked.
-        _verify_file(root, name, manifest, digest=name != OPTIMIZER_FILE)
+        _verify_file(root, name, manifest, digest=not _is_optimizer_shard(name))
+    model_files = _tensor_set(root, MODEL_BASE, manifest)
     cfg = _read_config(root)
 
     tok_path = root / cfg["tokenizer_file"]
@@ -432,19 +502,21 @@ def _load_from(root: Path, device, backend: str) -> Checkpoint:
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{root / CONFIG_FILE}: bad model_config ({e})") from None
 
-    _check_header(model_config, root / MODEL_FILE)
+    headers = _check_header(model_config, root, model_files)
     reason = too_big(build_bytes(model_config), torch.device("cpu"))
     if reason:
         raise CheckpointError(f"{root / CONFIG_FILE}: building this model {reason}")
     model = Transformer(model_config, backend=backend)
-    _load_weights(model, root / MODEL_FILE)
+    _load_weights(model, root, headers)
     model.to(device).eval()
 
     trainer_state = None
     if cfg.get("resumable"):
-        for name in (OPTIMIZER_FILE, TRAINER_STATE_FILE):
-            if name not in manifest["files"]:
-                raise CheckpointError(f"{root / MANIFEST_FILE}: resumable but {name} not listed")
+        if TRAINER_STATE_FILE not in listed:
+            raise CheckpointError(
+                f"{root / MANIFEST_FILE}: resumable but {TRAINER_STATE_FILE} not listed"
+            )
+        _tensor_set(root, OPTIMIZER_BASE, manifest)  # every optimizer file is listed
         state = _read_json(root / TRAINER_STATE_FILE)
         if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
             raise CheckpointError(f"{root / TRAINER_STATE_FILE}: malformed trainer state")

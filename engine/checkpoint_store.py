@@ -60,15 +60,28 @@ def discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def carry_over_extras(sources: list[Path], new: Path, checkpoint_files: frozenset) -> None:
+Owned = Callable[[str], bool] | frozenset  # the names a checkpoint's own files have
+
+
+def _owns(checkpoint_files: Owned, name: str) -> bool:
+    """Whether ``name`` is one of the checkpoint's own files: a fixed set of names, or a
+    predicate where names vary (``model-00002-of-00005.safetensors``)."""
+    if callable(checkpoint_files):
+        return bool(checkpoint_files(name))
+    return name in checkpoint_files
+
+
+def carry_over_extras(sources: list[Path], new: Path, checkpoint_files: Owned) -> None:
     """Copy files that are not part of the checkpoint (metrics, plots, notes) into ``new``,
     the first source that has a name winning. Without this a run's metrics.jsonl, or
-    anything a user put beside the weights, would be lost when directories are swapped."""
+    anything a user put beside the weights, would be lost when directories are swapped;
+    the checkpoint's own files (of any shard count) are never carried, or a stale shard
+    would sit beside the new set."""
     for src in sources:
         if not src.is_dir():
             continue
         for entry in sorted(src.iterdir()):
-            if entry.name in checkpoint_files or (new / entry.name).exists():
+            if _owns(checkpoint_files, entry.name) or (new / entry.name).exists():
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.copytree(entry, new / entry.name, symlinks=True)
@@ -76,7 +89,7 @@ def carry_over_extras(sources: list[Path], new: Path, checkpoint_files: frozense
                 shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
-def replace_directory(target: Path, fill: Callable[[Path], None], checkpoint_files: frozenset,
+def replace_directory(target: Path, fill: Callable[[Path], None], checkpoint_files: Owned,
                       ) -> Path:  # fmt: skip
     """Write a new complete directory with ``fill(tmp)`` and swap it in at ``target``.
 

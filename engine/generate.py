@@ -46,7 +46,6 @@ from .chat_prompt import ChatPrompt, build_chat_prompt, encode_raw_prompt
 from .model import left_pad
 from .sampling import SamplingConfig, SamplingError, make_generator, sample_next
 from .text_stream import TextStream, _longest_stop_prefix_suffix  # noqa: F401 (re-export)
-from .tokenizer import SPECIAL_TOKENS
 
 __all__ = [
     "STOP_REASONS",
@@ -202,14 +201,11 @@ def _default_stop_ids(tokenizer, stop_token_ids) -> dict[int, str]:
         return {int(t): "eos" for t in stop_token_ids}
     if tokenizer is None:
         return {}
-    # Any built-in control token ends the answer: <|eos|> the document, <|end|> the turn,
-    # and a role marker or <|bos|>/<|pad|> would start something that is not the answer.
-    out = {}
-    for text in SPECIAL_TOKENS:
-        tid = tokenizer.special_tokens.get(text)
-        if tid is not None:
-            out[int(tid)] = "eos" if text == "<|eos|>" else "end"
-    return out
+    # Any control token ends the answer: <|eos|> the document, <|end|> (or an imported
+    # <|im_end|>) the turn, and a role marker or <|bos|>/<|pad|> would start something that
+    # is not the answer. The tokenizer knows which of its special tokens those are.
+    eos = tokenizer.eos_id
+    return {int(t): "eos" if t == eos else "end" for t in tokenizer.stop_ids()}
 
 
 def _decode(

@@ -6,6 +6,15 @@ Normalization (``BpeTokenizerConfig.normalization``):
   are replaced by U+FFFD, then Unicode NFC is applied.
 * ``"ascii"``: ASCII folding: NFKD, then every non-ASCII code point (lone surrogates
   included) is dropped. ``"Café ﬁ"`` becomes ``"Cafe fi"``.
+* ``"none"``: only lone surrogates become U+FFFD (for imported tokenizers that do not
+  normalize, e.g. GPT-2's).
+
+Special tokens: by default the built-in ``SPECIAL_TOKENS`` (whose roles are fixed:
+``<|bos|>`` is bos, ...) and then ``special_tokens``. A tokenizer imported from elsewhere
+sets ``builtin_specials=False``: its ``special_tokens`` are the whole list and ``roles``
+names which of them plays each role (a role may be absent). Fields added after format 1
+(``builtin_specials``, ``roles``, ``chat_template``, ``system_prompt``, ``merge_rule``) are
+left out of ``to_dict`` at their defaults, so older files keep their exact bytes.
 
 The names here are also importable from :mod:`.tokenizer`.
 """
@@ -52,7 +61,25 @@ SPECIAL_TOKENS = (
     "<|end|>",
 )
 
-_NORMALIZATIONS = ("nfc", "ascii")
+_NORMALIZATIONS = ("nfc", "ascii", "none")
+
+#: Roles a special token can play; ``start`` opens a ChatML turn (``<|im_start|>``).
+ROLES = ("bos", "eos", "pad", "user", "assistant", "system", "end", "start")
+_BUILTIN_ROLES = tuple(zip(ROLES[:7], SPECIAL_TOKENS, strict=True))
+#: Chat templates we render exactly (see :mod:`.chat_template`); "none": raw mode only.
+CHAT_TEMPLATES = ("tritonlm", "chatml", "none")
+_TEMPLATE_ROLES = {"tritonlm": ROLES[:1] + ROLES[3:7], "chatml": ("start", "end"), "none": ()}
+#: "ranks": tiktoken's rule (a pair merges by the rank of the token it makes, any split);
+#: "merges": Hugging Face's (only listed merges, by their position in the list).
+MERGE_RULES = ("ranks", "merges")
+# later fields and their defaults: left out of to_dict when unchanged
+_LATER_FIELDS = {
+    "builtin_specials": True,
+    "roles": (),
+    "chat_template": "tritonlm",
+    "system_prompt": "",
+    "merge_rule": "ranks",
+}
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -82,7 +109,13 @@ def _normalize_ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
 
 
-_NORMALIZERS = {"nfc": _normalize_nfc, "ascii": _normalize_ascii}
+def _normalize_none(text: str) -> str:
+    if text.isascii() or _SURROGATES.search(text) is None:
+        return text
+    return _SURROGATES.sub("\ufffd", text)
+
+
+_NORMALIZERS = {"nfc": _normalize_nfc, "ascii": _normalize_ascii, "none": _normalize_none}
 
 
 # --------------------------------------------------------------------------------------
@@ -112,6 +145,26 @@ def _token_texts(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a list of non-empty strings")
 
 
+def _role_pairs(name: str, v: Any) -> None:
+    if not isinstance(v, tuple) or not all(
+        isinstance(p, tuple) and len(p) == 2 and p[0] in ROLES and isinstance(p[1], str) for p in v
+    ):
+        raise ValueError(f"{name} must be a list of [role, token] pairs, role one of {ROLES}")
+    roles = [p[0] for p in v]
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"{name} gives a role twice: {roles}")
+
+
+def _boolean(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def _text(name: str, v: Any) -> None:
+    if not isinstance(v, str):
+        raise ValueError(f"{name} must be a string, got {v!r}")
+
+
 @dataclass(frozen=True)
 class BpeTokenizerConfig(ConfigMixin):
     """How to train a tokenizer. JSON-serializable via ``to_dict``/``from_dict``.
@@ -122,6 +175,10 @@ class BpeTokenizerConfig(ConfigMixin):
     pattern: pre-tokenizer regex (``regex`` package syntax); must match every character.
     special_tokens: extra user-defined special tokens, after the built-in ones.
     min_frequency: a pair must occur at least this often (weighted) to be merged.
+    builtin_specials: false for an imported tokenizer: ``special_tokens`` are all of them.
+    roles: with ``builtin_specials=False``, ``(role, token)`` pairs (``ROLES``).
+    chat_template: ``CHAT_TEMPLATES``; system_prompt: ChatML's default system message.
+    merge_rule: ``MERGE_RULES``: how a pre-token's bytes are merged.
     """
 
     error = TokenizerError
@@ -137,15 +194,57 @@ class BpeTokenizerConfig(ConfigMixin):
         (), _token_texts, "user-defined special tokens, after the built-in ones", flag=False
     )
     min_frequency: int = option(2, at_least(1), "least (weighted) count of a merge", flag=False)
+    builtin_specials: bool = option(True, _boolean, "built-in special tokens first", flag=False)
+    roles: tuple[tuple[str, str], ...] = option((), _role_pairs, "special token roles", flag=False)
+    chat_template: str = option("tritonlm", one_of(CHAT_TEMPLATES), "chat template", flag=False)
+    system_prompt: str = option("", _text, "default system message (chatml)", flag=False)
+    merge_rule: str = option("ranks", one_of(MERGE_RULES), "BPE merge rule", flag=False)
+
+    def __post_init__(self) -> None:
+        roles = self.roles  # JSON gives [role, token] lists; keep tuples (hashable, frozen)
+        if isinstance(roles, list | tuple):
+            fixed = tuple(tuple(p) if isinstance(p, list) else p for p in roles)
+            object.__setattr__(self, "roles", fixed)
+        super().__post_init__()
+
+    @property
+    def all_special_tokens(self) -> tuple[str, ...]:
+        """Every special token, in id order."""
+        if self.builtin_specials:
+            return SPECIAL_TOKENS + self.special_tokens
+        return self.special_tokens
+
+    @property
+    def role_tokens(self) -> dict[str, str]:
+        """role -> special token text, for the roles this tokenizer has."""
+        return dict(_BUILTIN_ROLES if self.builtin_specials else self.roles)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["roles"] = [list(p) for p in self.roles]
+        for k, default in _LATER_FIELDS.items():  # older files keep their exact bytes
+            if getattr(self, k) == default:
+                del d[k]
+        return d
 
     def check_together(self) -> None:
+        if self.builtin_specials and self.roles:
+            raise TokenizerError("roles are fixed for built-in special tokens; leave roles empty")
+        names = self.all_special_tokens
+        for role, text in self.roles:
+            if text not in names:
+                raise TokenizerError(f"role {role!r} names {text!r}, not a special token")
+        missing = [r for r in _TEMPLATE_ROLES[self.chat_template] if r not in self.role_tokens]
+        if missing:
+            raise TokenizerError(
+                f"chat_template {self.chat_template!r} needs special tokens for roles {missing}"
+            )
         for s in self.special_tokens:
             if _NORMALIZERS[self.normalization](s) != s:
                 raise TokenizerError(
                     f"special token {s!r} changes under {self.normalization} normalization, "
                     "so it could never be parsed"
                 )
-        names = SPECIAL_TOKENS + self.special_tokens
         if len(set(names)) != len(names):
             dup = sorted({s for s in names if names.count(s) > 1})
             raise TokenizerError(f"duplicate special tokens: {dup}")
@@ -163,7 +262,7 @@ class BpeTokenizerConfig(ConfigMixin):
     @property
     def num_merges(self) -> int:
         """Number of merges training aims for."""
-        return self.vocab_size - 256 - len(SPECIAL_TOKENS) - len(self.special_tokens)
+        return self.vocab_size - 256 - len(self.all_special_tokens)
 
     @classmethod
     def from_dict(cls, data: Any) -> BpeTokenizerConfig:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from tritonlm.kernels.dispatch import BACKENDS
 
 from .fields import MAX_SEED, ConfigMixin, at_least, boolean, number, one_of, option
+from .shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 PHASES = ("pretrain", "sft")
 DEVICES = ("auto", "cpu", "cuda")
@@ -20,6 +21,15 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite loss, bad configuration for this data, ...)."""
+
+
+def _size(name: str, v) -> None:
+    try:
+        if not isinstance(v, str):
+            raise ValueError
+        parse_size(v)
+    except ValueError:
+        raise ValueError(f"{name} must be a size such as 5GB, 500MB or 2GiB, got {v!r}") from None
 
 
 def _betas(name: str, v) -> None:
@@ -106,6 +116,13 @@ class TrainConfig(ConfigMixin):
         choices=DTYPES,
     )
     compile: bool = option(False, boolean, "torch.compile the model (first steps are slower)")
+    max_shard_size: str = option(
+        DEFAULT_MAX_SHARD_SIZE,
+        _size,
+        "split the checkpoint's weight and optimizer files into shards of at most this size "
+        "(5GB, 500MB, 2GiB; 1GB = 10^9 bytes)",
+        metavar="SIZE",
+    )
 
     def check_together(self) -> None:
         if (self.steps is None) == (self.epochs is None):

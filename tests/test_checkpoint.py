@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tritonlm.engine import checkpoint as ck
 from tritonlm.engine import checkpoint_store as store
+from tritonlm.engine import shards
 from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tritonlm.engine.config import ModelConfig
 from tritonlm.engine.model import Transformer
@@ -364,7 +365,7 @@ def test_crash_during_write_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ck, "save_file", crash)
+    monkeypatch.setattr(shards, "save_file", crash)
     with pytest.raises(CheckpointError, match="simulated"):
         save_checkpoint(path, make_model(tokenizer, seed=5), tokenizer)
     assert torch.equal(load_checkpoint(path).model(IDX), old(IDX))

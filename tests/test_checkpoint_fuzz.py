@@ -23,7 +23,7 @@ import torch
 from tritonlm.cli.common import known_errors
 from tritonlm.engine import token_cache as tc
 from tritonlm.engine import train as tr
-from tritonlm.engine.checkpoint import load_checkpoint
+from tritonlm.engine.checkpoint import load_checkpoint, save_checkpoint
 from tritonlm.engine.config import ModelConfig
 from tritonlm.engine.model import Transformer
 from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
@@ -48,6 +48,21 @@ def made(tmp_path_factory):
     ckpt = load_checkpoint(root / "ckpt")
     tr.train(ckpt.model, tok, cache, cfg, root / "ckpt", resume=ckpt, stop=_stop_now())
     return root / "ckpt", cache
+
+
+@pytest.fixture(scope="module")
+def made_sharded(made, tmp_path_factory):
+    """The same checkpoint saved again with its weights and optimizer state in shards."""
+    src, cache = made
+    ckpt = load_checkpoint(src)
+    st = check_trainer_state(ckpt.trainer_state, str(src))
+    optimizer = tr.build_optimizer(ckpt.model, tr.TrainConfig.from_dict(st["train_config"]))
+    ckpt.load_optimizer_state(optimizer)
+    dst = tmp_path_factory.mktemp("fuzz_sharded") / "ckpt"
+    save_checkpoint(dst, ckpt.model, ckpt.tokenizer, ckpt.train_config, optimizer=optimizer,
+                    trainer_state=ckpt.trainer_state, max_shard_size="8KB")  # fmt: skip
+    assert len(list(dst.glob("optimizer-*-of-*.safetensors"))) > 2
+    return dst, cache
 
 
 def _stop_now():
@@ -249,3 +264,57 @@ def test_tampered_sizes_are_refused_before_allocating(change, words, made, tmp_p
         load_checkpoint(work)
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mib < 200  # refused before any large allocation
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def index_variants(doc):
+    """variants() of an index, its weight_map's first entry standing for all of them, plus
+    the entry pointed at another shard, a missing one and one outside the folder."""
+    first = next(iter(doc["weight_map"]))
+    for label, new in variants(doc):
+        if label.startswith("weight_map.") and not label.startswith(f"weight_map.{first}="):
+            continue
+        yield label, new
+    shards = sorted(set(doc["weight_map"].values()))
+    for label, file in [("other shard", shards[-1] if doc["weight_map"][first] != shards[-1]
+                         else shards[0]), ("missing", "model-00009-of-00009.safetensors"),
+                        ("escape", "../ckpt/" + shards[0])]:  # fmt: skip
+        new = copy.deepcopy(doc)
+        new["weight_map"][first] = file
+        yield f"weight_map.{first}={label}", new
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json",
+                                  "optimizer.safetensors.index.json"])  # fmt: skip
+def test_every_index_field_tampered(name, made_sharded, tmp_path):
+    src, cache = made_sharded
+    doc = json.loads((src / name).read_text())
+    counts = {"ok": 0, "refused": 0}
+    for i, (label, new) in enumerate(index_variants(doc)):
+        work = work_copy(src, tmp_path / f"v{i}")
+        replace_file(work / name, json.dumps(new).encode())
+        reseal(work)
+        try:
+            counts[outcome(work, cache)] += 1
+        except BaseException as e:
+            raise AssertionError(f"{name} {label}: {type(e).__name__}: {e}") from None
+        shutil.rmtree(work)
+    assert counts["refused"] > 10 and counts["ok"] >= 1, counts  # total_size is advisory
+
+
+@pytest.mark.parametrize("base, i", [("model", 1), ("optimizer", 2)])
+def test_every_shard_header_field_tampered(base, i, made_sharded, tmp_path):
+    src, cache = made_sharded
+    name = sorted(p.name for p in src.glob(f"{base}-*-of-*.safetensors"))[i]
+    header, body = _header(src / name)
+    for i, (label, new) in enumerate(variants(header)):
+        work = work_copy(src, tmp_path / f"v{i}")
+        _write_header(work / name, new, body)
+        reseal(work)
+        try:
+            outcome(work, cache)
+        except BaseException as e:
+            raise AssertionError(f"{name} {label}: {type(e).__name__}: {e}") from None
+        shutil.rmtree(work)

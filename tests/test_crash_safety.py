@@ -83,9 +83,9 @@ START_STATES = ["complete", "complete + stale fallback", "only fallback",
                 "fallback + log-only dir", "stale temporaries"]  # fmt: skip
 
 
-def make_start(state: str, root: Path, tok) -> Path:
+def make_start(state: str, root: Path, tok, shard_size: str = "5GB") -> Path:
     run = root / "run"
-    save_checkpoint(run, model(tok, 1), tok)
+    save_checkpoint(run, model(tok, 1), tok, max_shard_size=shard_size)
     log(run, [1, 2, 3])
     old = root / ".run.old"
     if state == "complete + stale fallback":
@@ -104,20 +104,37 @@ def make_start(state: str, root: Path, tok) -> Path:
 @pytest.mark.parametrize("state", START_STATES)
 @pytest.mark.parametrize("kind", ["crash", "disk full"])
 def test_save_survives_a_failure_at_every_step(state, kind, tok, tmp_path, monkeypatch):
+    fail_at_every_step(state, kind, tok, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "kind, before, after",
+    [("crash", "8KB", "4KB"), ("disk full", "5GB", "8KB")],
+)
+def test_resharding_survives_a_failure_at_every_step(kind, before, after, tok, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    """From shards to more shards, from one file to shards: never a mix of
+    the two sets (the manifest hashes every shard, so a mix could not load)."""
+    fail_at_every_step("complete", kind, tok, tmp_path, monkeypatch, before, after)
+
+
+def fail_at_every_step(state, kind, tok, tmp_path, monkeypatch, before="5GB", after="5GB"):
+    """Save over ``state`` (weights in shards of ``before``, the new ones in shards of
+    ``after``) with a failure at filesystem call k, for every k."""
     new = model(tok, 2)
     k = 0
     while True:
         k += 1
         root = tmp_path / f"k{k}"
         root.mkdir()
-        run = make_start(state, root, tok)
+        run = make_start(state, root, tok, before)
         old_id = weights_id(load_checkpoint(run))
         temps_before = set(root.glob(".run.tmp-*"))
         error = Crash() if kind == "crash" else OSError(errno.ENOSPC, "No space left on device")
         with monkeypatch.context() as m:
             inj = Injector(m, k, error)
             try:
-                save_checkpoint(run, new, tok)
+                save_checkpoint(run, new, tok, max_shard_size=after)
             except Crash:
                 pass
             except CheckpointError as e:  # an OS error: one clear line naming the path
@@ -129,8 +146,11 @@ def test_save_survives_a_failure_at_every_step(state, kind, tok, tmp_path, monke
         assert check_run_dir(run) == run  # `--resume run --out run` is accepted
         if kind == "disk full":
             assert set(root.glob(".run.tmp-*")) <= temps_before  # an error cleans up its own
-        save_checkpoint(run, new, tok)  # the next save repairs everything
+        save_checkpoint(run, new, tok, max_shard_size=after)  # the next save repairs everything
         assert sorted(p.name for p in root.iterdir()) == ["run"]
+        manifest = json.loads((run / "manifest.json").read_text())["files"]
+        assert sorted(manifest) == sorted({p.name for p in run.iterdir()} - {"manifest.json",
+                                          "metrics.jsonl"})  # no stale shard  # fmt: skip
         assert logged(run) == [1, 2, 3]
         assert weights_id(load_checkpoint(run)) == float(new.tok_emb.weight.sum())
         if not inj.fired:

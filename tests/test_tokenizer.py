@@ -624,3 +624,99 @@ def test_tiktoken_conformance_on_data_and_generated_text():
     # all ordinary tokens decode identically in both
     for i in range(0, 256 + len(t.merges)):
         assert enc.decode_single_token_bytes(i) == t.token_bytes(i)
+
+
+# ------------------------------------------------------------------ imported tokenizers
+# (the generalisation that Hugging Face import needs; the import itself: test_hf_tokenizer)
+
+CHATML_CONFIG = {
+    "vocab_size": 600,
+    "normalization": "none",
+    "builtin_specials": False,
+    "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "roles": [["eos", "<|endoftext|>"], ["start", "<|im_start|>"], ["end", "<|im_end|>"]],
+    "chat_template": "chatml",
+}
+
+
+def test_new_config_fields_leave_old_files_unchanged(tok):
+    d = tok.config.to_dict()
+    assert set(d) == {"vocab_size", "normalization", "pattern", "special_tokens", "min_frequency"}
+    cfg = BpeTokenizerConfig.from_dict(CHATML_CONFIG)
+    assert cfg.to_dict()["roles"] == CHATML_CONFIG["roles"] and "merge_rule" not in cfg.to_dict()
+    assert BpeTokenizerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_merge_rule_merges_uses_only_listed_merges():
+    """b+c, a+b, ab+c: tiktoken's rule also merges a + bc into abc; Hugging Face's does not."""
+    merges = [(98, 99), (97, 98), (257, 99)]
+    ranks = BpeTokenizer(BpeTokenizerConfig(vocab_size=300), merges)
+    listed = BpeTokenizer(BpeTokenizerConfig(vocab_size=300, merge_rule="merges"), merges)
+    assert ranks.encode("xabc") == [120, 258]
+    assert listed.encode("xabc") == [120, 97, 256]
+    assert ranks.encode("abc") == listed.encode("abc") == [258]  # a whole token: same
+    assert ranks.pair_ranks()[(97, 256)] == 258 and (97, 256) not in listed.pair_ranks()
+    assert BpeTokenizer.from_dict(listed.to_dict()).encode("xabc") == [120, 97, 256]
+
+
+def test_imported_specials_roles_and_chatml(tmp_path):
+    t = BpeTokenizer.train(make_corpus(150), BpeTokenizerConfig.from_dict(CHATML_CONFIG))
+    n = 256 + len(t.merges)
+    assert t.special_tokens == {"<|endoftext|>": n, "<|im_start|>": n + 1, "<|im_end|>": n + 2}
+    assert (t.bos_id, t.eos_id, t.end_id, t.pad_id, t.user_id) == (None, n, n + 2, None, None)
+    assert t.stop_ids() == [n, n + 2, n + 1]
+    assert t.encode_document("hi") == [*t.encode("hi"), n]  # no bos role: no bos
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    ids, mask = t.render_chat(msgs, add_generation_prompt=True)
+    text = (
+        "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        + "<|im_start|>assistant\n"
+    )
+    assert ids == t.encode(text, allowed_special="all")
+    assert t.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Hello!<|im_end|>"
+    assert t.chat_tail_length() == len(t.encode("<|im_end|>\n<|im_start|>assistant\n", "all"))
+    t.save(tmp_path / "t.json")
+    assert BpeTokenizer.load(tmp_path / "t.json").to_json() == t.to_json()
+    # a default system message comes first when the conversation has none
+    sp = BpeTokenizer(t.config.replace(system_prompt="You help."), t.merges)
+    ids, _ = sp.render_chat(msgs[1:])
+    assert sp.decode(ids).startswith("<|im_start|>system\nYou help.<|im_end|>\n<|im_start|>user")
+    assert sp.render_chat(msgs)[0] == t.render_chat(msgs)[0]
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"roles": [["eos", "<|nope|>"]]}, "not a special token"),
+        ({"roles": [["king", "<|im_end|>"]]}, "role one of"),
+        ({"roles": [["eos", "<|im_end|>"], ["eos", "<|im_end|>"]]}, "gives a role twice"),
+        ({"roles": [["eos", "<|endoftext|>"]]}, r"needs special tokens for roles \['start'"),
+        ({"builtin_specials": True}, "roles are fixed"),
+        ({"merge_rule": "greedy"}, "merge_rule must be one of"),
+        ({"chat_template": "llama3"}, "chat_template must be one of"),
+    ],
+)
+def test_imported_config_errors(changes, match):
+    with pytest.raises(TokenizerError, match=match):
+        BpeTokenizerConfig.from_dict({**CHATML_CONFIG, **changes})
+
+
+def test_none_normalization_and_no_specials():
+    cfg = BpeTokenizerConfig(
+        vocab_size=300, normalization="none", builtin_specials=False, chat_template="none"
+    )
+    t = BpeTokenizer.train(make_corpus(50), cfg)
+    nfd = "cafe\u0301 \ud800"
+    assert t.normalize(nfd) == "cafe\u0301 \ufffd" and t.decode(t.encode(nfd)) == t.normalize(nfd)
+    assert t.special_tokens == {} and t.encode("<|bos|>", allowed_special="all") == t.encode(
+        "<|bos|>"
+    )
+    assert t.stop_ids() == [] and t.bos_id is None
+    with pytest.raises(TokenizerError, match="raw mode only"):
+        t.render_chat([])
+    with pytest.raises(TokenizerError, match=r"needs special tokens for roles \['bos', 'user'"):
+        cfg.replace(chat_template="tritonlm")
