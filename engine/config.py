@@ -38,6 +38,15 @@ class ModelConfig(ConfigMixin):
     n_layers: int = option(3, at_least(1), "Transformer blocks (default: the preset's)",
                            metavar="N")  # fmt: skip
     n_heads: int = option(4, at_least(1), "attention heads (default: the preset's)", metavar="N")
+    # Key/value heads of grouped-query attention; None (the default) means n_heads and is
+    # resolved when the config is built, so a config.json written before the field existed
+    # builds the same model it always did.
+    n_kv_heads: int | None = option(
+        None,
+        at_least(1, optional=True),
+        "key/value heads, dividing the attention heads (default: as many as heads)",
+        metavar="N",
+    )
     d_ff: int = option(256, at_least(1), "feed-forward width (default: the preset's)",
                        metavar="N")  # fmt: skip
     max_seq_len: int = option(80, at_least(1), flag=False)  # the CLI's --seq-len sets it
@@ -52,11 +61,29 @@ class ModelConfig(ConfigMixin):
     norm_eps: float = option(1e-6, number(lo=0, lo_open=True), flag=False)
     init_std: float = option(0.02, number(lo=0, lo_open=True), flag=False)
 
+    # Fields added after configs were first saved: a config.json without them still loads,
+    # with the default (which builds exactly the model it described).
+    added_later = ("n_kv_heads",)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:  # the default: one key/value head per query head
+            self.n_kv_heads = self.n_heads
+        super().__post_init__()
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): n_kv_heads * head_dim."""
+        return self.n_kv_heads * self.head_dim
+
     def check_together(self) -> None:
+        if isinstance(self.n_kv_heads, int) and self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.d_model % self.n_heads != 0:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -83,12 +110,13 @@ class ModelConfig(ConfigMixin):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count by formula (equals ``Transformer(cfg).num_parameters()``).
 
-        Per block: 4*d^2 (q, k, v, o) + 3*d*d_ff (SwiGLU) + 2*d (two RMSNorm weights);
-        then the final RMSNorm d, the embedding V*d and, when untied, the output head V*d.
-        ``exclude_embeddings`` drops the token embedding (and the untied head).
+        Per block: 2*d^2 (q, o) + 2*d*kv_dim (k, v; 2*d^2 without grouped-query attention)
+        + 3*d*d_ff (SwiGLU) + 2*d (two RMSNorm weights); then the final RMSNorm d, the
+        embedding V*d and, when untied, the output head V*d. ``exclude_embeddings`` drops
+        the token embedding (and the untied head).
         """
         d = self.d_model
-        per_block = 4 * d * d + 3 * d * self.d_ff + 2 * d
+        per_block = 2 * d * d + 2 * d * self.kv_dim + 3 * d * self.d_ff + 2 * d
         n = self.n_layers * per_block + d
         if not exclude_embeddings:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -79,10 +79,10 @@ def phase_config(phase: str, values: dict[str, Any], *, steps: int | None = None
     ``steps`` / ``epochs``: this phase's length (default: DEFAULT_STEPS). ``lr``: this
     phase's peak lr, when it differs. ``resumed``: the saved config of a phase being
     resumed, which keeps its schedule; only the runtime fields (device, backend, dtype,
-    compile, log_every) may change.
+    compile, log_every, max_shard_size) may change.
     """
-    runtime = {k: values[k] for k in ("device", "backend", "dtype", "compile", "log_every")
-               if k in values}  # fmt: skip
+    runtime = {k: values[k] for k in ("device", "backend", "dtype", "compile", "log_every",
+                                      "max_shard_size") if k in values}  # fmt: skip
     if resumed is not None:
         return TrainConfig.from_dict({**resumed, **runtime})
     if steps is None and epochs is None:
@@ -109,6 +109,37 @@ def new_model(preset: str, vocab_size: int, overrides: dict[str, Any], seed: int
         raise TrainingError(f"building this model {reason}; choose a smaller shape")
     torch.manual_seed(seed)
     return Transformer(cfg)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: a config.json naming a model type or architecture, and
+    none of our checkpoint's marks (a damaged checkpoint must get the checkpoint's error)."""
+    root = resolve(path)
+    if root is None or is_checkpoint(path) or (root / "manifest.json").exists():
+        return False
+    try:
+        cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and ("architectures" in cfg or "model_type" in cfg)
+
+
+def load_init(path: str | Path, backend: str = "auto"):
+    """The model and tokenizer ``--init-from`` starts from: one of our checkpoints, or a
+    Hugging Face Llama/Mistral folder (imported in memory: its tokenizer comes along, none
+    is trained). Returns a Checkpoint either way."""
+    from .checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint
+
+    path = Path(path)
+    if not _is_hf_folder(path):
+        return load_checkpoint(path, backend=backend)  # names what is wrong, if anything
+    from .hf_import import load_hf
+
+    imported = load_hf(path, backend=backend)
+    model = imported.model
+    return Checkpoint(path=path, model=model, tokenizer=imported.tokenizer,
+                      model_config=model.config, train_config=None, trainer_state=None,
+                      format_version=FORMAT_VERSION)  # fmt: skip
 
 
 def set_dropout(model: Transformer, p: float) -> None:

@@ -356,3 +356,141 @@ def test_cache_in_lower_precision_and_bf16_model():
     out16 = m16.forward_cached(idx, m16.new_cache(1))
     assert out16.dtype == torch.bfloat16
     assert torch.isfinite(m16.loss(idx, idx)).item()
+
+
+# ----------------------------------------------------------------------------- grouped-query
+
+
+def test_n_kv_heads_defaults_to_n_heads_and_must_divide_them():
+    cfg = ModelConfig(**TINY)
+    assert cfg.n_kv_heads == cfg.n_heads == 4 and cfg.to_dict()["n_kv_heads"] == 4
+    old = {k: v for k, v in cfg.to_dict().items() if k != "n_kv_heads"}  # a pre-GQA config
+    assert ModelConfig.from_dict(old) == cfg
+    assert ModelConfig(**TINY, n_kv_heads=2).kv_dim == 16
+    with pytest.raises(ConfigError, match="multiple of n_kv_heads"):
+        ModelConfig(**TINY, n_kv_heads=3)
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        ModelConfig(**TINY, n_kv_heads=0)
+    # without GQA the fused projection keeps its pre-GQA name and shape
+    shapes = {n: tuple(p.shape) for n, p in meta_model(cfg).state_dict().items()}
+    assert shapes["blocks.0.attn.qkv.weight"] == (3 * 32, 32)
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_gqa_parameter_count_and_cache_shape(kv):
+    m = tiny_model(n_kv_heads=kv, tie_embeddings=False)
+    assert m.num_parameters() == sum(p.numel() for p in m.parameters())
+    assert m.num_parameters() == m.config.num_parameters()
+    assert m.blocks[0].attn.qkv.weight.shape == (32 + 2 * kv * 8, 32)
+    c = m.config
+    n = c.n_layers * (2 * 32 * 32 + 2 * 32 * kv * 8 + 3 * 32 * 48) + 61 * 32
+    assert m.flops_per_token(10) == 6 * n + 12 * c.n_layers * 32 * 10
+    cache = m.new_cache(3, max_len=5)
+    assert cache.k[0].shape == cache.v[1].shape == (3, kv, 5, 8)
+
+
+def expanded_to_mha(m: Transformer) -> Transformer:
+    """The multi-head model that computes the same function as the GQA model ``m``: each
+    key/value head's weights repeated for every query head of its group."""
+    c = m.config
+    full = Transformer(c.replace(n_kv_heads=c.n_heads)).eval()
+    group, d = c.n_heads // c.n_kv_heads, c.d_model
+    state = dict(m.state_dict())
+    for i in range(c.n_layers):
+        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split((d, c.kv_dim, c.kv_dim))
+
+        def rep(w):
+            return w.view(c.n_kv_heads, 1, c.head_dim, d).expand(-1, group, -1, -1).reshape(d, d)
+
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat((q, rep(k), rep(v)))
+    full.load_state_dict(state)
+    return full
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_gqa_equals_multi_head_attention_with_repeated_kv(kv):
+    m = tiny_model(seed=7, n_kv_heads=kv)
+    full = expanded_to_mha(m)
+    idx = torch.randint(0, 61, (2, 12))
+    lengths = torch.tensor([12, 7])
+    torch.testing.assert_close(m(idx), full(idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        m(idx, lengths=lengths)[1, :7], full(idx, lengths=lengths)[1, :7], rtol=1e-5, atol=1e-5
+    )
+    pad = torch.tensor([0, 4])
+    torch.testing.assert_close(m(idx, pad=pad), full(idx, pad=pad), rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_cache_matches_recompute_and_batch_matches_alone():
+    m = tiny_model(seed=8, n_kv_heads=2)
+    torch.manual_seed(9)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 9, 1)]
+    tokens, logits = greedy_cached(m, prompts, 8)
+    for i, p in enumerate(prompts):
+        ref_tokens, ref_logits = greedy_uncached(m, p, 8)
+        alone_tokens, _ = greedy_cached(m, [p], 8)
+        assert tokens[i] == ref_tokens == alone_tokens[0], i
+        torch.testing.assert_close(logits[i], ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_model_trains():
+    m = tiny_model(seed=10, n_kv_heads=1).train()
+    m.backend = "torch"
+    idx = torch.randint(0, 61, (4, 16))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = m.loss(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_gqa_triton_backend_matches_torch():
+    """Grouped-query attention through the kernel seam: Triton (interpreter on CPU) and
+    torch agree on the loss and every gradient, k/v projections included."""
+    m = tiny_model(seed=11, d_model=64, n_heads=2, n_kv_heads=1, max_seq_len=16)  # head dim 32
+    idx, targets = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
+    lengths = torch.tensor([9, 6])
+    results = {}
+    for backend in ("torch", "triton"):
+        m.backend = backend
+        m.zero_grad()
+        loss = m.loss(idx, targets, lengths=lengths)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    (l0, d0), (l1, d1) = results["torch"], results["triton"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for name in d0:
+        torch.testing.assert_close(d1[name], d0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpoint_written_before_n_kv_heads_existed_still_loads(tmp_path):
+    """config.json of checkpoints saved before grouped-query attention has no n_kv_heads:
+    it loads as the same multi-head model, with the same weights and logits."""
+    import hashlib
+    import json
+
+    from tritonlm.engine.checkpoint import load_checkpoint, save_checkpoint
+    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+
+    tok = BpeTokenizer.train(["an old checkpoint, an old config"] * 3, BpeTokenizerConfig(300))
+    m = tiny_model(seed=12, vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "old", m, tok)
+    path = tmp_path / "old" / "config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["model_config"]["n_kv_heads"]  # as every checkpoint before the field
+    path.write_text(json.dumps(cfg))
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    data = path.read_bytes()
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["config.json"] = entry
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_checkpoint(tmp_path / "old", backend="torch")
+    assert loaded.model.config.n_kv_heads == loaded.model.config.n_heads == 4
+    assert loaded.model.config == m.config
+    idx = torch.randint(0, tok.vocab_size, (1, 10))
+    assert torch.equal(loaded.model(idx), m(idx))
