@@ -5,7 +5,9 @@ On CUDA (bf16, forward + backward, median of triton.testing.do_bench after warmu
   linear + CE      N=16384, V in {32000, 50257, 128256}, d in {768, 2048} -> ms, TFLOP/s,
                    peak memory above the inputs (torch.cuda.max_memory_allocated)
   cross-entropy    N=16384 logits rows, same V (kernel alone)       -> ms, GB/s
-  attention        B=8, H=12, T in {512, 1024, 2048, 4096}, D in {64, 128} -> ms, TFLOP/s
+  attention        B=8, H=12, T in {512, 1024, 2048, 4096}, D in {64, 128} -> ms, TFLOP/s,
+                   plus grouped-query (Hkv=4, D=64) and head dim 96 (baselines expand k, v
+                   with repeat_interleave, as Hugging Face's eager Llama does)
   and the measured device copy bandwidth, for the RMSNorm >= 80% goal.
 
 Without CUDA (CPU mode): the torch reference path at small shapes (so the script itself is
@@ -37,6 +39,7 @@ from tritonlm.kernels import cross_entropy as ce_mod
 from tritonlm.kernels import rmsnorm as rms_mod
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ATTENTION_IMPLS = ("triton", "sdpa flash", "eager", "torch.compile")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -58,8 +61,17 @@ def _versions() -> dict:
     return info
 
 
+def _repeat_kv(q, k, v):
+    """k, v with one head per query head (repeat_interleave of grouped kv heads)."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def _attention_eager(q, k, v):
     """Plain-torch causal attention (matmul, mask, softmax, matmul): the eager baseline."""
+    k, v = _repeat_kv(q, k, v)
     t = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
@@ -181,12 +193,13 @@ def gpu_cross_entropy(quick: bool) -> list[dict]:
     return out
 
 
-def gpu_attention(quick: bool) -> list[dict]:
+def gpu_attention(quick: bool, impls: list[str] | None = None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     batch, heads, dtype = 8, 12, torch.bfloat16
 
     def sdpa_flash(q, k, v):
+        k, v = _repeat_kv(q, k, v)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
@@ -196,17 +209,22 @@ def gpu_attention(quick: bool) -> list[dict]:
         "eager": _attention_eager,
         "torch.compile": _compiled(_attention_eager),
     }
+    if impls:  # main checked the names against ATTENTION_IMPLS
+        variants = {name: fn for name, fn in variants.items() if name in impls}
     out = []
-    for d in (64, 128)[: 1 if quick else 2]:
+    # (kv heads, head dim): multi-head 64 and 128, grouped-query (3 query heads per kv
+    # head), head dim 96 (tiles padded to 128 columns)
+    for kv_heads, d in ((heads, 64), (heads, 128), (4, 64), (heads, 96))[: 1 if quick else 4]:
         for t in (512, 1024, 2048, 4096)[: 1 if quick else 4]:
-            q, k, v = (torch.randn(batch, heads, t, d, device="cuda", dtype=dtype,
-                                   requires_grad=True) for _ in range(3))  # fmt: skip
+            q = torch.randn(batch, heads, t, d, device="cuda", dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(batch, kv_heads, t, d, device="cuda", dtype=dtype,
+                                requires_grad=True) for _ in range(2))  # fmt: skip
             flops = 3.5 * 4 * batch * heads * t * t * d * 0.5  # causal; bwd = 2.5 x fwd
+            shape = f"B={batch} H={heads}" + (f" Hkv={kv_heads}" if kv_heads != heads else "")
             for name, fn in variants.items():
                 ms = _bench_cuda(_fwd_bwd(fn, (q, k, v)), [q, k, v], quick)
-                out.append({"op": "attention", "impl": name,
-                            "shape": f"B={batch} H={heads} T={t} D={d}", "ms": ms,
-                            "TFLOP/s": flops / ms / 1e9})  # fmt: skip
+                out.append({"op": "attention", "impl": name, "shape": f"{shape} T={t} D={d}",
+                            "ms": ms, "TFLOP/s": flops / ms / 1e9})  # fmt: skip
     return out
 
 
@@ -333,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         default=16384,
         help="CPU mode: N for the linear-CE memory comparison",
     )
+    parser.add_argument(
+        "--attention-impls",
+        default=None,
+        help="GPU mode: comma-separated subset of triton,sdpa flash,eager,torch.compile",
+    )
     parser.add_argument("--memory-child", nargs=4, metavar=("VARIANT", "N", "V", "D"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
@@ -344,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(ops) - {"rmsnorm", "cross_entropy", "attention"}
     if unknown:
         parser.error(f"unknown ops: {', '.join(sorted(unknown))}")
+    impls = args.attention_impls and [i.strip() for i in args.attention_impls.split(",")]
+    if impls and set(impls) - set(ATTENTION_IMPLS):
+        parser.error(f"--attention-impls: choose from {', '.join(ATTENTION_IMPLS)}")
 
     cuda = torch.cuda.is_available()
     info = _versions()
@@ -356,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if "cross_entropy" in ops:
             rows += gpu_cross_entropy(args.quick)
         if "attention" in ops:
-            rows += gpu_attention(args.quick)
+            rows += gpu_attention(args.quick, impls)
     else:
         notes.append(
             "No CUDA device: CPU mode ran the torch reference path at small shapes "

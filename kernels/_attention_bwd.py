@@ -10,10 +10,16 @@ never stored: it is recomputed tile by tile from Q, K and the forward's per-row 
 
 Three kernels, in launch order:
   1. preprocess: delta = rowsum(dO * O), one value per query row (see its docstring).
-  2. dk/dv: one program per key block, looping over the query blocks that see it.
-  3. dq: one program per query block, looping over the key blocks it sees.
+  2. dk/dv: one program per (key block, kv head), looping over the query heads of its
+     group and, for each, over the query blocks that see the key block.
+  3. dq: one program per (query block, query head), looping over the key blocks it sees
+     (of kv head h // GROUP).
 Splitting dk/dv from dq computes S and P twice, but every program writes only its own
-rows: no atomics, so the gradients are deterministic.
+rows: no atomics, so the gradients are deterministic. Grouped-query attention: a kv head
+is shared by GROUP query heads, so its dK and dV are sums over them; the dk/dv program
+adds them in a fixed order (head by head, in fp32) and stores once, instead of
+one program per query head racing to add into the same rows. Head dims that are not a
+power of two run in padded BLOCK_D tiles, as in the forward (`load_tile`, `store_tile`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 from ._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
+    from ._attention_fwd import load_tile, store_tile
 
     @triton.jit
     def attn_bwd_preprocess_kernel(
@@ -38,6 +45,7 @@ if HAS_TRITON:
         H,
         T,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
         """delta[row] = sum_d dO[row, d] * O[row, d] in fp32 (0 on padding rows: O = 0).
@@ -53,7 +61,8 @@ if HAS_TRITON:
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < D
         row_ok = offs_m[:, None] < T
         o_ptrs = (
             O
@@ -69,8 +78,8 @@ if HAS_TRITON:
             + offs_m[:, None] * stride_dot
             + offs_d[None, :] * stride_dod
         )
-        o = tl.load(o_ptrs, mask=row_ok, other=0.0).to(tl.float32)
-        do = tl.load(do_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+        o = load_tile(o_ptrs, row_ok, d_ok, True, BLOCK_D != D).to(tl.float32)
+        do = load_tile(do_ptrs, row_ok, d_ok, True, BLOCK_D != D).to(tl.float32)
         delta = tl.sum(o * do, 1)
         tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -94,6 +103,7 @@ if HAS_TRITON:
         hi,
         qk_scale,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         MASKED: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -104,20 +114,20 @@ if HAS_TRITON:
         transposed accumulator. MASKED adds the causal mask (key <= row) and drops rows
         >= L; the unmasked variant is for blocks the caller knows need neither.
         """
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        pad = BLOCK_D != D
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             qt_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
             do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+            row_ok = offs_m < L
+            qt = load_tile(qt_ptrs, row_ok[None, :], d_ok[:, None], MASKED, pad)
+            do = load_tile(do_ptrs, row_ok[:, None], d_ok[None, :], MASKED, pad)
             if MASKED:
-                row_ok = offs_m < L
-                qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
-                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
                 lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
                 delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             else:
-                qt = tl.load(qt_ptrs)
-                do = tl.load(do_ptrs)
                 lse = tl.load(lse_base + offs_m)
                 delta = tl.load(delta_base + offs_m)
             st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -170,50 +180,45 @@ if HAS_TRITON:
         stride_dvd,
         H,
         T,
+        GROUP,
         qk_scale,
         sm_scale,
         HAS_LENS: tl.constexpr,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # One program per key block [n_lo, n_lo + BLOCK_N): it alone writes those rows of dk
-        # and dv (no atomics). Low key blocks are seen by the most query rows, so program
-        # 0 is already the heaviest and is launched first.
+        # One program per (key block [n_lo, n_lo + BLOCK_N), kv head): it alone writes those
+        # rows of dk and dv (no atomics). Low key blocks are seen by the most query rows, so
+        # program 0 is already the heaviest and is launched first.
         pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        pid_bkv = tl.program_id(1)
+        H_KV = H // GROUP
+        b = pid_bkv // H_KV
+        h_kv = pid_bkv % H_KV
         if HAS_LENS:
             L = tl.minimum(tl.load(LENS + b), T)
         else:
             L = T
         n_lo = pid_n * BLOCK_N
         offs_n = n_lo + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < D
+        pad = BLOCK_D != D
         b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
+        hkv64 = h_kv.to(tl.int64)
         key_in = offs_n[:, None] < T
-        k_ptrs = K + b64 * stride_kb + h64 * stride_kh
-        k = tl.load(
-            k_ptrs + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-            mask=key_in,
-            other=0.0,
-        )
-        v_ptrs = V + b64 * stride_vb + h64 * stride_vh
-        v = tl.load(
-            v_ptrs + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-            mask=key_in,
-            other=0.0,
-        )
-        q_base = Q + b64 * stride_qb + h64 * stride_qh
-        do_base = DO + b64 * stride_dob + h64 * stride_doh
-        lse_base = LSE + pid_bh.to(tl.int64) * T
-        delta_base = DELTA + pid_bh.to(tl.int64) * T
+        k_ptrs = K + b64 * stride_kb + hkv64 * stride_kh
+        k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        k = load_tile(k_ptrs, key_in, d_ok, True, pad)
+        v_ptrs = V + b64 * stride_vb + hkv64 * stride_vh
+        v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        v = load_tile(v_ptrs, key_in, d_ok, True, pad)
 
-        dk = tl.zeros([BLOCK_N, D], tl.float32)
-        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # Which query rows see this key block? Causal: row >= key, so rows >= n_lo; lengths:
         # rows < L. Rows [0, n_lo) are skipped outright; rows [n_lo, L) are visited in
         # BLOCK_M-aligned query blocks, split three ways:
@@ -237,32 +242,40 @@ if HAS_TRITON:
         m_end = tl.where(n_lo < L, L, 0)
         diag_end = ((n_lo + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         full_end = (L // BLOCK_M) * BLOCK_M
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-            stride_dot, stride_dod, offs_n, L, m_start, tl.minimum(diag_end, m_end),
-            qk_scale, D, BLOCK_M, True, PRECISION,
-        )  # fmt: skip
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-            stride_dot, stride_dod, offs_n, L, diag_end, full_end,
-            qk_scale, D, BLOCK_M, False, PRECISION,
-        )  # fmt: skip
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-            stride_dot, stride_dod, offs_n, L, tl.maximum(diag_end, full_end), m_end,
-            qk_scale, D, BLOCK_M, True, PRECISION,
-        )  # fmt: skip
+        # The query heads h_kv * GROUP + g of the group, in order: their contributions add
+        # into the same fp32 dk/dv tiles, so the sum's order is fixed (deterministic).
+        for g in range(0, GROUP):
+            h64 = hkv64 * GROUP + g
+            q_base = Q + b64 * stride_qb + h64 * stride_qh
+            do_base = DO + b64 * stride_dob + h64 * stride_doh
+            lse_base = LSE + (b64 * H + h64) * T  # lse and delta are [B, H, T]
+            delta_base = DELTA + (b64 * H + h64) * T
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
+                stride_dot, stride_dod, offs_n, L, m_start, tl.minimum(diag_end, m_end),
+                qk_scale, D, BLOCK_D, BLOCK_M, True, PRECISION,
+            )  # fmt: skip
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
+                stride_dot, stride_dod, offs_n, L, diag_end, full_end,
+                qk_scale, D, BLOCK_D, BLOCK_M, False, PRECISION,
+            )  # fmt: skip
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
+                stride_dot, stride_dod, offs_n, L, tl.maximum(diag_end, full_end), m_end,
+                qk_scale, D, BLOCK_D, BLOCK_M, True, PRECISION,
+            )  # fmt: skip
 
         # S = scale * Q K^T, so dK = scale * dS^T Q: the scale is applied once, here.
         key_ok = (offs_n < L)[:, None]
         dk = tl.where(key_ok, dk * sm_scale, 0.0)
         dv = tl.where(key_ok, dv, 0.0)
-        dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh
+        dk_ptrs = DK + b64 * stride_dkb + hkv64 * stride_dkh
         dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh
+        dv_ptrs = DV + b64 * stride_dvb + hkv64 * stride_dvh
         dv_ptrs += offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_in)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_in)
+        store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), key_in, d_ok, pad)
+        store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), key_in, d_ok, pad)
 
     @triton.jit
     def _attn_bwd_dq_inner(
@@ -283,6 +296,7 @@ if HAS_TRITON:
         hi,
         qk_scale,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -292,18 +306,16 @@ if HAS_TRITON:
         The dk/dv loop's recomputation in [rows, keys] orientation:
         P = exp2(S - lse), dS = P * (dO V^T - delta), dQ += dS K.
         """
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[:, None] < D
+        pad = BLOCK_D != D
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
             vt_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
-            if MASKED:
-                key_ok = offs_n < L
-                kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
-                vt = tl.load(vt_ptrs, mask=key_ok[None, :], other=0.0)
-            else:
-                kt = tl.load(kt_ptrs)
-                vt = tl.load(vt_ptrs)
+            key_ok = offs_n < L
+            kt = load_tile(kt_ptrs, key_ok[None, :], d_ok, MASKED, pad)
+            vt = load_tile(vt_ptrs, key_ok[None, :], d_ok, MASKED, pad)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             if MASKED:
                 keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
@@ -346,48 +358,48 @@ if HAS_TRITON:
         stride_dqd,
         H,
         T,
+        GROUP,
         qk_scale,
         sm_scale,
         HAS_LENS: tl.constexpr,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # One program per query block [m_lo, m_lo + BLOCK_M): it alone writes those rows of
-        # dq. Heaviest (last) query blocks first, as in the forward.
+        # dq. Heaviest (last) query blocks first, as in the forward. Keys and values are
+        # those of kv head h // GROUP.
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        h_kv = h // GROUP
         if HAS_LENS:
             L = tl.minimum(tl.load(LENS + b), T)
         else:
             L = T
         m_lo = pid_m * BLOCK_M
         offs_m = m_lo + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < D
+        pad = BLOCK_D != D
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
         row_in = offs_m < T
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh
-        q = tl.load(
-            q_ptrs + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-            mask=row_in[:, None],
-            other=0.0,
-        )
+        q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+        q = load_tile(q_ptrs, row_in[:, None], d_ok, True, pad)
         do_ptrs = DO + b64 * stride_dob + h64 * stride_doh
-        do = tl.load(
-            do_ptrs + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-            mask=row_in[:, None],
-            other=0.0,
-        )
+        do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        do = load_tile(do_ptrs, row_in[:, None], d_ok, True, pad)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_in, other=0.0)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_in, other=0.0)
-        k_base = K + b64 * stride_kb + h64 * stride_kh
-        v_base = V + b64 * stride_vb + h64 * stride_vh
+        k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
+        v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
 
-        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Which keys do these rows see? Keys <= row and < L: keys [0, hi) with
         # hi = min(m_lo + BLOCK_M, L) (the block's last row sees keys up to itself):
         #   [0, full_hi)   key blocks ending at or before m_lo (and L): every key is before
@@ -400,14 +412,14 @@ if HAS_TRITON:
         full_hi = tl.where(live, (tl.minimum(m_lo, L) // BLOCK_N) * BLOCK_N, 0)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
-            stride_vd, offs_m, L, 0, full_hi, qk_scale, D, BLOCK_N, False, PRECISION,
+            stride_vd, offs_m, L, 0, full_hi, qk_scale, D, BLOCK_D, BLOCK_N, False, PRECISION,
         )  # fmt: skip
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
-            stride_vd, offs_m, L, full_hi, hi, qk_scale, D, BLOCK_N, True, PRECISION,
+            stride_vd, offs_m, L, full_hi, hi, qk_scale, D, BLOCK_D, BLOCK_N, True, PRECISION,
         )  # fmt: skip
 
         dq = tl.where((offs_m < L)[:, None], dq * sm_scale, 0.0)  # dQ = scale * dS K
         dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh
         dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None])
+        store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), row_in[:, None], d_ok, pad)

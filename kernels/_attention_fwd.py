@@ -1,10 +1,16 @@
 """Forward Triton kernel of causal attention (launched by :mod:`.attention`).
 
-One program per (query block, batch*head). Online softmax over key blocks in base 2: the
-scores are pre-multiplied by qk_scale = scale * log2(e), so exp2/log2 replace exp/log.
-For each query row it keeps the running max m, the running sum l of exp2(s - m) and the
-fp32 accumulator acc = sum exp2(s - m) * v; when a new key block raises m, l and acc are
-rescaled by exp2(m_old - m_new). The output is acc / l and the saved logsumexp is m + log2(l)
+One program per (query block, batch*query head). Grouped-query attention: query head h
+reads key/value head h // GROUP (GROUP = query heads per kv head, 1 for plain multi-head
+attention). Head dims that are not a power of two (96) run in tiles of BLOCK_D columns
+(the next power of two) whose columns >= D load as 0 and are never stored; `load_tile`
+is the one place those masks are added, and for D == BLOCK_D it emits the plain loads.
+
+Online softmax over key blocks in base 2: the scores are pre-multiplied by
+qk_scale = scale * log2(e), so exp2/log2 replace exp/log. For each query row it keeps the
+running max m, the running sum l of exp2(s - m) and the fp32 accumulator
+acc = sum exp2(s - m) * v; when a new key block raises m, l and acc are rescaled by
+exp2(m_old - m_new). The output is acc / l and the saved logsumexp is m + log2(l)
 (base 2), which is all the backward needs to recompute the probabilities.
 
 Key blocks visited by the query block [m_lo, m_lo + BLOCK_M) of a sequence of length L:
@@ -19,6 +25,32 @@ from __future__ import annotations
 from ._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
+
+    @triton.jit
+    def load_tile(ptrs, mask, d_mask, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+        """Load a tile whose one axis is the head dim, 0 where masked: `mask` (rows or
+        keys) applies when MASKED, `d_mask` (head-dim columns < D) when PAD_D. Shared by
+        the backward kernels; constexpr branches, so an unpadded unmasked tile is a plain
+        vectorized load."""
+        if MASKED:
+            if PAD_D:
+                x = tl.load(ptrs, mask=mask & d_mask, other=0.0)
+            else:
+                x = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            if PAD_D:
+                x = tl.load(ptrs, mask=d_mask, other=0.0)
+            else:
+                x = tl.load(ptrs)
+        return x
+
+    @triton.jit
+    def store_tile(ptrs, x, mask, d_mask, PAD_D: tl.constexpr):
+        """Store a [rows, head dim] tile where `mask` (and, when PAD_D, `d_mask`) holds."""
+        if PAD_D:
+            tl.store(ptrs, x, mask=mask & d_mask)
+        else:
+            tl.store(ptrs, x, mask=mask)
 
     @triton.jit
     def _attn_fwd_inner(
@@ -38,23 +70,22 @@ if HAS_TRITON:
         hi,
         qk_scale,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """Online softmax over key blocks [lo, hi); MASKED adds the causal/length mask."""
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        pad = BLOCK_D != D
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
             v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-            if MASKED:
-                key_ok = offs_n < L
-                kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-            else:
-                kt = tl.load(kt_ptrs)
-                v = tl.load(v_ptrs)
+            key_ok = offs_n < L
+            kt = load_tile(kt_ptrs, key_ok[None, :], d_ok[:, None], MASKED, pad)
+            v = load_tile(v_ptrs, key_ok[:, None], d_ok[None, :], MASKED, pad)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             if MASKED:
                 keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
@@ -95,9 +126,11 @@ if HAS_TRITON:
         stride_od,
         H,
         T,
+        GROUP,
         qk_scale,
         HAS_LENS: tl.constexpr,
         D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -107,22 +140,24 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        h_kv = h // GROUP  # the kv head of this query head's group
         if HAS_LENS:
             L = tl.minimum(tl.load(LENS + b), T)
         else:
             L = T
         m_lo = pid_m * BLOCK_M
         offs_m = m_lo + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < D
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+        q = load_tile(q_ptrs, offs_m[:, None] < T, d_ok, True, BLOCK_D != D)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Keys [0, full_hi): below the diagonal for every row of the block and < L.
         # Keys [full_hi, hi): the diagonal / length tail, masked. Blocks past L: no work.
         live = m_lo < L
@@ -130,11 +165,11 @@ if HAS_TRITON:
         full_hi = tl.where(live, (tl.minimum(m_lo, L) // BLOCK_N) * BLOCK_N, 0)
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-            offs_m, L, 0, full_hi, qk_scale, D, BLOCK_N, False, PRECISION,
+            offs_m, L, 0, full_hi, qk_scale, D, BLOCK_D, BLOCK_N, False, PRECISION,
         )  # fmt: skip
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-            offs_m, L, full_hi, hi, qk_scale, D, BLOCK_N, True, PRECISION,
+            offs_m, L, full_hi, hi, qk_scale, D, BLOCK_D, BLOCK_N, True, PRECISION,
         )  # fmt: skip
 
         has_mass = l_i > 0.0
@@ -144,5 +179,5 @@ if HAS_TRITON:
         lse = tl.where(has_mass, m_i + tl.log2(l_safe), 0.0)
         o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+        store_tile(o_ptrs, out.to(O.dtype.element_ty), offs_m[:, None] < T, d_ok, BLOCK_D != D)
         tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)

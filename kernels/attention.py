@@ -1,9 +1,13 @@
 """Causal multi-head attention: FlashAttention-2 style Triton kernels and the torch reference.
 
-Layout: q, k, v are [B, H, T, D] (any strides, e.g. views of a fused qkv projection).
-Optional `lengths` [B] (int, each >= 1) marks the valid prefix of each sequence in a
-right-padded batch: keys at positions >= length are masked, and outputs at query positions
->= length are exactly zero (so nothing flows back through them).
+Layout: q is [B, H, T, D], k and v are [B, Hkv, T, D] (any strides, e.g. views of a fused
+qkv projection) with H a multiple of Hkv: grouped-query attention, where query head h uses
+kv head h // (H // Hkv) (the Hugging Face / Llama convention, `repeat_interleave` of the kv
+heads); Hkv == H is plain multi-head attention. Head dims 32, 64, 96 and 128 (96 runs in
+tiles padded to 128 columns). Optional `lengths` [B] (int, each >= 1) marks the valid
+prefix of each sequence in a right-padded batch: keys at positions >= length are masked,
+and outputs at query positions >= length are exactly zero (so nothing flows back through
+them).
 
 Structure (Liger-Kernel habit): the Triton kernels (in :mod:`._attention_fwd` and
 :mod:`._attention_bwd`, where their algorithms are described), then here the plain Python
@@ -13,10 +17,11 @@ torch.compile, an autograd formula that saves tensors and calls the backward op)
 public `attention_triton` (same signature as `attention_reference`; the one place inputs
 are validated) and `aot_specs`.
 
-Forward, one program per (query block, batch*head): online softmax over key blocks, fp32
-accumulation; it saves the log-sum-exp of every row (fp32, base 2) for the backward.
-Backward: `delta = rowsum(dO * O)`, then dk/dv (one program per key block) and dq (one per
-query block), both recomputing the probabilities from lse; no atomics, so deterministic.
+Forward, one program per (query block, batch*query head): online softmax over key blocks,
+fp32 accumulation; it saves the log-sum-exp of every row (fp32, base 2) for the backward.
+Backward: `delta = rowsum(dO * O)`, then dk/dv (one program per key block and kv head,
+summing over the query heads of its group) and dq (one per query block and query head),
+both recomputing the probabilities from lse; no atomics, so deterministic.
 
 Worked example of the masks, T = 4, lengths = [2]: query row 1 sees keys {0, 1}; row 0 sees
 {0}; rows 2 and 3 are padding, their outputs are 0 and their gradients are 0; keys 2 and 3
@@ -36,8 +41,22 @@ from . import _attention_bwd, _attention_fwd
 from ._triton import HAS_TRITON, triton
 from .aot_spec import AotSpec, triton_type
 
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 LOG2E = 1.4426950408889634
+
+
+def block_d(head_dim: int) -> int:
+    """Columns of a head-dim tile: `head_dim` rounded up to a power of two (tl.arange needs
+    one), so 96 runs in 128-wide tiles whose last 32 columns are masked."""
+    return 1 << (head_dim - 1).bit_length()
+
+
+def group_size(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per kv head, H // Hkv; a ValueError unless Hkv divides H."""
+    H, H_kv = q.shape[1], k.shape[1]
+    if H_kv < 1 or H % H_kv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({H_kv})")
+    return H // H_kv
 
 
 def attention_reference(
@@ -47,9 +66,14 @@ def attention_reference(
     lengths: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The one torch reference (SDPA math, any dtype including float64)."""
+    """The one torch reference (SDPA math, any dtype including float64). Grouped-query
+    attention repeats each kv head for the query heads of its group (repeat_interleave),
+    so autograd sums dk/dv over the group."""
     T, D = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group = group_size(q, k)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if lengths is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     pos = torch.arange(T, device=q.device)
@@ -88,14 +112,18 @@ def attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
     Every tile dimension is >= 16 (tl.dot on tensor cores). Forward and dq hold a
     [block_m, D] fp32 accumulator and dk/dv two [block_n, D] ones, so wide heads get more
     warps / smaller tiles. fp32 inputs use exact ("ieee") dots, which run on CUDA cores
-    (FMA) with far more registers per tile: small 32x32 tiles, 2 stages. Every choice
-    compiles without register spills for sm_80 and sm_90 in fp16/bf16 (fp32: at most a
-    few bytes), see `aot_specs` and the build gate.
+    (FMA) with far more registers per tile: small 32x32 tiles, 2 stages. In fp16/bf16
+    every multi-head build compiles without register spills for sm_80 and sm_90; the
+    grouped-query dk/dv kernel spills up to 40 bytes (its group loop keeps more live),
+    and some fp32 builds (D >= 64) spill, up to ~1.6 KB on sm_90: see
+    benchmarks/kernel_report.py. Head dim 96 takes 128's tiles (its tiles are 128
+    columns wide).
     """
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"attention kernels support head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}"
         )
+    head_dim = block_d(head_dim)
     preprocess = KernelConfig(64, 16, 4, 1)
     if dtype == torch.float32:
         wide = 8 if head_dim == 128 else 4
@@ -136,9 +164,14 @@ def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def _gradient_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty contiguous (dq, dk, dv) for `q` [B, H, T, D] (launcher and fake, as above)."""
-    return tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+def _gradient_outputs(
+    q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty contiguous (dq [B, H, T, D], dk and dv [B, Hkv, T, D]) in q.dtype (launcher
+    and fake, as above)."""
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk, dv = (torch.empty(k.shape, device=q.device, dtype=q.dtype) for _ in range(2))
+    return dq, dk, dv
 
 
 def attention_forward(
@@ -153,9 +186,11 @@ def attention_forward(
     `lengths` is None or int32 [B] on q's device. `out` is a [B, H, T, D] view of a
     [B, T, H, D] buffer, so `out.transpose(1, 2)` is contiguous (merging heads back needs no
     copy). `lse` is base 2 (log2 of the softmax denominator of the scaled scores times
-    log2(e)); it is only meant for the backward.
+    log2(e)); it is only meant for the backward. k, v may have fewer heads (H // Hkv
+    query heads per kv head).
     """
     B, H, T, D = q.shape
+    group = H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cfg = attention_config(D, q.dtype).fwd
     out, lse = _forward_outputs(q)
@@ -166,9 +201,9 @@ def attention_forward(
         _attention_fwd.attn_fwd_kernel[grid](
             q, k, v, out, lse, q if lengths is None else lengths,  # q: an unread dummy
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, T, scale * LOG2E,
-            HAS_LENS=lengths is not None, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
+            H, T, group, scale * LOG2E,
+            HAS_LENS=lengths is not None, D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
     return out, lse
@@ -184,9 +219,12 @@ def attention_backward(
     lengths: torch.Tensor | None,
     scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), contiguous, in q.dtype, from `do` and the forward's
-    (`out`, `lse`). Padding query rows and keys >= length get exactly zero."""
+    """Gradients (dq, dk, dv), contiguous, in q.dtype, shaped like q, k, v, from `do` and
+    the forward's (`out`, `lse`). Padding query rows and keys >= length get exactly zero;
+    dk/dv of a kv head sum over the query heads of its group."""
     B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    group, bd = H // H_kv, block_d(D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cfg = attention_config(D, q.dtype)
     precision = _precision(q.dtype)
@@ -194,27 +232,28 @@ def attention_backward(
     do = do.to(q.dtype)
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    dq, dk, dv = _gradient_outputs(q)
+    dq, dk, dv = _gradient_outputs(q, k)
     if dq.numel() == 0:
         return dq, dk, dv
     pre, kv, qc = cfg.preprocess, cfg.dkdv, cfg.dq
     with _on_device(q):
         _attention_bwd.attn_bwd_preprocess_kernel[(triton.cdiv(T, pre.block_m), B * H)](
             out, do, delta, *out.stride(), *do.stride(), H, T,
-            D=D, BLOCK_M=pre.block_m, num_warps=pre.num_warps, num_stages=pre.num_stages,
+            D=D, BLOCK_D=bd, BLOCK_M=pre.block_m, num_warps=pre.num_warps,
+            num_stages=pre.num_stages,
         )  # fmt: skip
-        _attention_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(T, kv.block_n), B * H)](
+        _attention_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(T, kv.block_n), B * H_kv)](
             q, k, v, do, dk, dv, lse, delta, lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            H, T, scale * LOG2E, scale,
-            HAS_LENS=has_lens, D=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n,
+            H, T, group, scale * LOG2E, scale,
+            HAS_LENS=has_lens, D=D, BLOCK_D=bd, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n,
             PRECISION=precision, num_warps=kv.num_warps, num_stages=kv.num_stages,
         )  # fmt: skip
         _attention_bwd.attn_bwd_dq_kernel[(triton.cdiv(T, qc.block_m), B * H)](
             q, k, v, do, dq, lse, delta, lens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            H, T, scale * LOG2E, scale,
-            HAS_LENS=has_lens, D=D, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n,
+            H, T, group, scale * LOG2E, scale,
+            HAS_LENS=has_lens, D=D, BLOCK_D=bd, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n,
             PRECISION=precision, num_warps=qc.num_warps, num_stages=qc.num_stages,
         )  # fmt: skip
     return dq, dk, dv
@@ -238,7 +277,7 @@ def _attention_fake(q, k, v, lengths, scale):
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, out, lse, lengths, scale):
-    return _gradient_outputs(q)
+    return _gradient_outputs(q, k)
 
 
 def _setup_context(ctx, inputs, output):
@@ -266,11 +305,17 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(q, k, v, lengths) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+    if (
+        q.dim() != 4
+        or k.shape != v.shape
+        or k.dim() != 4
+        or (k.shape[0], *k.shape[2:]) != (q.shape[0], *q.shape[2:])
+    ):
         raise ValueError(
-            f"q, k, v must all be [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            f"q must be [B, H, T, D] and k, v [B, Hkv, T, D]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    group_size(q, k)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(
             f"q, k, v must share a dtype in fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -300,7 +345,8 @@ def attention_triton(
     lengths: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention with the Triton kernels; same contract as `attention_reference`.
+    """Causal attention with the Triton kernels; same contract as `attention_reference`
+    (grouped-query attention included).
 
     The one place the inputs are checked (a ValueError names what is wrong). `lengths` may
     be any integer dtype on any device; the kernels get it as int32 on q's device.
@@ -319,22 +365,26 @@ def attention_triton(
 # --------------------------------------------------------------------------------------
 
 
-def _spec(name, fn, pointers, strides, floats, constexprs, cfg):
+def _spec(name, fn, pointers, strides, ints, floats, constexprs, cfg):
     """An AotSpec whose signature lists every argument of `fn` in order. Last-dim strides
     ("stride_*d") are the constant 1: triton's JIT specializes an int argument equal to 1
     into a constant, so every launch with a contiguous last dim (the model's q/k/v views,
     our own outputs and grads) runs that variant; the generic variant (any stride) would
-    report scattered, unvectorized loads that real launches do not have."""
+    report scattered, unvectorized loads that real launches do not have. `ints` maps the
+    other int arguments to "i32" or to a constant (GROUP=1: multi-head attention, which
+    the JIT specializes the same way)."""
     signature = dict(pointers)
     unit = {n: 1 for n in strides if n.endswith("d")}
-    signature |= {n: "constexpr" if n in unit else "i32" for n in strides + ["H", "T"]}
+    signature |= {n: "constexpr" if n in unit else "i32" for n in strides}
+    signature |= {n: "i32" if v == "i32" else "constexpr" for n, v in ints.items()}
     signature |= {n: "fp32" for n in floats}
     signature |= {n: "constexpr" for n in constexprs}
+    fixed = {n: v for n, v in ints.items() if v != "i32"}
     return AotSpec(
         name=name,
         fn=fn,
         signature=signature,
-        constexprs={**unit, **constexprs},
+        constexprs={**unit, **fixed, **constexprs},
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -344,10 +394,16 @@ def _strides(*tensors: str) -> list[str]:
     return [f"stride_{t}{axis}" for t in tensors for axis in "bhtd"]
 
 
+# Build variants of the kernels that take GROUP: "" = multi-head (GROUP the constant 1, as
+# every launch with Hkv == H runs), "_gqa" = grouped-query (GROUP any i32).
+_GROUP_VARIANTS = {"": 1, "_gqa": "i32"}
+
+
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
-    """One AotSpec per attention kernel (forward, preprocess, dk/dv, dq) and supported
-    head dim, with `attention_config`'s block sizes for inputs of `dtype`, on the
-    padded-batch path (HAS_LENS=True, a superset of the unpadded one)."""
+    """AotSpecs of every attention kernel (forward, preprocess, dk/dv, dq) for every
+    supported head dim, with `attention_config`'s block sizes for inputs of `dtype`, on the
+    padded-batch path (HAS_LENS=True, a superset of the unpadded one); forward, dk/dv and
+    dq in both GROUP variants (multi-head and grouped-query)."""
     t = triton_type(dtype)
     precision = _precision(dtype)
     specs = []
@@ -358,33 +414,37 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
             return {
                 "HAS_LENS": True,
                 "D": D,
+                "BLOCK_D": block_d(D),
                 "BLOCK_M": c.block_m,
                 "BLOCK_N": c.block_n,
                 "PRECISION": precision,
             }
 
         specs.append(_spec(
-            f"attention_fwd_d{D}_{t}", _attention_fwd.attn_fwd_kernel,
-            {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32",
-             "LENS": "*i32"},
-            _strides("q", "k", "v", "o"), ["qk_scale"], tiles(cfg.fwd), cfg.fwd,
-        ))  # fmt: skip
-        specs.append(_spec(
             f"attention_bwd_preprocess_d{D}_{t}", _attention_bwd.attn_bwd_preprocess_kernel,
             {"O": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32"},
-            _strides("o", "do"), [], {"D": D, "BLOCK_M": cfg.preprocess.block_m},
+            _strides("o", "do"), {"H": "i32", "T": "i32"}, [],
+            {"D": D, "BLOCK_D": block_d(D), "BLOCK_M": cfg.preprocess.block_m},
             cfg.preprocess,
         ))  # fmt: skip
-        for kernel, fn, c, outs in (
-            ("dkdv", _attention_bwd.attn_bwd_dkdv_kernel, cfg.dkdv, ["DK", "DV"]),
-            ("dq", _attention_bwd.attn_bwd_dq_kernel, cfg.dq, ["DQ"]),
-        ):
-            names = ["Q", "K", "V", "DO", *outs]
-            pointers = {n: f"*{t}" for n in names}
-            pointers |= {"LSE": "*fp32", "DELTA": "*fp32", "LENS": "*i32"}
-            strides = _strides(*(n.lower() for n in names))
+        for variant, group in _GROUP_VARIANTS.items():
+            ints = {"H": "i32", "T": "i32", "GROUP": group}
             specs.append(_spec(
-                f"attention_bwd_{kernel}_d{D}_{t}", fn, pointers, strides,
-                ["qk_scale", "sm_scale"], tiles(c), c,
+                f"attention_fwd{variant}_d{D}_{t}", _attention_fwd.attn_fwd_kernel,
+                {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32",
+                 "LENS": "*i32"},
+                _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles(cfg.fwd), cfg.fwd,
             ))  # fmt: skip
+            for kernel, fn, c, outs in (
+                ("dkdv", _attention_bwd.attn_bwd_dkdv_kernel, cfg.dkdv, ["DK", "DV"]),
+                ("dq", _attention_bwd.attn_bwd_dq_kernel, cfg.dq, ["DQ"]),
+            ):
+                names = ["Q", "K", "V", "DO", *outs]
+                pointers = {n: f"*{t}" for n in names}
+                pointers |= {"LSE": "*fp32", "DELTA": "*fp32", "LENS": "*i32"}
+                strides = _strides(*(n.lower() for n in names))
+                specs.append(_spec(
+                    f"attention_bwd_{kernel}{variant}_d{D}_{t}", fn, pointers, strides, ints,
+                    ["qk_scale", "sm_scale"], tiles(c), c,
+                ))  # fmt: skip
     return specs

@@ -56,7 +56,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
 
 
 def attention(q, k, v, lengths=None, scale=None, backend: str = "auto"):
-    """Causal attention over [B, H, T, D]; see :mod:`tritonlm.kernels.attention`.
+    """Causal attention: q [B, H, T, D], k and v [B, Hkv, T, D] with H a multiple of Hkv
+    (grouped-query attention; Hkv == H is multi-head); see :mod:`tritonlm.kernels.attention`.
 
     ``auto`` keeps head dims the kernels were not built for on the reference path, so any
     model config trains on a GPU; an explicit ``triton`` raises for them instead.

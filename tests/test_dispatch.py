@@ -68,6 +68,25 @@ def test_auto_keeps_unsupported_head_dims_on_reference(monkeypatch):
     assert calls == []
     dispatch.attention(*[torch.ones(1, 1, 3, 32)] * 3, backend="auto")
     assert calls == ["attention_triton"]
+    dispatch.attention(*[torch.ones(1, 1, 3, 96)] * 3, backend="auto")  # padded tiles
+    assert calls == ["attention_triton"] * 2
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="head dims"):  # an explicit triton says why not
+        dispatch.attention(q, q, q, backend="triton")
+
+
+def test_grouped_query_attention_through_every_backend():
+    """k, v with fewer heads than q reach the reference and the kernels alike (the
+    kernels here through the interpreter) and agree."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 32, generator=g)
+    k, v = (torch.randn(1, 2, 6, 32, generator=g) for _ in range(2))
+    lengths = torch.tensor([5])
+    ref = dispatch.attention(q, k, v, lengths, backend="torch")
+    assert ref.shape == q.shape
+    torch.testing.assert_close(dispatch.attention(q, k, v, lengths, backend="auto"), ref)
+    out = dispatch.attention(q, k, v, lengths, backend="triton")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_kernels_import_and_work_without_triton():

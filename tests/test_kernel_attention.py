@@ -6,6 +6,8 @@ comparison. Shapes are tiny but awkward: T in {1, 17, 80, 130, 200} covers a sin
 tails shorter than every block, several query/key blocks, the unmasked (fully below the
 diagonal) loops of every kernel, and the masked diagonal/length loops. The launchers use
 their real GPU block sizes (`attention_config`) here: nothing is shrunk for the tests.
+Grouped-query attention (k, v with H // G heads) is checked for group sizes 1, 2, 3 and 4
+and head dim 96 (tiles padded to 128 columns) with and without lengths.
 
 Tolerances (|err| <= atol + rtol*|ref| against float64):
   float32: output 1e-5, gradients 3e-5 - fp32 accumulation, exact ("ieee") dots; only
@@ -28,9 +30,12 @@ OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3)}
 GRAD_TOL = {torch.float32: (3e-5, 3e-5), torch.float16: (1e-2, 1e-2)}
 
 
-def _inputs(B, H, T, D, dtype, seed, scale=1.0):
+def _inputs(B, H, T, D, dtype, seed, scale=1.0, H_kv=None):
+    """q, k, v, dO; k and v with `H_kv` heads (default H)."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
+    H_kv = H if H_kv is None else H_kv
+    q, do = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, H_kv, T, D, generator=g) for _ in range(2))
     return (q * scale).to(dtype), (k * scale).to(dtype), v.to(dtype), do.to(dtype)
 
 
@@ -73,6 +78,48 @@ def test_forward_and_gradients_match_float64_reference(B, H, T, D, dtype):
     _check_against_reference(q, k, v, do)
 
 
+GQA_CASES = [
+    # B, H, H_kv, T, D, dtype, lengths
+    (1, 4, 1, 17, 32, torch.float32, None),  # group 4 (one kv head): dk/dv sum 4 heads
+    (2, 4, 2, 80, 64, torch.float16, [80, 33]),  # group 2, a length inside a block
+    (1, 6, 2, 37, 32, torch.float32, [30]),  # group 3 (not a power of two)
+    (1, 2, 2, 130, 96, torch.float16, None),  # head dim 96, group 1: every unmasked loop
+    (2, 6, 3, 40, 96, torch.float32, [40, 5]),  # head dim 96, group 2, lengths
+    (1, 2, 1, 80, 128, torch.float32, None),  # wide heads, group 2
+]
+
+
+@pytest.mark.parametrize(
+    "B,H,H_kv,T,D,dtype,lengths", GQA_CASES, ids=lambda c: str(c).replace("torch.", "")
+)
+def test_grouped_query_and_head_dim_96_match_float64_reference(B, H, H_kv, T, D, dtype, lengths):
+    """k, v with H_kv heads; dk/dv come back [B, H_kv, T, D], summed over each group."""
+    q, k, v, do = _inputs(B, H, T, D, dtype, seed=H * 100 + T + D, H_kv=H_kv)
+    lens = None if lengths is None else torch.tensor(lengths)
+    out, (dq, dk, dv) = _check_against_reference(q, k, v, do, lengths=lens)
+    assert out.shape == dq.shape == (B, H, T, D)
+    assert dk.shape == dv.shape == (B, H_kv, T, D)
+    for b, n in enumerate(lengths or []):
+        for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+            assert torch.all(t[b, :, n:] == 0), f"{name}[{b}] not zero past length {n}"
+
+
+def test_head_dim_96_never_reads_the_padding_columns():
+    """q, k, v, dO as [..., :96] views of 128-wide NaN-filled buffers: the kernels' tiles
+    are 128 wide, so any unmasked load of columns 96..127 would turn results into NaN."""
+    B, H, T, D = 1, 2, 40, 96
+    q, k, v, do = _inputs(B, H, T, D, torch.float32, seed=96, H_kv=1)
+
+    def in_wide_buffer(t):
+        wide = torch.full((*t.shape[:-1], 128), float("nan"), dtype=t.dtype)
+        wide[..., :D] = t
+        return wide[..., :D]
+
+    q, k, v, do = map(in_wide_buffer, (q, k, v, do))
+    assert q.stride(-2) == 128
+    _check_against_reference(q, k, v, do, lengths=torch.tensor([33]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_padded_batch_lengths(dtype):
     """Per-sequence lengths: 1, full, and one ending inside a block. Padding query rows
@@ -112,16 +159,19 @@ def test_large_logits_do_not_overflow():
     _check_against_reference(q, k, v, do)
 
 
-def test_output_layout_and_determinism():
+@pytest.mark.parametrize("H_kv", [2, 1], ids=["mha", "gqa"])
+def test_output_layout_and_determinism(H_kv):
     """The output's transpose(1, 2) is contiguous ([B, T, H, D] memory, heads merge for
-    free), and two runs give bit-identical results (no atomics in the backward)."""
-    q, k, v, do = _inputs(1, 2, 17, 32, torch.float32, seed=9)
+    free), and two runs give bit-identical results, dk/dv of a shared kv head included
+    (no atomics in the backward: the group's heads are summed in a fixed order)."""
+    q, k, v, do = _inputs(1, 2, 17, 32, torch.float32, seed=9, H_kv=H_kv)
     runs = [run_with_grads(attn.attention_triton, [q, k, v], do) for _ in range(2)]
     (out1, g1), (out2, g2) = runs
     assert out1.transpose(1, 2).is_contiguous()
     assert torch.equal(out1, out2)
     for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
+    assert g1[1].shape == (1, H_kv, 17, 32) and g1[1].is_contiguous()
 
 
 def test_rejects_bad_inputs():
@@ -131,6 +181,13 @@ def test_rejects_bad_inputs():
     q = torch.randn(1, 1, 8, 32)
     with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
         attn.attention_triton(q, q, torch.randn(1, 1, 9, 32))
+    q3, k2 = torch.randn(1, 3, 8, 32), torch.randn(1, 2, 8, 32)
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value"):
+        attn.attention_triton(q3, k2, k2)
+    with pytest.raises(ValueError, match="multiple"):
+        attn.attention_reference(q3, k2, k2)
+    with pytest.raises(ValueError, match=r"\[B, Hkv, T, D\]"):  # k and v disagree
+        attn.attention_triton(q3, torch.randn(1, 3, 8, 32), torch.randn(1, 1, 8, 32))
     with pytest.raises(ValueError, match="lengths"):
         attn.attention_triton(q, q, q, lengths=torch.tensor([8, 8]))
     with pytest.raises(ValueError, match="dtype"):
@@ -152,6 +209,22 @@ def test_reference_with_lengths_equals_each_sequence_alone():
         )
         torch.testing.assert_close(out[b : b + 1, :, :n], alone, rtol=1e-12, atol=1e-12)
         assert torch.all(out[b, :, n:] == 0)
+
+
+def test_reference_grouped_query_uses_kv_head_h_over_group():
+    """The Llama / Hugging Face convention: query head h attends with kv head h // G
+    (repeat_interleave), checked head by head against plain attention."""
+    B, H, H_kv, T, D = 1, 6, 2, 5, 4
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H_kv, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    out = attn.attention_reference(q, k, v, torch.tensor([4]))
+    for h in range(H):
+        kv = h // (H // H_kv)
+        alone = attn.attention_reference(
+            q[:, h : h + 1], k[:, kv : kv + 1], v[:, kv : kv + 1], torch.tensor([4])
+        )
+        torch.testing.assert_close(out[:, h : h + 1], alone, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_is_causal_softmax_attention():
@@ -185,28 +258,33 @@ def test_launchers_take_block_sizes_from_attention_config(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_aot_specs_cover_every_kernel_with_launcher_block_sizes(dtype):
+    """Every kernel, head dim and (where it applies) GROUP variant: the constant 1 that
+    multi-head launches specialize to, and the grouped-query i32."""
     specs = attn.aot_specs(dtype)
     t = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    names = {s.name for s in specs}
+    by_name = {s.name: s for s in specs}
     for D in attn.SUPPORTED_HEAD_DIMS:
         cfg = attn.attention_config(D, dtype)
-        for kernel, kc in (
-            ("fwd", cfg.fwd),
-            ("bwd_preprocess", cfg.preprocess),
-            ("bwd_dkdv", cfg.dkdv),
-            ("bwd_dq", cfg.dq),
+        for kernel, kc, variants in (
+            ("fwd", cfg.fwd, ("", "_gqa")),
+            ("bwd_preprocess", cfg.preprocess, ("",)),
+            ("bwd_dkdv", cfg.dkdv, ("", "_gqa")),
+            ("bwd_dq", cfg.dq, ("", "_gqa")),
         ):
-            name = f"attention_{kernel}_d{D}_{t}"
-            assert name in names
-            spec = next(s for s in specs if s.name == name)
-            assert spec.constexprs["D"] == D
-            assert spec.constexprs["BLOCK_M"] == kc.block_m
-            assert (spec.num_warps, spec.num_stages) == (kc.num_warps, kc.num_stages)
-            if kernel != "bwd_preprocess":  # tl.dot tiles must be >= 16 on real hardware
-                assert spec.constexprs["BLOCK_N"] == kc.block_n
-                assert min(kc.block_m, kc.block_n, D) >= 16
-            # every kernel argument is typed, in the kernel's own order
-            assert list(spec.signature) == list(spec.fn.arg_names)
-            assert all(spec.signature[c] == "constexpr" for c in spec.constexprs)
-            assert any(v.startswith(f"*{t}") for v in spec.signature.values())
-    assert len(specs) == 4 * len(attn.SUPPORTED_HEAD_DIMS)
+            for variant in variants:
+                spec = by_name[f"attention_{kernel}{variant}_d{D}_{t}"]
+                assert spec.constexprs["D"] == D
+                assert spec.constexprs["BLOCK_D"] == attn.block_d(D) >= D
+                assert spec.constexprs["BLOCK_M"] == kc.block_m
+                assert (spec.num_warps, spec.num_stages) == (kc.num_warps, kc.num_stages)
+                if kernel != "bwd_preprocess":  # tl.dot tiles must be >= 16 on real hardware
+                    assert spec.constexprs["BLOCK_N"] == kc.block_n
+                    assert min(kc.block_m, kc.block_n, D) >= 16
+                    group = spec.constexprs.get("GROUP", spec.signature["GROUP"])
+                    assert group == (1 if variant == "" else "i32")
+                # every kernel argument is typed, in the kernel's own order
+                assert list(spec.signature) == list(spec.fn.arg_names)
+                assert all(spec.signature[c] == "constexpr" for c in spec.constexprs)
+                assert any(v.startswith(f"*{t}") for v in spec.signature.values())
+    assert len(specs) == 7 * len(attn.SUPPORTED_HEAD_DIMS)
+    assert attn.SUPPORTED_HEAD_DIMS == (32, 64, 96, 128)

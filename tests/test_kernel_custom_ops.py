@@ -37,15 +37,19 @@ def _rms_norm_backward_args():
     return (_randn(2, 3, 7, seed=2), x, w, rstd)
 
 
-def _attention_backward_args():
-    q, k, v = (_randn(2, 2, 5, 32, seed=s) for s in range(3))
+def _attention_backward_args(H_kv=2, D=32):
+    q = _randn(2, 2, 5, D)
+    k, v = (_randn(2, H_kv, 5, D, seed=s) for s in (1, 2))
     lengths = torch.tensor([5, 3], dtype=torch.int32)
     out, lse = ops.attention(q, k, v, lengths, None)
-    return (_randn(2, 2, 5, 32, seed=3), q, k, v, out, lse, lengths, None)
+    return (_randn(2, 2, 5, D, seed=3), q, k, v, out, lse, lengths, None)
 
 
-def _attention_args(B, T, lengths=None, scale=None):
-    return (*(_randn(B, 2, T, 32, grad=True, seed=s) for s in range(3)), lengths, scale)
+def _attention_args(B, T, lengths=None, scale=None, H_kv=2, D=32):
+    """q with 2 heads; k, v with H_kv (grouped-query attention when 1)."""
+    q = _randn(B, 2, T, D, grad=True)
+    k, v = (_randn(B, H_kv, T, D, grad=True, seed=s) for s in (1, 2))
+    return (q, k, v, lengths, scale)
 
 
 def _linear_args(hidden_grad, weight_grad, chunk_size, ce_step):
@@ -63,6 +67,11 @@ OPCHECK_CASES = {
     ),
     "attention_scale": lambda: ("attention", _attention_args(1, 3, scale=0.3)),
     "attention_backward": lambda: ("attention_backward", _attention_backward_args()),
+    "attention_gqa_d96": lambda: (
+        "attention",
+        _attention_args(2, 5, torch.tensor([5, 3], dtype=torch.int32), H_kv=1, D=96),
+    ),
+    "attention_backward_gqa": lambda: ("attention_backward", _attention_backward_args(H_kv=1)),
     "cross_entropy": lambda: ("cross_entropy", (_randn(5, 11, grad=True), _targets(), -100, True)),
     "cross_entropy_no_grad": lambda: ("cross_entropy", (_randn(5, 11), _targets(), -100, False)),
     "linear_cross_entropy": lambda: ("linear_cross_entropy", _linear_args(True, True, 2, "triton")),
@@ -111,6 +120,14 @@ COMPILE_CASES = {
     "attention": lambda: (
         _attention_loss,
         (*(_randn(2, 1, 5, 32, grad=True, seed=s) for s in range(3)), torch.tensor([5, 2])),
+    ),
+    "attention_gqa": lambda: (  # 4 query heads, 2 kv heads: dk/dv come back [2, 2, 5, 32]
+        _attention_loss,
+        (
+            _randn(2, 4, 5, 32, grad=True),
+            *(_randn(2, 2, 5, 32, grad=True, seed=s) for s in (1, 2)),
+            torch.tensor([5, 2]),
+        ),
     ),
     "cross_entropy": lambda: (_cross_entropy_loss, (_randn(5, 11, grad=True), _targets())),
     "linear_cross_entropy": lambda: (
