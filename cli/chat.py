@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         check_backend(args.backend, device)
         ckpt = load(args.checkpoint, device, args.backend)
+        if not args.raw and ckpt.tokenizer.config.chat_template == "none":
+            raise UsageError(
+                "this model's tokenizer has no chat template we can render (an imported "
+                "model); use --raw to continue plain text"
+            )
         session = Session(
             checkpoint=ckpt,
             sampling=sampling,

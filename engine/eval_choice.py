@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .eval_text import score_rows
+from .eval_text import prefix_token, score_rows
 from .task_formats import Item, TaskError
 
 FEWSHOT_DELIMITER = "\n\n"
@@ -110,7 +110,7 @@ def request_ids(tokenizer, context: str, continuation: str, max_len: int) -> tup
     if len(cont) > max_len:
         raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context "
                          f"of {max_len}")  # fmt: skip
-    ids = [tokenizer.bos_id, *ctx, *cont]
+    ids = [prefix_token(tokenizer), *ctx, *cont]
     return ids[-(max_len + 1) :], len(cont)
 
 

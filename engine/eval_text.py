@@ -120,6 +120,15 @@ def count_windows(n_targets: int, context: int, stride: int) -> int:
     return 1 + max(0, math.ceil((n_targets - context) / stride))
 
 
+def prefix_token(tokenizer) -> int:
+    """The token every scored row starts from: <|bos|>, or for an imported tokenizer
+    without one its end-of-text token (what lm-evaluation-harness uses as the prefix)."""
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a bos nor an eos token to start a row from")
+    return start
+
+
 def evaluate_texts(
     model,
     tokenizer,
@@ -140,7 +149,8 @@ def evaluate_texts(
     stride = stride or max(1, context // 2)
     if not 1 <= stride <= context:
         raise ValueError(f"stride must be in 1..{context} (the context), got {stride}")
-    docs = [(tokenizer.bos_id, tokenizer.encode(t), len(t.encode("utf-8"))) for t in texts]
+    start = prefix_token(tokenizer)
+    docs = [(start, tokenizer.encode(t), len(t.encode("utf-8"))) for t in texts]
     docs = [d for d in docs if d[1]]
     total = sum(count_windows(len(ids), context, stride) for _, ids, _ in docs)
     nll, done, pending = 0.0, 0, []

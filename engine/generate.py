@@ -291,7 +291,10 @@ class _Batch:
                 self.seen[i, torch.tensor(r.prompt, device=device)] = True
         if config.frequency_penalty != 0.0 or config.presence_penalty != 0.0:
             self.counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
-        self.cache = model.new_cache(len(rows), pad=self.pad) if use_cache else None
+        # Slots for the prompt (pads included) and every new token, not the whole context:
+        # an imported model may allow 131072 positions that one answer never reaches.
+        need = min(ids.shape[1] + config.max_new_tokens, model.config.max_seq_len + int(pad.max()))
+        self.cache = model.new_cache(len(rows), max_len=need, pad=self.pad) if use_cache else None
 
     def prefill(self) -> torch.Tensor:
         """Logits [B, V] for the first new token of every row."""

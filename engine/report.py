@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .atomic import atomic_write
+from .chat_prompt import encode_raw_prompt
 
 REPORT_FILE = "report.md"
 TEXT_PROMPTS = ("The", "Once upon a time", "A language model is")
@@ -69,7 +70,7 @@ def greedy_samples(model, tokenizer, chat: bool, max_new_tokens: int = SAMPLE_TO
             msgs = [{"role": "user", "content": prompt}]
             ids = tokenizer.render_chat(msgs, add_generation_prompt=True)[0]
         else:
-            ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+            ids = encode_raw_prompt(tokenizer, prompt)
         out.append((prompt, generate(model, tokenizer, ids, config).text))
     return out
 

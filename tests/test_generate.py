@@ -200,7 +200,7 @@ class ScriptedModel(torch.nn.Module):
         self.script = list(script)
         self.interrupt_at = interrupt_at
 
-    def new_cache(self, batch_size, pad=None):
+    def new_cache(self, batch_size, max_len=None, pad=None):
         return SimpleNamespace(k=[], v=[], pad=pad, pos=0, width=0)
 
     def forward_cached(self, idx, cache, last_only=False):
