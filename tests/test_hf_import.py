@@ -172,6 +172,22 @@ def test_train_init_from_a_hugging_face_folder(hf_tokenizer, tmp_path, capsys, b
     assert trained.model_config.n_kv_heads == 2 and trained.model_config.d_model == 32
 
 
+def test_chat_with_an_imported_model(hf_tokenizer, tmp_path, capsys):
+    """No chat template came along: chat mode is one clear line, raw mode continues text."""
+    from tritonlm.cli import chat as chat_cli
+
+    folder = tmp_path / "hf"
+    write_folder(folder, hf_tokenizer, num_key_value_heads=2, max_position_embeddings=4096)
+    assert run_import(capsys, folder, tmp_path / "ckpt")[0] == 0
+    rc = chat_cli.main([str(tmp_path / "ckpt"), "--prompt", "The quick", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "--raw" in err, err
+    rc = chat_cli.main([str(tmp_path / "ckpt"), "--raw", "--prompt", "The quick",
+                        "--temperature", "0", "--max-new-tokens", "5"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.strip(), err
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
