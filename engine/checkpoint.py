@@ -34,16 +34,14 @@ and optimizer sets is listed in it, then the config's magic
 and format version (newer: refused; older: migrated through MIGRATIONS), rebuilds the
 tokenizer, takes the vocabulary size from it, builds the model from its config and loads
 the weights with strict name and shape checks. Every problem is a one-line
-CheckpointError that names the file.
+CheckpointError that names the file. The file layer (names, manifest, JSON, tensor sets)
+lives in :mod:`.checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +51,29 @@ import torch
 from safetensors import SafetensorError
 
 from .atomic import fsync_dir, fsync_file
+from .checkpoint_files import (  # noqa: F401 (names re-exported for callers)
+    CHECKPOINT_FILES,
+    CONFIG_FILE,
+    FORMAT_MAGIC,
+    FORMAT_VERSION,
+    MODEL_BASE,
+    MODEL_FILE,
+    OPTIMIZER_BASE,
+    OPTIMIZER_FILE,
+    TOKENIZER_FILE,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    is_checkpoint_file,
+    is_optimizer_shard,
+    os_reason,
+    read_json,
+    read_manifest,
+    read_set,
+    sha256_file,
+    tensor_set,
+    verify_file,
+    write_json,
+)
 from .checkpoint_store import MANIFEST_FILE, is_complete, replace_directory, resolve
 from .config import ConfigError, ModelConfig
 from .memory import build_bytes, too_big
@@ -65,25 +86,9 @@ from .shards import (
     index_name,
     parse_size,
     read_headers,
-    read_shards,
-    shard_files,
     write_shards,
 )
 from .tokenizer import BpeTokenizer, TokenizerError
-
-FORMAT_MAGIC = "tritonlm-checkpoint"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-MODEL_BASE, OPTIMIZER_BASE = "model", "optimizer"  # the two sharded tensor sets
-MODEL_FILE = "model.safetensors"  # the set's name when it is one file
-TOKENIZER_FILE = "tokenizer.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be saved or loaded; the message names the file."""
-
 
 # ----------------------------------------------------------------------------- migrations
 
@@ -103,34 +108,6 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: cannot be written as JSON ({e})") from None
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
-    except (RecursionError, ValueError) as e:  # nested too deeply, an oversized integer
-        raise CheckpointError(f"{path}: malformed JSON ({type(e).__name__})") from None
 
 
 def _unwrap(model: torch.nn.Module) -> Transformer:
@@ -184,31 +161,7 @@ def save_checkpoint(
     except SafetensorError as e:
         raise CheckpointError(f"{path}: cannot write the checkpoint ({e})") from None
     except OSError as e:  # disk full, permissions, ...
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({_os_reason(e)})") from None
-
-
-def _os_reason(e: OSError) -> str:
-    """'No space left on device' rather than '[Errno 28] No space left on device: ...'."""
-    return e.strerror or str(e)
-
-
-CHECKPOINT_FILES = frozenset(
-    {CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, MANIFEST_FILE}
-)
-# The variable names of a sharded set: model-00001-of-00003.safetensors, its index.
-_SHARDED = re.compile(rf"({MODEL_BASE}|{OPTIMIZER_BASE})"
-                      r"(-\d+-of-\d+\.safetensors|\.safetensors\.index\.json)")  # fmt: skip
-
-
-def is_checkpoint_file(name: str) -> bool:
-    """Whether a file in a checkpoint directory belongs to the checkpoint (a save replaces
-    it) rather than to the user or the run log (a save carries it over)."""
-    return name in CHECKPOINT_FILES or _SHARDED.fullmatch(name) is not None
-
-
-def _is_optimizer_shard(name: str) -> bool:
-    """Optimizer tensors (twice the weights): hashed only when a resume reads them."""
-    return name.startswith(OPTIMIZER_BASE) and name.endswith(".safetensors")
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({os_reason(e)})") from None
 
 
 def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_state,
@@ -223,7 +176,7 @@ def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_stat
         "tokenizer_file": TOKENIZER_FILE,
         "resumable": optimizer is not None,
     }
-    _write_json(tmp / CONFIG_FILE, config)
+    write_json(tmp / CONFIG_FILE, config)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tensor_files += write_shards(tmp, weights, shard_bytes, MODEL_BASE, {"format": FORMAT_MAGIC})
     tokenizer.save(tmp / TOKENIZER_FILE)
@@ -234,18 +187,18 @@ def _write_contents(tmp, model, tokenizer, train_config, optimizer, trainer_stat
             raise CheckpointError(str(e)) from None
         tensor_files += write_shards(tmp, tensors, shard_bytes, OPTIMIZER_BASE,
                                      {"format": FORMAT_MAGIC})  # fmt: skip
-        _write_json(
+        write_json(
             tmp / TRAINER_STATE_FILE, {"trainer_state": trainer_state or {}, "optimizer": meta}
         )
         files.append(TRAINER_STATE_FILE)
     manifest = {
         "format": FORMAT_MAGIC,
         "files": {
-            name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
             for name in files + tensor_files
         },
     }
-    _write_json(tmp / MANIFEST_FILE, manifest)
+    write_json(tmp / MANIFEST_FILE, manifest)
     for name in [*files, MANIFEST_FILE]:
         fsync_file(tmp / name)
     fsync_dir(tmp)
@@ -276,20 +229,20 @@ class Checkpoint:
         parameters, same parameter groups); raises CheckpointError on any mismatch."""
         if not self.resumable:
             raise CheckpointError(f"{self.path}: not a resumable checkpoint (no optimizer state)")
-        files = _tensor_set(self.path, OPTIMIZER_BASE, self.manifest)
+        files = tensor_set(self.path, OPTIMIZER_BASE, self.manifest)
         opt_path = self.path / files[0]  # the one file, or the index of the shards
         state_path = self.path / TRAINER_STATE_FILE
         try:
-            meta = check_optimizer_meta(_read_json(state_path))
+            meta = check_optimizer_meta(read_json(state_path))
         except ValueError as e:
             raise CheckpointError(f"{state_path}: {e}") from None
         for name in files:
-            _verify_file(self.path, name, self.manifest)
+            verify_file(self.path, name, self.manifest)
         if meta["class"] != type(optimizer).__name__:
             raise CheckpointError(
                 f"{opt_path}: saved for {meta['class']}, not {type(optimizer).__name__}"
             )
-        tensors = _read_set(self.path, OPTIMIZER_BASE)
+        tensors = read_set(self.path, OPTIMIZER_BASE)
         try:
             restore_optimizer(optimizer, self.model, meta, tensors)
         except ValueError as e:
@@ -306,66 +259,9 @@ def _resolve(path: Path) -> Path:
     return root
 
 
-def _verify_file(root: Path, name: str, manifest: dict[str, Any], digest: bool = True) -> None:
-    entry = manifest["files"].get(name)
-    path = root / name
-    if entry is None:
-        raise CheckpointError(f"{path}: not listed in {MANIFEST_FILE}")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file is missing")
-    size = path.stat().st_size
-    if size != entry["size"]:
-        raise CheckpointError(
-            f"{path}: size {size} bytes, manifest says {entry['size']} (truncated or modified)"
-        )
-    if digest and _sha256(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: sha256 mismatch with {MANIFEST_FILE} (file corrupted)")
-
-
-def _read_manifest(root: Path) -> dict[str, Any]:
-    manifest = _read_json(root / MANIFEST_FILE)
-    path = root / MANIFEST_FILE
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_MAGIC:
-        raise CheckpointError(f"{path}: not a {FORMAT_MAGIC} manifest")
-    files = manifest.get("files")
-    ok = isinstance(files, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-        for e in files.values()
-    )
-    if not ok:
-        raise CheckpointError(f"{path}: malformed file list")
-    for name in files:
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise CheckpointError(f"{path}: bad file name {name!r}")
-    return manifest
-
-
-def _tensor_set(root: Path, base: str, manifest: dict[str, Any]) -> list[str]:
-    """The files of the tensor set ``base`` (one file, or index + shards), each of which
-    must be listed in the manifest: a shard dropped in from elsewhere is refused."""
-    try:
-        files = shard_files(root, base)
-    except ShardError as e:
-        raise CheckpointError(str(e)) from None
-    for name in files:
-        if name not in manifest["files"]:
-            raise CheckpointError(f"{root / name}: not listed in {MANIFEST_FILE}")
-    return files
-
-
-def _read_set(root: Path, base: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a set, shard by shard (the messages name the shard)."""
-    try:
-        return read_shards(root, base)
-    except ShardError as e:
-        raise CheckpointError(str(e)) from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{root}: unreadable {base} safetensors ({e})") from None
-
-
 def _read_config(root: Path) -> dict[str, Any]:
     path = root / CONFIG_FILE
-    cfg = _read_json(path)
+    cfg = read_json(path)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_MAGIC:
         raise CheckpointError(f"{path}: not a {FORMAT_MAGIC} config (wrong format magic)")
     version = cfg.get("format_version")
@@ -435,7 +331,7 @@ def _check_header(cfg: ModelConfig, root: Path, files: list[str]) -> dict[str, T
 
 
 def _load_weights(model: Transformer, root: Path, headers: dict[str, TensorInfo]) -> None:
-    tensors = _read_set(root, MODEL_BASE)
+    tensors = read_set(root, MODEL_BASE)
     for name, t in tensors.items():
         path = root / headers[name].file if name in headers else root  # the shard holding it
         if not t.is_floating_point():
@@ -468,7 +364,7 @@ def load_checkpoint(
 
 
 def _load_from(root: Path, device, backend: str) -> Checkpoint:
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     listed = manifest["files"]
     if CONFIG_FILE not in listed:
         raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {CONFIG_FILE}")
@@ -478,8 +374,8 @@ def _load_from(root: Path, device, backend: str) -> Checkpoint:
     for name in listed:
         # The optimizer state (twice the weights) is hashed only when it is used, by
         # load_optimizer_state; a chat session never pays for it. Its size is still checked.
-        _verify_file(root, name, manifest, digest=not _is_optimizer_shard(name))
-    model_files = _tensor_set(root, MODEL_BASE, manifest)
+        verify_file(root, name, manifest, digest=not is_optimizer_shard(name))
+    model_files = tensor_set(root, MODEL_BASE, manifest)
     cfg = _read_config(root)
 
     tok_path = root / cfg["tokenizer_file"]
@@ -516,8 +412,8 @@ def _load_from(root: Path, device, backend: str) -> Checkpoint:
             raise CheckpointError(
                 f"{root / MANIFEST_FILE}: resumable but {TRAINER_STATE_FILE} not listed"
             )
-        _tensor_set(root, OPTIMIZER_BASE, manifest)  # every optimizer file is listed
-        state = _read_json(root / TRAINER_STATE_FILE)
+        tensor_set(root, OPTIMIZER_BASE, manifest)  # every optimizer file is listed
+        state = read_json(root / TRAINER_STATE_FILE)
         if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
             raise CheckpointError(f"{root / TRAINER_STATE_FILE}: malformed trainer state")
         trainer_state = state.get("trainer_state") or {}
