@@ -3,8 +3,9 @@
     tokens -> embedding -> n_layers x Block -> RMSNorm -> output projection -> logits
     Block:  x + drop(Attention(RMSNorm(x)))  then  x + drop(SwiGLU(RMSNorm(x)))
 
-Attention is multi-head, causal, with rotary position embeddings (RoPE, "rotate half"
-layout) and no biases anywhere. Attention, RMSNorm and the loss go through
+Attention is multi-head (grouped-query when n_kv_heads < n_heads), causal, with rotary
+position embeddings (RoPE, "rotate half" layout, as in Hugging Face's Llama) and no biases
+anywhere. Attention, RMSNorm and the loss go through
 :mod:`tritonlm.kernels.dispatch`, so ``model.backend = "triton"`` swaps in the Triton
 kernels (``"auto"`` does so for CUDA tensors).
 
@@ -17,6 +18,9 @@ Two ways to run the model:
   one call, then feed one token per step. Batches of prompts of different lengths are
   LEFT-padded (see :func:`left_pad`); ``cache.pad[b]`` pad slots are skipped so that each
   sequence's first real token sits at RoPE position 0 and pad keys are never attended to.
+  A per-row cache (:meth:`KVCache.row_view`, the server's continuous batching) instead
+  keeps every row at its own position: row b's slots 0..lengths[b]-1 hold its positions
+  0..lengths[b]-1, and one decode step appends one token per row.
   This path calls ``F.scaled_dot_product_attention`` with an explicit boolean mask instead
   of the kernel seam: the Triton kernels are for training (full causal blocks), while decode
   attends one query to a growing cache, where torch's fused SDPA is the right tool.
@@ -67,15 +71,23 @@ class KVCache:
     ``pos`` is the number of slots filled (the same for every row, pads included);
     ``pad[b]`` is the number of left-padding slots at the start of row b.
     Build one with :meth:`Transformer.new_cache`.
+
+    Per-row mode (``lengths`` set, see :meth:`row_view`): row b has its own filled length
+    ``lengths[b]`` (no pads; slot = RoPE position), ``pos`` is the largest of them, and
+    each step appends exactly one token per row, so rows can join and leave independently.
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pad: torch.Tensor
     pos: int = 0
+    lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self._note_pad()
+        if self.lengths is None:
+            self._note_pad()
+        else:
+            self.pad_range = (0, 0)  # per-row mode has no pads; reading them would sync
 
     def _note_pad(self) -> None:
         # Smallest and largest pad as Python ints, read once here rather than from the
@@ -90,8 +102,27 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    def row_view(self, n: int, lengths: list[int]) -> KVCache:
+        """A per-row cache over rows 0..n-1 whose filled lengths are ``lengths`` (host ints,
+        tracked by the caller, so no device read is needed); it writes into this cache."""
+        if len(lengths) != n or not 0 < n <= self.batch_size:
+            raise ValueError(f"row_view needs 1..{self.batch_size} rows and one length each")
+        return KVCache(
+            k=[t[:n] for t in self.k],
+            v=[t[:n] for t in self.v],
+            pad=self.pad[:n],
+            pos=max(lengths),
+            lengths=torch.tensor(lengths, dtype=torch.long).to(self.pad.device),
+        )
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v [B, H, T, Dh] at slots pos..pos+T; return all keys/values so far."""
+        """Write k/v [B, H, T, Dh] at slots pos..pos+T; return all keys/values so far.
+        In per-row mode (T == 1) row b's token goes to slot lengths[b] instead."""
+        if self.lengths is not None:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer][rows, :, self.lengths] = k[:, :, 0]  # [B, H, Dh] at (b, :, len_b)
+            self.v[layer][rows, :, self.lengths] = v[:, :, 0]
+            return self.k[layer][:, :, : self.pos + 1], self.v[layer][:, :, : self.pos + 1]
         end = self.pos + k.shape[2]
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -99,10 +130,17 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished sequences leave a batched generation)."""
+        if self.lengths is not None:
+            raise ValueError("select() is for shared-position caches; per-row views move rows")
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
         self.pad = self.pad[rows]
         self._note_pad()
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first ``length`` slots into row dst (keeps live rows contiguous)."""
+        for t in (*self.k, *self.v):
+            t[dst, :, :length] = t[src, :, :length]
 
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Reuse the buffers for a new batch (old contents are simply overwritten)."""
@@ -144,19 +182,28 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with RoPE; fused q/k/v projection, no biases."""
+    """Causal self-attention with RoPE; fused q/k/v projection, no biases.
+
+    Grouped-query attention when n_kv_heads < n_heads: query head h reads key/value head
+    h // (n_heads / n_kv_heads). The fused projection's rows are [q (n_heads heads),
+    k (n_kv_heads), v (n_kv_heads)], so with n_kv_heads == n_heads it is the same
+    3*d_model x d_model matrix as before the option existed.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_dim, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.backend = "auto"
 
     def forward(self, x, cos, sin, lengths=None, mask=None, cache=None, layer=0):
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = apply_rope(qkv[0], cos, sin), apply_rope(qkv[1], cos, sin), qkv[2]
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split((H * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
+        q = apply_rope(q.view(B, T, H, Dh).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
+        k = apply_rope(k.view(B, T, Hkv, Dh).transpose(1, 2), cos, sin)  # [B, Hkv, T, Dh]
+        v = v.view(B, T, Hkv, Dh).transpose(1, 2)
         if mask is None and cache is None:  # training / scoring path: the kernel seam
             y = dispatch.attention(q, k, v, lengths=lengths, backend=self.backend)
         else:  # generation / left-padded path: explicit mask, optional cache
@@ -164,7 +211,7 @@ class Attention(nn.Module):
                 k, v = cache.update(layer, k, v)
             causal = mask is None and T > 1  # unmasked prefill from slot 0 (see _run_masked)
             y = F.scaled_dot_product_attention(
-                q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal
+                q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal, enable_gqa=Hkv != H
             ).to(x.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -289,7 +336,8 @@ class Transformer(nn.Module):
         """
         c = self.config
         T = c.max_seq_len if seq_len is None else seq_len
-        n_matmul = c.n_layers * (4 * c.d_model**2 + 3 * c.d_model * c.d_ff)
+        d = c.d_model  # q and o are d x d; k and v are d x kv_dim (smaller under GQA)
+        n_matmul = c.n_layers * (2 * d * d + 2 * d * c.kv_dim + 3 * d * c.d_ff)
         n_matmul += c.vocab_size * c.d_model
         return 6 * n_matmul + 12 * c.n_layers * c.d_model * T
 
@@ -394,7 +442,7 @@ class Transformer(nn.Module):
             raise ValueError(f"pad must be {batch_size} non-negative ints, got {pad.tolist()}")
         if max_len is None:
             max_len = self.config.max_seq_len + int(pad.max())
-        shape = (batch_size, self.config.n_heads, max_len, self.config.head_dim)
+        shape = (batch_size, self.config.n_kv_heads, max_len, self.config.head_dim)
         L = self.config.n_layers
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
@@ -402,14 +450,20 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward_cached(
-        self, idx: torch.Tensor, cache: KVCache, last_only: bool = False
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        last_only: bool = False,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Append idx [B, T] at slot cache.pos, advance it, and return logits [B, T, V].
 
         Row b's token at slot s has RoPE position s - pad[b]; its real length (slots minus
         pads) may not exceed max_seq_len. Always runs without gradients. ``last_only``
         projects only the last position ([B, 1, V]): a prefill needs nothing else, and the
-        [T, V] projection would dominate the time to first token on long prompts.
+        [T, V] projection would dominate the time to first token on long prompts. ``at``
+        [B] projects only position at[b] of row b ([B, 1, V]): the last real token of a
+        RIGHT-padded prefill (pads after a row's prompt never affect its earlier positions).
         """
         self._check_idx(idx)
         B, T = idx.shape
@@ -419,15 +473,23 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"KV cache full: {cache.pos} + {T} new tokens > cache length {cache.max_len}"
             )
+        if cache.lengths is not None and T != 1:
+            raise ValueError(f"a per-row cache takes one token per row per step, got {T}")
         hidden = self._run_masked(idx, cache.pad, cache.pos, cache)
-        if last_only:
+        if at is not None:
+            hidden = hidden[torch.arange(B, device=idx.device), at.to(idx.device)][:, None]
+        elif last_only:
             hidden = hidden[:, -1:]
         logits = F.linear(hidden, self.output_weight)
         cache.pos += T
+        if cache.lengths is not None:
+            cache.lengths += 1
         return logits
 
     def _run_masked(self, idx, pad, start: int, cache: KVCache | None) -> torch.Tensor:
         """Left-padded forward over slots start..start+T (keys from the cache when given)."""
+        if cache is not None and cache.lengths is not None:
+            return self._run_rows(idx, cache)
         B, T = idx.shape
         device = idx.device
         slots = torch.arange(start, start + T, device=device)  # query slots
@@ -454,6 +516,23 @@ class Transformer(nn.Module):
             # A pad query sees only itself (its output is unused) so no row is fully masked.
             mask = causal[None] & (real[:, None, :] | (keys[None, None, :] == slots[None, :, None]))
             mask = mask[:, None]  # [B, 1, T, S]
+        x = self.tok_emb(idx)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask=mask, cache=cache, layer=layer)
+        return self.norm(x)
+
+    def _run_rows(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row, row b at position cache.lengths[b] (per-row cache mode)."""
+        if cache.pos >= self.config.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {cache.pos}, beyond max_seq_len "
+                f"{self.config.max_seq_len}"
+            )
+        lengths = cache.lengths
+        cos = self.rope_cos[lengths][:, None, None]  # [B, 1, 1, Dh/2]
+        sin = self.rope_sin[lengths][:, None, None]
+        keys = torch.arange(cache.pos + 1, device=idx.device)
+        mask = (keys[None, :] <= lengths[:, None])[:, None, None]  # [B, 1, 1, S]: own slots
         x = self.tok_emb(idx)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask=mask, cache=cache, layer=layer)

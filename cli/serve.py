@@ -1,0 +1,169 @@
+"""llm-serve: an OpenAI-compatible HTTP server for one checkpoint, with a chat page.
+
+    llm-serve CKPT                                  http://127.0.0.1:8000 (this machine only)
+    llm-serve CKPT --port 0                         any free port (the line on stderr says which)
+    TRITONLM_API_KEY=secret llm-serve CKPT          clients must send "Authorization: Bearer secret"
+
+Requests join a continuously batched decode loop (``--max-batch`` rows); up to
+``--max-queue`` more wait, and beyond that the server answers 429 with Retry-After.
+Each finished request writes one JSON log line on stderr (id, tokens in/out, time to
+first token, tokens/s). SIGINT or SIGTERM stops the server cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+
+from .common import Parser, UsageError, run_main
+
+PROG = "llm-serve"
+API_KEY_ENV = "TRITONLM_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="Serve a tritonlm checkpoint over the OpenAI HTTP API.",
+               epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (from llm-train)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000,
+                   help="port (default: 8000; 0 = any free port)")  # fmt: skip
+    p.add_argument("--api-key", metavar="KEY",
+                   help=f"require this bearer key (default: ${API_KEY_ENV} if set)")  # fmt: skip
+    p.add_argument("--max-batch", type=_int_in(1, 4096), default=16, metavar="N",
+                   help="rows decoded together (default: 16)")  # fmt: skip
+    p.add_argument("--max-queue", type=_int_in(0, 1 << 20), default=64, metavar="N",
+                   help="requests that may wait for a row; more get 429 (default: 64)")  # fmt: skip
+    p.add_argument("--max-new-tokens-cap", type=_int_in(1, 1 << 20), default=512, metavar="N",
+                   help="largest max_tokens a request may ask for (default: 512)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=_int_in(1, 1 << 30), default=1 << 20, metavar="N",
+                   help="largest request body (default: 1 MiB)")  # fmt: skip
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the model id clients use (default: the checkpoint's folder name)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="kernels: auto (Triton on CUDA), torch or triton")  # fmt: skip
+    return p
+
+
+def _int_in(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before loading anything slow, so a taken port fails at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _log_done(handle, result) -> None:
+    """One structured line per finished request (no progress bars)."""
+    rec = {"event": "done", "id": handle.id, "prompt_tokens": result.prompt_tokens,
+           "completion_tokens": result.new_tokens, "finish": result.stop_reason,
+           "ttft_s": round(result.time_to_first_token_s, 4),
+           "elapsed_s": round(result.elapsed_s, 4),
+           "tokens_per_s": round(result.tokens_per_s, 1)}  # fmt: skip
+    logging.getLogger(PROG).info(json.dumps(rec))
+
+
+def serve(args: argparse.Namespace) -> int:
+    sock = _bind(args.host, args.port)
+    device = _device(args.device)
+    from tritonlm.engine.scheduler import Scheduler
+    from tritonlm.engine.serve_request import Limits
+
+    from .chat_session import load
+    from .serve_app import create_app
+
+    ckpt = load(args.checkpoint, device=device, backend=args.backend)
+    name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
+    limits = Limits(name, ckpt.model.config.max_seq_len, args.max_new_tokens_cap)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    scheduler = Scheduler(ckpt.model, ckpt.tokenizer, args.max_batch, args.max_queue,
+                          on_done=_log_done).start()  # fmt: skip
+    app = create_app(scheduler, ckpt.tokenizer, limits, api_key, args.max_body_bytes)
+    import uvicorn
+
+    _Server = _server_class()
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    host, port = sock.getsockname()[:2]
+    ready = {"event": "listening", "url": f"http://{host}:{port}", "model": name,
+             "auth": api_key is not None, "max_batch": args.max_batch}  # fmt: skip
+    logging.getLogger(PROG).info(json.dumps(ready))
+    server = _Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        scheduler.stop()
+        sock.close()
+    logging.getLogger(PROG).info(json.dumps({"event": "stopped", "signals": server.signals}))
+    return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a SIGINT/SIGTERM that stopped it cleanly is not
+        raised again afterwards (uvicorn re-raises it): llm-serve then exits with 0."""
+
+        signals: list[int] = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self.signals = [int(s) for s in self._captured_signals]
+                    self._captured_signals.clear()
+
+    return Server
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
+    return run_main(PROG, lambda: serve(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""llm-serve's HTTP layer: FastAPI routes that read bytes and write OpenAI-shaped JSON/SSE.
+
+Everything a request means is decided in the engine (:mod:`tritonlm.engine.serve_request`
+validates it, :mod:`tritonlm.engine.scheduler` runs it); this module only moves bytes:
+
+    POST /v1/chat/completions, /v1/completions   JSON, or SSE chunks ending in [DONE]
+    GET  /v1/models, /v1/models/{id}, /health, / (the chat page)
+
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with its status (400
+bad field, 401 key, 404 model or route, 405, 413 body too big, 429 + Retry-After queue
+full, 500 engine failure). A client that goes away cancels its request, which frees the
+row at the scheduler's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from tritonlm.engine.scheduler import Event, QueueFull, Scheduler, finish_reason
+from tritonlm.engine.serve_request import Limits, RequestError, ServeRequest, parse_request
+
+PAGE = Path(__file__).parent / "static" / "chat.html"
+LOG = logging.getLogger("llm-serve")
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is there
+
+
+def error_response(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | None = None,
+               max_body_bytes: int = 1 << 20) -> FastAPI:  # fmt: skip
+    """The app for one loaded model (the API cannot load files or switch checkpoints)."""
+    app = FastAPI(title="llm-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    mailboxes: dict[int, _Mailbox] = {}  # one per event loop (uvicorn runs one)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # unknown route, 405, ...
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(RequestError(str(exc.detail), code=code, status=exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        LOG.exception("internal error")
+        err = RequestError(f"internal error: {exc}", status=500, type="server_error")
+        return error_response(err)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+            raise RequestError("invalid or missing API key (Authorization: Bearer KEY)",
+                               code="invalid_api_key", status=401)  # fmt: skip
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_big(max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _too_big(max_body_bytes)
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+    async def completion(request: Request, kind: str):
+        try:
+            check_key(request)
+            body = await read_json(request)
+            # Tokenizing up to max_body_bytes of text takes a while: off the event loop.
+            req = await asyncio.to_thread(parse_request, body, kind, tokenizer, limits)
+            rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            mailbox = mailboxes.setdefault(id(asyncio.get_running_loop()), _Mailbox())
+
+            def notify(event: Event) -> None:  # runs on the scheduler thread
+                mailbox.post(events, event)
+
+            handle = scheduler.submit(req.prompt_ids, req.sampling, notify, request_id=rid)
+        except QueueFull as e:
+            LOG.info(json.dumps({"event": "refused", "status": 429}))
+            err = RequestError(str(e), code="queue_full", status=429, type="rate_limit_error")
+            return error_response(err, {"Retry-After": str(e.retry_after_s)})
+        except RequestError as e:
+            LOG.info(json.dumps({"event": "refused", "status": e.status, "code": e.code}))
+            return error_response(e)
+        shape = _Shape(kind, rid, limits.model_name, len(req.prompt_ids))
+        if req.stream:
+            body = _sse(events, handle, shape, req)
+            headers = {"Cache-Control": "no-cache"}
+            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        return await _whole(request, events, handle, shape)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await completion(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await completion(request, "completion")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except RequestError as e:
+            return error_response(e)
+        return {"object": "list", "data": [_model_card(limits.model_name, created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        try:
+            check_key(request)
+            if model_id != limits.model_name:
+                raise RequestError(f"the model {model_id!r} does not exist", param="model",
+                                   code="model_not_found", status=404)  # fmt: skip
+        except RequestError as e:
+            return error_response(e)
+        return _model_card(limits.model_name, created)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.load()}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return app
+
+
+class _Mailbox:
+    """Hands the scheduler thread's events to the event loop with at most one wake-up per
+    batch: every token of every stream waking the loop would make the two threads trade
+    the GIL (and the CPU) once per token per stream."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a wake-up is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def _deliver(self) -> None:  # the event loop
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+def _too_big(limit: int) -> RequestError:
+    return RequestError(f"the request body is larger than {limit} bytes",
+                        code="body_too_large", status=413)  # fmt: skip
+
+
+def _model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "tritonlm"}
+
+
+class _Shape:
+    """OpenAI's response objects for one request (chat or text completion)."""
+
+    def __init__(self, kind: str, rid: str, model: str, prompt_tokens: int):
+        self.kind, self.id, self.model, self.prompt_tokens = kind, rid, model, prompt_tokens
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, text: str, reason: str, completion_tokens: int) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": reason, "logprobs": None}  # fmt: skip
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            obj = "text_completion"
+        return {**self._head(obj), "choices": [choice], "usage": self.usage(completion_tokens)}
+
+    def chunk(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta = {} if text is None else {"content": text}
+            if first:
+                delta = {"role": "assistant", **delta}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+
+def _engine_error(message: str) -> RequestError:
+    return RequestError(f"generation failed: {message}", status=500, type="server_error")
+
+
+async def _whole(request: Request, events: asyncio.Queue, handle, shape: _Shape):
+    """Wait for the whole answer; cancel it if the client goes away meanwhile."""
+    parts = []
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)  # nobody will read it
+                continue
+            parts.append(event.text)
+            if event.done:
+                break
+    finally:
+        handle.cancel()  # a no-op once finished; frees the row if the client went away
+    if event.error is not None:
+        return error_response(_engine_error(event.error))
+    res = event.result
+    return shape.whole("".join(parts), finish_reason(res.stop_reason), res.new_tokens)
+
+
+def _sse_line(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(events: asyncio.Queue, handle, shape: _Shape, req: ServeRequest):
+    """Server-sent events: one chunk per released text, the finish reason, [DONE].
+    If the client disconnects, the response task is cancelled and so is the request."""
+    try:
+        first = True
+        if shape.kind == "chat":  # the role comes first, as OpenAI's streams do
+            yield _sse_line(shape.chunk(None, None, first=True))
+            first = False
+        while True:
+            event = await events.get()
+            if event.error is not None:
+                yield _sse_line(_engine_error(event.error).body())
+                break
+            if event.text:
+                yield _sse_line(shape.chunk(event.text, None, first=first))
+                first = False
+            if event.done:
+                res = event.result
+                yield _sse_line(shape.chunk(None, finish_reason(res.stop_reason)))
+                if req.include_usage:
+                    yield _sse_line({**shape.chunk(None, None), "choices": [],
+                                     "usage": shape.usage(res.new_tokens)})  # fmt: skip
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()  # a no-op once finished; frees the row if the client went away
