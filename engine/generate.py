@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .chat_prompt import ChatPrompt, build_chat_prompt, encode_raw_prompt
-from .model import left_pad
+from .kv_cache import left_pad
 from .sampling import SamplingConfig, SamplingError, make_generator, sample_next
 from .text_stream import TextStream, _longest_stop_prefix_suffix  # noqa: F401 (re-export)
 
