@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup setup-bench test demo bench lint format clean browser
+.PHONY: setup setup-bench test demo bench lint format clean browser gpu-check
 
 setup: $(STAMP) browser
 
@@ -46,6 +46,12 @@ bench: setup-bench
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/kernel_report.py
+
+# The one prepared device check (issue #10). Depends on no setup: the device machine has
+# torch/triton/transformers but no package index; the script installs nothing.
+GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

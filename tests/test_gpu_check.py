@@ -1,0 +1,141 @@
+"""benchmarks/gpu_check.py: the device check's own code runs on the CPU, so it cannot rot.
+
+The quick mode runs the same correctness, end-to-end and (with --cpu-speed) speed code as
+on a GPU, through Triton's interpreter at tiny shapes; here we check what it records, that
+a kernel leaving an element unwritten fails, that the budget skips work, and that the
+package imports from a bare checkout (the device machine has no install of it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+ENV = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)  # fmt: skip
+
+
+def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
+    out_dir = tmp_path / "out"
+    proc = _run("--quick", "--cpu-speed", "--json", str(tmp_path / "r.json"), "--out", str(out_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("RESULT: all run checks passed")  # the table is last
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert json.loads((out_dir / "gpu_check.json").read_text()) == report
+    res = report["results"]
+    rows = res["correctness"]
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
+        (k, d)
+        for k in ("attention", "rmsnorm", "cross_entropy", "linear_cross_entropy")
+        for d in ("fp32", "fp16")
+    }
+    for r in rows:
+        assert r["ok"] and r["deterministic"], r
+        grads = {"attention": 3, "rmsnorm": 2, "cross_entropy": 1, "linear_cross_entropy": 2}
+        assert len(r["rel_err"]) == 1 + grads[r["kernel"]]  # the output and every gradient
+        assert all(0 < e <= r["tol"] for e in r["rel_err"].values()), r
+    (e2e,) = res["e2e"]
+    assert e2e["ok"] and len(e2e["losses"]["triton"]) == e2e["steps"]
+    assert e2e["greedy_same_weights_match_fp32"] == e2e["greedy_tokens"]
+    for section in ("ceilings", "attention", "train", "rmsnorm", "lce"):
+        assert res[section] and all("error" not in r for r in res[section]), res[section]
+    att = res["attention"][0]
+    assert att["ours"]["fwd_bwd_ms"] > 0 and att["ours"]["fwd_bwd_tflops"] > 0
+    train = {r["item"]: r for r in res["train"]}
+    assert train["small ours triton"]["tokens_per_s"] > 0
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    proc = _run("--quick", "--sections", "correctness", "--budget-s", "0", "--json",
+                str(tmp_path / "r.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]["correctness"]
+    assert rows and all(r["skipped"] == "budget" for r in rows)
+    assert "skipped (" in proc.stdout
+
+
+def test_unknown_section_is_one_clear_error(tmp_path):
+    proc = _run("--sections", "nope", "--json", str(tmp_path / "r.json"), timeout=60)
+    assert proc.returncode == 2 and "unknown section(s) nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def checks():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check_kernels
+
+        yield gpu_check_kernels
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _fake_kernel_module(skip_last: bool, flaky: bool):
+    """A 'kernel' (x * 2) whose output comes from the module's torch.empty_like, so the
+    check poisons it; it can leave the last element unwritten or add run-to-run noise."""
+    mod = types.ModuleType("fake_kernel")
+    mod.torch = torch
+    calls = []
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            out = mod.torch.empty_like(x)
+            n = x.numel() - 1 if skip_last else x.numel()
+            out.view(-1)[:n] = x.view(-1)[:n] * 2
+            calls.append(1)
+            if flaky and len(calls) % 2 == 0:
+                out.view(-1)[0] += 1e-6
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    mod.run = Double.apply
+    return mod
+
+
+@pytest.mark.parametrize("skip_last,flaky", [(True, False), (False, True), (False, False)])
+def test_unwritten_or_nondeterministic_output_fails(checks, skip_last, flaky):
+    mod = _fake_kernel_module(skip_last, flaky)
+    x = torch.randn(4, 5)
+    rec = checks._check("fake", mod.run, lambda t: t * 2, mod, [x], torch.float32)
+    assert rec["ok"] == (not skip_last and not flaky)
+    assert (rec["rel_err"]["out"] == float("inf")) == skip_last
+    assert rec["deterministic"] == (not flaky)
+
+
+def test_package_imports_from_a_bare_checkout():
+    """With the installed package hidden, the boot module maps tritonlm onto the folders."""
+    code = (
+        "import sys, importlib.util\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
+        "assert importlib.util.find_spec('tritonlm') is None\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import gpu_check_boot\n"
+        "print(gpu_check_boot.ensure_importable())\n"
+        "from tritonlm.engine.model import Transformer\n"
+        "from tritonlm.kernels import dispatch\n"
+        "import tritonlm.engine.model as m\n"
+        "print(m.__file__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=ENV, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    how, path = proc.stdout.split()
+    assert how == "checkout" and Path(path) == ROOT / "engine" / "model.py"
