@@ -16,6 +16,13 @@ requests back to back (a prompt of --prompt-words words, temperature 0). Reporte
 One warm-up request per level. Server and clients share the machine (the clients are one
 asyncio thread). Prints a table and writes JSON (machine, versions, settings, figures).
 
+``--peer transformers,transformers-cb`` adds rows for ``transformers serve`` (default mode,
+and ``--continuous-batching``) on the same checkpoint exported with ``llm-export`` (fp32
+Hugging Face Llama folder), served offline on 127.0.0.1 and driven by the same clients. It
+needs ``transformers[serving]`` (accelerate among others) in the Python of ``--peer-bin``;
+the same zeroed rows keep its greedy answers full length too. Each row also records whether
+every answer's text equals llm-serve's one-stream answer (same weights, greedy).
+
 ``--in-process`` measures the engine alone: the same requests go straight to a
 :class:`Scheduler` on ``--device`` (one Python thread per client, no HTTP), which also
 runs where FastAPI is not installed (e.g. a GPU machine), and checks that every batched
@@ -30,15 +37,19 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LLM_SERVE = Path(sys.executable).parent / "llm-serve"
+LLM_EXPORT = Path(sys.executable).parent / "llm-export"
+PEERS = {"transformers": False, "transformers-cb": True}  # name -> continuous batching
 
 
 def parse_args(argv=None):
@@ -54,10 +65,26 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="seed only, 1 round")
     p.add_argument("--in-process", action="store_true", help="the scheduler alone, no HTTP")
     p.add_argument("--device", default="cpu", help="--in-process device (cpu, cuda)")
+    p.add_argument(
+        "--peer",
+        default="none",
+        help="also serve the llm-export'ed model: transformers, transformers-cb (comma list)",
+    )
+    p.add_argument(
+        "--peer-bin",
+        default=str(Path(sys.executable).parent / "transformers"),
+        help="the `transformers` CLI (its Python needs transformers[serving])",
+    )
+    p.add_argument("--peer-streams", default=None, help="peer levels (default: --streams)")
     p.add_argument("--out", default=str(HERE / "results" / "bench_serve.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.presets, args.rounds = "seed", 1
+    args.peer = [x for x in args.peer.split(",") if x not in ("", "none")]
+    if set(args.peer) - set(PEERS):
+        p.error(f"--peer: choose from {','.join(PEERS)}")
+    if args.peer and args.in_process:
+        p.error("--peer needs the HTTP mode (not --in-process)")
     return args
 
 
@@ -100,7 +127,7 @@ class Server:
         self.url = self._wait_url()
 
     def _wait_url(self) -> str:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 300  # llm-serve prints its URL once it listens
         while time.monotonic() < deadline:
             for line in self.log.read_text().splitlines():
                 if '"event": "listening"' in line:
@@ -118,13 +145,77 @@ class Server:
             self.proc.kill()
 
 
-async def one_request(http, model: str, prompt: str, n: int) -> tuple[float, int]:
-    """Stream one answer; return (seconds to the first content chunk, completion tokens)."""
+class PeerServer(Server):
+    """``transformers serve`` on the llm-export'ed copy of the checkpoint, offline."""
+
+    def __init__(self, ckpt: Path, args, log: Path, cb: bool = False):
+        hf_dir = ckpt.with_name(ckpt.name + "-hf")
+        subprocess.run([str(LLM_EXPORT), str(ckpt), str(hf_dir), "--dtype", "fp32"],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        self.model = str(hf_dir)  # a pinned server only answers to its own model id
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        with socket.socket() as s:  # a free port: transformers serve has no --port 0
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        argv = [
+            args.peer_bin,
+            "serve",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--log-level",
+            "warning",
+        ]
+        if cb:
+            argv.append("--continuous-batching")
+        self.log = log
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                                     env=env)  # fmt: skip
+        self.url = self._wait_url()
+
+    def _wait_url(self) -> str:
+        import httpx
+
+        url, deadline = f"http://127.0.0.1:{self.port}", time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise SystemExit(f"transformers serve failed: {tail[0]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        raise SystemExit("transformers serve did not start")
+
+
+def peer_version(peer_bin: str) -> str | None:
+    """transformers' version in the peer's own Python (the CLI's interpreter)."""
+    python = Path(peer_bin).parent / "python"
+    code = "import transformers; print(transformers.__version__)"
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+async def one_request(http, model: str, prompt: str, n: int) -> tuple[float, int, str]:
+    """Stream one answer: (seconds to the first content chunk, completion tokens, text)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": n, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, text = None, 0, []
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -133,9 +224,10 @@ async def one_request(http, model: str, prompt: str, n: int) -> tuple[float, int
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"][0]["delta"].get("content") is not None:
-                ttft = time.perf_counter() - t0
-    return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+            elif (piece := chunk["choices"][0]["delta"].get("content")) is not None:
+                ttft = time.perf_counter() - t0 if ttft is None else ttft
+                text.append(piece)
+    return (ttft if ttft is not None else time.perf_counter() - t0), tokens, "".join(text)
 
 
 async def level(url: str, model: str, streams: int, rounds: int, prompt: str, n: int) -> dict:
@@ -152,12 +244,13 @@ async def level(url: str, model: str, streams: int, rounds: int, prompt: str, n:
         results = await asyncio.gather(*(client() for _ in range(streams)))
         wall = time.perf_counter() - t0
     flat = [x for per in results for x in per]
-    ttfts = sorted(t for t, _ in flat)
-    tokens = sum(k for _, k in flat)
+    ttfts = sorted(t for t, _, _ in flat)
+    tokens = sum(k for _, k, _ in flat)
     assert tokens == n * len(flat), "an answer stopped early"
     return {"streams": streams, "requests": len(flat), "tokens": tokens, "wall_s": wall,
             "agg_tok_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
-            "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}  # fmt: skip
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+            "answers": {a for _, _, a in flat}}  # fmt: skip
 
 
 def level_in_process(sched, streams: int, rounds: int, prompt: list[int], n: int) -> dict:
@@ -242,6 +335,21 @@ def main(argv=None) -> int:
     device = args.device if args.in_process else "server: llm-serve --device auto"
     report = {"machine": machine_info(args.device), "settings": vars(args), "rows": []}
     report["machine"]["device"] = device
+    servers = [("llm-serve", Server, streams)]
+    peer_levels = [int(x) for x in (args.peer_streams or args.streams).split(",")]
+    for peer in args.peer:
+        name = "transformers serve" + (" --cb" if PEERS[peer] else "")
+        servers.append((name, partial(PeerServer, cb=PEERS[peer]), peer_levels))
+    if args.peer:
+        report["machine"]["peer_transformers"] = peer_version(args.peer_bin)
+        report["peer_note"] = (
+            "transformers serve on the llm-export fp32 folder of the same checkpoint, --device "
+            "cpu --dtype float32, same clients, max_tokens and temperature 0; no ignore_eos is "
+            "sent to either server: the zeroed special-token rows keep both greedy answers full "
+            "length (each level asserts completion tokens == new tokens * requests). 'transformers "
+            "serve': default mode, one model.generate() at a time on its inference thread; "
+            "'--cb': --continuous-batching (paged attention)."
+        )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             ckpt = build_checkpoint(preset, args.vocab, Path(tmp))
@@ -249,25 +357,37 @@ def main(argv=None) -> int:
                 for row in run_in_process(preset, ckpt, args, streams, prompt):
                     report["rows"].append({**row, "preset": preset})
                 continue
-            server = Server(ckpt, args, Path(tmp) / f"{preset}.log")
-            try:
-                for c in streams:
-                    row = asyncio.run(level(server.url, preset, c, args.rounds, prompt,
-                                            args.new_tokens))  # fmt: skip
-                    row["preset"] = preset
-                    report["rows"].append(row)
-                    print(f"  {preset} x{c}: {row['agg_tok_s']:.1f} tok/s", file=sys.stderr)
-            finally:
-                server.stop()
-    base = {r["preset"]: r["agg_tok_s"] for r in report["rows"] if r["streams"] == 1}
-    print(f"{'preset':8}{'streams':>8}{'requests':>9}{'agg tok/s':>11}{'speedup':>9}"
-          f"{'TTFT p50':>10}{'TTFT p95':>10}{'  = alone' if args.in_process else ''}")  # fmt: skip
+            for name, cls, levels in servers:
+                log = Path(tmp) / f"{preset}-{name.replace(' ', '_')}.log"
+                server = cls(ckpt, args, log)
+                model = getattr(server, "model", preset)
+                try:
+                    for c in levels:
+                        row = asyncio.run(level(server.url, model, c, args.rounds, prompt,
+                                                args.new_tokens))  # fmt: skip
+                        row.update(preset=preset, server=name)
+                        report["rows"].append(row)
+                        print(f"  {name} {preset} x{c}: {row['agg_tok_s']:.1f} tok/s",
+                              file=sys.stderr)  # fmt: skip
+                finally:
+                    server.stop()
+            # Greedy, same weights: does every answer equal llm-serve's one-stream answer?
+            solo = next(r["answers"] for r in report["rows"] if r.get("preset") == preset)
+            for r in report["rows"]:
+                if r.get("preset") == preset and "answers" in r:
+                    r["same_answer_as_llm_serve_1"] = r.pop("answers") == solo and len(solo) == 1
+    key = lambda r: (r.get("server"), r["preset"])  # noqa: E731
+    base = {key(r): r["agg_tok_s"] for r in report["rows"] if r["streams"] == 1}
+    same = "batch_equals_alone" if args.in_process else "same_answer_as_llm_serve_1"
+    print(f"{'server':24}{'preset':8}{'streams':>8}{'requests':>9}{'agg tok/s':>11}{'speedup':>9}"
+          f"{'TTFT p50':>10}{'TTFT p95':>10}"
+          f"{'  = alone' if args.in_process else '  = llm-serve x1'}")  # fmt: skip
     for r in report["rows"]:
-        r["speedup_vs_1"] = r["agg_tok_s"] / base[r["preset"]] if r["preset"] in base else None
+        r["speedup_vs_1"] = r["agg_tok_s"] / base[key(r)] if key(r) in base else None
         sp = f"{r['speedup_vs_1']:.2f}x" if r["speedup_vs_1"] else "-"
-        print(f"{r['preset']:8}{r['streams']:>8}{r['requests']:>9}{r['agg_tok_s']:>11.1f}"
-              f"{sp:>9}{r['ttft_p50_s']:>9.3f}s{r['ttft_p95_s']:>9.3f}s"
-              f"{'  ' + str(r['batch_equals_alone']) if args.in_process else ''}")  # fmt: skip
+        print(f"{r.get('server', 'in process'):24}{r['preset']:8}{r['streams']:>8}"
+              f"{r['requests']:>9}{r['agg_tok_s']:>11.1f}"
+              f"{sp:>9}{r['ttft_p50_s']:>9.3f}s{r['ttft_p95_s']:>9.3f}s  {r[same]}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

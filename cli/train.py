@@ -49,8 +49,9 @@ examples:
 
 Checkpoints are resumable (optimizer, schedule, RNG and data position are saved). Ctrl-C
 (or SIGTERM) stops after the current step and saves; a second Ctrl-C aborts without saving.
-The run directory also gets metrics.jsonl and loss_<phase>.png. Tokenized data is cached
-in --cache-dir (default: a .cache folder next to --out).
+The run directory also gets metrics.jsonl, loss_<phase>.png and, when the run finishes,
+report.md (llm-eval --report adds to it). Tokenized data is cached in --cache-dir
+(default: a .cache folder next to --out).
 """
 
 
@@ -71,17 +72,54 @@ def _data_flags(d) -> None:
         "--data",
         nargs="+",
         metavar="PATH",
-        help="pretraining text: files or folders of .txt/.json/.jsonl/.csv",
+        help="pretraining text: files, folders or glob patterns of .txt/.json/.jsonl/.csv/"
+        ".parquet, .jsonl.gz/.zst, .txt.gz/.zst, and plain text/source files (--text-ext)",
     )
     d.add_argument(
         "--chat-data",
         nargs="+",
         metavar="PATH",
         help="instruction data: .json "
-        "('User: ... Assistant: ...' strings) or .jsonl ({'messages': [...]})",
+        "('User: ... Assistant: ...' strings), .jsonl(.gz/.zst) ({'messages': [...]}) or "
+        ".parquet (a 'messages' column)",
     )
+    _corpus_flags(d)
     d.add_argument("--out", metavar="DIR", help="run / checkpoint directory (required)")
     d.add_argument("--cache-dir", metavar="DIR", help="token cache (default: <out>/../.cache)")
+
+
+def _corpus_flags(d) -> None:
+    from tritonlm.engine.corpus_formats import DEFAULT_TEXT_EXTS
+
+    d.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the JSONL key / Parquet column of the text (default: text)")  # fmt: skip
+    d.add_argument("--text-ext", type=_ext_list, default=DEFAULT_TEXT_EXTS, metavar="EXTS",
+                   help="comma-separated extensions read as plain text besides .txt "
+                   "(default: .md,.rst,.py,.c,... ; '' for none)")  # fmt: skip
+    d.add_argument("--workers", type=_positive, metavar="N",
+                   help="processes for tokenizing the corpus (default: all cores); the "
+                   "token cache is the same for any number")  # fmt: skip
+    d.add_argument("--tokenizer-sample-bytes", type=_size, default=300 << 20, metavar="SIZE",
+                   help="text a new tokenizer learns from, spread over the corpus (e.g. "
+                   "300M, 2G; default: 300M)")  # fmt: skip
+
+
+def _ext_list(text: str) -> tuple[str, ...]:
+    return tuple(e.strip() for e in text.split(",") if e.strip())
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B")
+    unit = t[-1:] if t[-1:] in "KMG" and t[-1:] else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 300M or 2G, got {text!r}")
+    return value
 
 
 def _model_flags(m) -> None:
@@ -101,7 +139,9 @@ def _model_flags(m) -> None:
     )
     m.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer.json instead")
     m.add_argument(
-        "--init-from", metavar="CKPT", help="start from this checkpoint's weights and tokenizer"
+        "--init-from",
+        metavar="CKPT",
+        help="start from this checkpoint's (or Hugging Face Llama folder's) weights and tokenizer",
     )
     m.add_argument(
         "--resume",
@@ -112,7 +152,8 @@ def _model_flags(m) -> None:
     )
 
 
-RUNTIME = ("device", "backend", "dtype", "compile", "log_every")  # TrainConfig's runtime flags
+# TrainConfig's runtime flags: a --resume may change them
+RUNTIME = ("device", "backend", "dtype", "compile", "log_every", "max_shard_size")
 
 
 def _training_flags(t) -> None:
@@ -225,7 +266,7 @@ def _check_args(args) -> None:
     cores = os.cpu_count() or 1
     if args.threads and args.threads > cores:
         raise UsageError(f"--threads {args.threads}: this machine has {cores} CPU cores")
-    shape = [args.d_model, args.n_layers, args.n_heads, args.d_ff]
+    shape = [args.d_model, args.n_layers, args.n_heads, args.n_kv_heads, args.d_ff]
     if args.init_from and any(v is not None for v in shape):
         raise UsageError("the model shape comes from --init-from; drop --d-model/--n-layers/...")
 
@@ -282,28 +323,53 @@ def run(args, stop) -> int:
 
 
 def _load_inputs(args, ctx):
-    from tritonlm.engine.data import load_chats, load_texts
+    """The pretraining corpus (checked paths, read later as a stream) and the chats."""
+    import glob
 
-    loaded = {}
-    sources = (("documents", args.data, load_texts, "--data"),
-               ("chats", args.chat_data, load_chats, "--chat-data"))  # fmt: skip
-    for kind, paths, load, flag in sources:
-        if paths:
-            result = load(paths, option=flag)
-            if ctx.is_main and not args.quiet:
-                print(f"data: {result.summary(kind)}", flush=True)
-            loaded[kind] = result.items
-    return loaded.get("documents"), loaded.get("chats")
+    from tritonlm.engine.corpus import open_corpus
+    from tritonlm.engine.data import DataError, load_chats
+
+    corpus = chats = None
+    if args.data:
+        paths = []
+        for p in args.data:  # a quoted pattern ('shards/*.parquet') is expanded here
+            hits = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
+            if not hits:
+                raise DataError(f"--data {p}: no file matches this pattern")
+            paths += hits
+        corpus = open_corpus(paths, option="--data", text_field=args.text_field,
+                             text_exts=args.text_ext)  # fmt: skip
+    if args.chat_data:
+        result = load_chats(args.chat_data, option="--chat-data")
+        if ctx.is_main and not args.quiet:
+            print(f"data: {result.summary('chats')}", flush=True)
+        chats = result.items
+    return corpus, chats
+
+
+def _workers(args) -> int:
+    from tritonlm.engine.parallel_encode import default_workers
+
+    return args.workers or default_workers()
 
 
 def _tokenizer_and_model(args, texts, chats):
     from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.run_plan import DEFAULT_VOCAB, new_model, set_dropout, tokenizer_texts
+    from tritonlm.engine.run_plan import (
+        DEFAULT_VOCAB,
+        load_init,
+        new_model,
+        set_dropout,
+        tokenizer_texts,
+    )
     from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
     from tritonlm.engine.trainer_state import check_trainer_state
 
     if args.resume or args.init_from:
-        ckpt = load_checkpoint(args.resume or args.init_from, backend=args.backend)
+        if args.init_from:  # one of our checkpoints or a Hugging Face folder
+            ckpt = load_init(args.init_from, backend=args.backend)
+        else:
+            ckpt = load_checkpoint(args.resume, backend=args.backend)
         if args.resume and not ckpt.resumable:
             raise UsageError(f"--resume {args.resume}: not a resumable checkpoint")
         if args.resume:  # every field a resume reads, checked before it is used
@@ -321,20 +387,45 @@ def _tokenizer_and_model(args, texts, chats):
             tokenizer = BpeTokenizer.load(args.tokenizer)
     else:
         vocab = args.vocab_size or DEFAULT_VOCAB[args.preset]
-        tokenizer = BpeTokenizer.train(tokenizer_texts(texts, chats),
-                                       BpeTokenizerConfig(vocab_size=vocab))  # fmt: skip
-    shape = {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "dropout")}
+        from tritonlm.engine.byte_progress import ByteBar
+
+        sample = texts.sample(args.tokenizer_sample_bytes) if texts else None
+        bar = ByteBar("tokenizer: counting", enabled=not args.quiet)
+        try:
+            tokenizer = BpeTokenizer.train(tokenizer_texts(sample, chats),
+                                           BpeTokenizerConfig(vocab_size=vocab),
+                                           workers=_workers(args), count_progress=bar)  # fmt: skip
+        finally:
+            bar.close()
+    shape = {k: getattr(args, k)
+             for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "dropout")}
     overrides = {k: v for k, v in shape.items() if v is not None}
     if args.seq_len:
         overrides["max_seq_len"] = args.seq_len
     return None, tokenizer, new_model(args.preset, tokenizer.vocab_size, overrides, args.seed)
 
 
+def _corpus_cache(args, corpus, tokenizer, cache_dir, ctx):
+    """Tokenize the corpus on --workers processes (or reuse its cache), with a bar."""
+    from tritonlm.engine.byte_progress import ByteBar
+    from tritonlm.engine.token_cache import build_corpus_cache
+
+    show = ctx.is_main and not args.quiet
+    bar = ByteBar("tokenizing", enabled=show)
+    try:
+        cache = build_corpus_cache(corpus, tokenizer, cache_dir, bar, _workers(args))
+    finally:
+        bar.close()
+    if show:
+        print(f"data: {cache.info.get('summary', f'{cache.n_docs} documents')}", flush=True)
+    return cache
+
+
 def _run_phases(args, out: Path, ctx, stop) -> int:
     import torch
     from tritonlm.engine.progress import TrainingBar
     from tritonlm.engine.run_plan import check_memory, is_checkpoint, plan_phases
-    from tritonlm.engine.token_cache import build_chat_cache, build_pretrain_cache
+    from tritonlm.engine.token_cache import build_chat_cache
     from tritonlm.engine.train import TrainingError, train
 
     texts, chats = _load_inputs(args, ctx)
@@ -358,11 +449,13 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
     fresh_over_old = resume_state is None and is_checkpoint(out) and ctx.is_main
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent / ".cache"
     bar = TrainingBar(enabled=not args.quiet and ctx.is_main)
-    summary = []
+    summary, runs = [], []  # runs: (phase, cache, result) for the report card
     for phase in phases:
-        build = build_pretrain_cache if phase == "pretrain" else build_chat_cache
         with _naming(f"--cache-dir {cache_dir}"):
-            cache = build(texts if phase == "pretrain" else chats, tokenizer, cache_dir)
+            if phase == "pretrain":
+                cache = _corpus_cache(args, texts, tokenizer, cache_dir, ctx)
+            else:
+                cache = build_chat_cache(chats, tokenizer, cache_dir)
         ctx.check_same(cache.key, f"the tokenized {phase} data (or the tokenizer)")
         resuming = resume_state is not None and resume_state.get("phase") == phase
         try:
@@ -383,7 +476,11 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
         val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         early = " (early stop)" if result.status == "early_stopped" else ""
         summary.append(f"{phase}: {result.step} steps{early}, loss {result.loss:.4f}{val}")
+        runs.append((phase, cache, result))
     if ctx.is_main:
+        from tritonlm.engine.report import write_train_report
+
+        write_train_report(out, [PROG, *getattr(args, "argv", [])], runs, model, tokenizer)
         print("; ".join(summary))
         print(f"checkpoint: {out}")
     return EXIT_OK
@@ -428,7 +525,9 @@ def main(argv=None) -> int:
     stop.on_first, stop.on_abort = announce, abort
     stop.install()  # whatever SIGINT/SIGTERM handling this process inherited
     try:
-        return run_main(PROG, lambda: run(build_parser().parse_args(argv), stop), _on_error)
+        argv = list(sys.argv[1:] if argv is None else argv)  # the report card shows it
+        given = argparse.Namespace(argv=argv)
+        return run_main(PROG, lambda: run(build_parser().parse_args(argv, given), stop), _on_error)
     finally:
         stop.uninstall()
 

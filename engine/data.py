@@ -8,6 +8,12 @@ Formats (chosen by file extension; a folder is searched recursively):
     .jsonl  one {"text": "..."} per line    one {"messages": [{"role", "content"}, ...]} per line
     .csv    no header; each row is one text -
             (its non-empty cells, stripped, joined with one space)
+    .parquet  a "text" column               a "messages" column (list of {role, content})
+    .md .rst .py ... plain text, like .txt  -
+    .jsonl.gz .jsonl.zst .txt.gz .txt.zst: the same, decompressed as a stream
+
+The text field / column is "text" unless `text_field` says otherwise; the plain-text
+extensions and the streaming readers are in engine/corpus_formats.py.
 
 Every problem with the structure of a file is a `DataError` whose message starts with
 "path:line:" (for example "data/x.jsonl:17: not valid JSON (...)"). Items that are merely
@@ -26,18 +32,20 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data_files import DataError, PathWalker, read_lines, read_text
+from .corpus_formats import DEFAULT_TEXT_EXTS, Source, open_stream, parquet_column, plain_texts
+from .data_files import COMPRESSIONS, DataError, PathWalker, ext_of, read_lines, read_text
 from .json_list import json_list_items
 
 __all__ = ["DataError", "LoadResult", "check_chat", "load_chats", "load_texts", "parse_flat_chat"]
 
 ROLES = ("system", "user", "assistant")
-TEXT_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv")
-CHAT_EXTENSIONS = (".json", ".jsonl")
+STRUCTURED = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".gz", ".zst")  # not --text-ext
+Skip = Callable[[str], None]
+Reader = Callable[[Source, Skip], Iterator]
 
 PathLike = str | os.PathLike
 
@@ -72,27 +80,37 @@ class LoadResult:
 # ----------------------------------------------------------------------------- public API
 
 
-def load_texts(paths: PathLike | Iterable[PathLike], option: str | None = None) -> LoadResult:
+def load_texts(
+    paths: PathLike | Iterable[PathLike],
+    option: str | None = None,
+    text_field: str = "text",
+    text_exts: Sequence[str] = DEFAULT_TEXT_EXTS,
+) -> LoadResult:
     """Load pretraining documents (`list[str]`) from files and folders, in the given order.
 
     `option` (e.g. "--data") starts every error message, so a command line's error says
-    which of its options holds the bad path.
+    which of its options holds the bad path. `text_field`: the JSONL key / Parquet column
+    of the text; `text_exts`: the extensions read as plain text besides .txt. For a corpus
+    too large for memory, stream it instead (engine/corpus.py).
 
     >>> load_texts(["notes.txt", "more.json"]).items    # doctest: +SKIP
     ['whole text of notes.txt', 'first string of more.json', ...]
     """
-    readers = {".txt": _texts_txt, ".json": _texts_json, ".jsonl": _texts_jsonl, ".csv": _texts_csv}
-    return _load(paths, readers, "texts", option)
+    found = scan(paths, text_readers(text_exts), "texts", option, text_field)
+    found.result.items = list(read_items(found))
+    return found.result
 
 
 def load_chats(paths: PathLike | Iterable[PathLike], option: str | None = None) -> LoadResult:
-    """Load conversations (`list[list[{"role", "content"}]]`) from .json and .jsonl files.
+    """Load conversations (`list[list[{"role", "content"}]]`) from .json, .jsonl(.gz/.zst)
+    and .parquet (a "messages" column) files.
 
     Each conversation passes `check_chat`: known roles, non-empty contents, an optional
     system message only at the start, and at least one assistant turn.
     """
-    readers = {".json": _chats_json, ".jsonl": _chats_jsonl}
-    return _load(paths, readers, "chats", option)
+    found = scan(paths, CHAT_READERS, "chats", option)
+    found.result.items = list(read_items(found))
+    return found.result
 
 
 _MARKER = re.compile(r"(?:^|(?<=\s))(System|User|Assistant):")
@@ -150,106 +168,210 @@ def check_chat(messages: object) -> list[dict[str, str]]:
     return clean
 
 
-# ----------------------------------------------------------------------------- walking paths
+# ----------------------------------------------------------------------------- scanning, reading
 
 
-def _load(paths, readers: dict, what: str, option: str | None) -> LoadResult:
-    """Check and expand every path first (so a bad one fails fast), then read each file."""
+def text_readers(text_exts: Sequence[str] = DEFAULT_TEXT_EXTS) -> dict[str, Reader]:
+    """Extension -> reader for pretraining texts; `text_exts` are read as plain text."""
+    readers: dict[str, Reader] = {".txt": _texts_plain}
+    for ext in check_text_exts(text_exts):
+        readers[ext] = _texts_plain
+    readers.update({".json": _texts_json, ".jsonl": _texts_jsonl, ".csv": _texts_csv,
+                    ".parquet": _texts_parquet})  # fmt: skip
+    for c in COMPRESSIONS:
+        readers[".txt" + c], readers[".jsonl" + c] = _texts_plain, _texts_jsonl
+    return readers
+
+
+def check_text_exts(exts: Sequence[str]) -> tuple[str, ...]:
+    """Validate plain-text extensions (".md", ...): lower-cased, without repeats."""
+    out: list[str] = []
+    for raw in exts:
+        ext = raw.strip().lower()
+        if not ext.startswith(".") or len(ext) < 2 or "/" in ext or ext.count(".") > 1:
+            raise DataError(f"text extension {raw!r} must look like '.md'")
+        if ext in STRUCTURED:
+            raise DataError(f"text extension {ext!r} is a structured format, not plain text")
+        if ext not in out:
+            out.append(ext)
+    return tuple(out)
+
+
+@dataclass
+class Scan:
+    """The checked, expanded input files of one option, ready to be read by `read_items`."""
+
+    files: list[Path]
+    named: set[Path]
+    readers: dict
+    what: str
+    option: str | None
+    text_field: str
+    result: LoadResult
+    inputs: str = ""  # the paths as given, for the "no usable texts" message
+    current: Source | None = None  # the file being read (its position: progress in bytes)
+    done_bytes: int = 0  # on-disk size of the files read completely
+
+    def total_bytes(self) -> int:
+        return sum(_size(f) for f in self.files)
+
+    def position(self) -> int:
+        """On-disk bytes read so far (compressed bytes for .gz/.zst files)."""
+        return self.done_bytes + (self.current.position() if self.current else 0)
+
+
+def scan(paths, readers: dict, what: str, option: str | None, text_field: str = "text") -> Scan:
+    """Check and expand every path (so a bad one fails fast) without reading any file."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
-    if not paths:
-        raise DataError(f"no input paths given for {what}")
+    result = LoadResult(items=[])
     try:
-        result = LoadResult(items=[])
+        if not paths:
+            raise DataError(f"no input paths given for {what}")
         walker = PathWalker(tuple(readers), lambda reason, path: result.skip(reason, 1, path))
         for path in paths:
             walker.add(path)
-        for file in walker.files:
+    except DataError as e:
+        raise _prefixed(e, option) from None
+    inputs = ", ".join(str(p) for p in paths)
+    return Scan(walker.files, walker.named, readers, what, option, text_field, result, inputs)
+
+
+def read_items(found: Scan) -> Iterator:
+    """Yield every usable item of every file, in order; skips are counted in
+    `found.result`. No usable item at all is a `DataError` (raised at the end)."""
+    result, n = found.result, 0
+    try:
+        for file in found.files:
             result.sources.append(str(file))
-            readers[file.suffix.lower()](file, result)
-        if not result.items:
-            names = ", ".join(str(p) for p in paths)
+            src = Source(file, lenient=file not in found.named, text_field=found.text_field)
+            found.current = src
+            for item in found.readers[ext_of(file)](src, result.skip):
+                n += 1
+                yield item
+            found.current = None
+            found.done_bytes += _size(file)
+        if not n:
             skipped = _fmt_skipped(result.skipped, result.examples)
             detail = f" (skipped: {skipped})" if result.skipped else ""
-            raise DataError(f"{names}: no usable {what} found{detail}")
+            raise DataError(f"{found.inputs}: no usable {found.what} found{detail}")
     except DataError as e:
-        if option:
-            raise DataError(f"{option} {e}") from None
-        raise
-    return result
+        raise _prefixed(e, found.option) from None
+
+
+def _prefixed(e: DataError, option: str | None) -> DataError:
+    return DataError(f"{option} {e}") if option else e
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:
+        return 0
 
 
 # ----------------------------------------------------------------------------- readers
 
 
-def _texts_txt(file: Path, result: LoadResult) -> None:
-    text = read_text(file)
-    if text.strip():
-        result.items.append(text)
-    else:
-        result.skip("empty text")
+def _texts_plain(src: Source, skip: Skip) -> Iterator[str]:
+    yield from plain_texts(src, skip)  # decoded strictly from bytes: no lone surrogates
 
 
-def _texts_json(file: Path, result: LoadResult) -> None:
-    items, surrogate = result.items, _SURROGATE.search  # the hot loop of a big corpus
+def _texts_json(src: Source, skip: Skip) -> Iterator[str]:
+    file, surrogate = src.file, _SURROGATE.search  # the hot loop of a big corpus
     for line, value in json_list_items(file):
         if type(value) is not str:
             raise DataError(f"{file}:{line}: list item is {_kind(value)}, expected a string")
         if surrogate(value):
             raise DataError(f"{file}:{line}: text {_SURROGATE_MSG}")
         if value and not value.isspace():
-            items.append(value)
+            yield value
         else:
-            result.skip("empty text")
+            skip("empty text")
 
 
-def _texts_jsonl(file: Path, result: LoadResult) -> None:
-    for line, record in _jsonl_records(file, result):
-        value = record.get("text") if isinstance(record, dict) else None
+def _texts_jsonl(src: Source, skip: Skip) -> Iterator[str]:
+    key, file = src.text_field, src.file
+    for line, record in _jsonl_records(src, skip):
+        value = record.get(key) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DataError(f'{file}:{line}: expected an object with a string "text" field')
-        _add_text(file, line, value, result)
+            raise DataError(f"{file}:{line}: expected an object with a string {_q(key)} field")
+        if _SURROGATE.search(value):
+            raise DataError(f"{file}:{line}: text {_SURROGATE_MSG}")
+        if value.strip():
+            yield value
+        else:
+            skip("empty text")
 
 
-def _texts_csv(file: Path, result: LoadResult) -> None:
+def _texts_csv(src: Source, skip: Skip) -> Iterator[str]:
     # strict: an unclosed quote would otherwise swallow the rest of the file into one cell
-    reader = csv.reader(io.StringIO(read_text(file), newline=""), strict=True)
+    reader = csv.reader(io.StringIO(read_text(src.file), newline=""), strict=True)
     line = 1
     try:
         for row in reader:
             joined = " ".join(cell.strip() for cell in row if cell.strip())
             if joined:
-                result.items.append(joined)
+                yield joined
             else:
-                result.skip("empty row")
+                skip("empty row")
             line = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{file}:{line}: bad CSV row ({e})") from e
+        raise DataError(f"{src.file}:{line}: bad CSV row ({e})") from e
 
 
-def _chats_json(file: Path, result: LoadResult) -> None:
+def _texts_parquet(src: Source, skip: Skip) -> Iterator[str]:
+    for _, value in parquet_column(src, src.text_field, "text"):
+        if value is None:
+            skip("null text")
+        elif value.strip():
+            yield value
+        else:
+            skip("empty text")
+
+
+def _chats_json(src: Source, skip: Skip) -> Iterator[list]:
+    file = src.file
     for line, value in json_list_items(file):
         if not isinstance(value, str):
             raise DataError(f"{file}:{line}: list item is {_kind(value)}, expected a string")
         if not value.strip():
-            result.skip("empty chat")
+            skip("empty chat")
             continue
         try:
-            result.items.append(check_chat(parse_flat_chat(value)))
+            chat = check_chat(parse_flat_chat(value))
         except DataError as e:
             raise DataError(f"{file}:{line}: {e}") from None
+        yield chat
 
 
-def _chats_jsonl(file: Path, result: LoadResult) -> None:
-    for line, record in _jsonl_records(file, result):
+def _chats_jsonl(src: Source, skip: Skip) -> Iterator[list]:
+    file = src.file
+    for line, record in _jsonl_records(src, skip):
         if not isinstance(record, dict) or "messages" not in record:
             raise DataError(f'{file}:{line}: expected an object with a "messages" list')
         try:
-            result.items.append(check_chat(record["messages"]))
+            chat = check_chat(record["messages"])
         except DataError as e:
             raise DataError(f"{file}:{line}: {e}") from None
+        yield chat
 
+
+def _chats_parquet(src: Source, skip: Skip) -> Iterator[list]:
+    for row, value in parquet_column(src, "messages", "chat"):
+        if value is None:
+            skip("null chat")
+            continue
+        try:
+            chat = check_chat(value)
+        except DataError as e:
+            raise DataError(f"{src.file}: row {row}: {e}") from None
+        yield chat
+
+
+CHAT_READERS: dict = {".json": _chats_json, ".jsonl": _chats_jsonl, ".parquet": _chats_parquet}
+CHAT_READERS.update({".jsonl" + c: _chats_jsonl for c in COMPRESSIONS})
 
 # ----------------------------------------------------------------------------- JSON helpers
 
@@ -258,20 +380,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_MSG = "holds an unpaired surrogate (a \\ud800-\\udfff escape), which is not text"
 
 
-def _add_text(file: Path, line: int, value: str, result: LoadResult) -> None:
-    if _SURROGATE.search(value):
-        raise DataError(f"{file}:{line}: text {_SURROGATE_MSG}")
-    if value.strip():
-        result.items.append(value)
-    else:
-        result.skip("empty text")
+def _q(key: str) -> str:
+    return json.dumps(key, ensure_ascii=False)
 
 
-def _jsonl_records(file: Path, result: LoadResult):
+def _jsonl_records(src: Source, skip: Skip):
     """Yield (line, parsed value) for each non-blank line; blank lines are counted."""
-    for line, raw in read_lines(file):
+    file = src.file
+    with open_stream(src) as fh:
+        yield from _parsed_lines(file, read_lines(file, fh), skip)
+
+
+def _parsed_lines(file: Path, lines, skip: Skip):
+    for line, raw in lines:
         if not raw.strip():
-            result.skip("blank line")
+            skip("blank line")
             continue
         try:
             yield line, json.loads(raw)

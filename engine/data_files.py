@@ -9,6 +9,7 @@ decodes files as strict UTF-8 with the line and byte offset of the first bad byt
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import os
 import stat
@@ -65,6 +66,21 @@ def _stat(path: Path) -> os.stat_result:
         raise DataError(f"{path}: {os_reason(e)}") from None
 
 
+COMPRESSIONS = (".gz", ".zst")
+
+
+def ext_of(path: Path) -> str:
+    """The lower-case extension that picks a reader: ".jsonl", or ".jsonl.zst" when compressed.
+
+    >>> ext_of(Path("a/Part-0.JSONL.zst")), ext_of(Path("notes.md")), ext_of(Path("x.gz"))
+    ('.jsonl.zst', '.md', '.gz')
+    """
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if len(suffixes) == 2 and suffixes[1] in COMPRESSIONS:
+        return suffixes[0] + suffixes[1]
+    return suffixes[-1] if suffixes else ""
+
+
 class PathWalker:
     """Expand data paths into the list of files to read, each file at most once.
 
@@ -79,6 +95,7 @@ class PathWalker:
         self.extensions = extensions
         self.skip = skip
         self.files: list[Path] = []
+        self.named: set[Path] = set()  # files given by name (not found in a folder)
         self._seen: set[object] = set()
 
     def add(self, raw: str | os.PathLike) -> None:
@@ -91,13 +108,14 @@ class PathWalker:
             if self._first(path, st):
                 self._walk(path, top=True)
         elif stat.S_ISREG(st.st_mode):
-            if path.suffix.lower() not in self.extensions:
+            if ext_of(path) not in self.extensions:
                 raise DataError(
-                    f"{path}: unsupported file type {path.suffix or '(none)'!r} "
+                    f"{path}: unsupported file type {ext_of(path) or '(none)'!r} "
                     f"(expected one of {', '.join(self.extensions)})"
                 )
             if self._first(path, st):
                 self.files.append(path)
+                self.named.add(path)
         else:
             raise _not_regular(path, st.st_mode)
 
@@ -129,7 +147,7 @@ class PathWalker:
                     self._walk(path)
             elif not stat.S_ISREG(st.st_mode):
                 raise _not_regular(path, st.st_mode)
-            elif path.suffix.lower() not in self.extensions:
+            elif ext_of(path) not in self.extensions:
                 self.skip("file with unsupported extension in folder", path)
             elif self._first(path, st):
                 self.files.append(path)
@@ -205,9 +223,12 @@ def read_text(file: Path) -> str:
     return decode(file, data[start:] if start else data, start, 1)[0]
 
 
-def read_lines(file: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text with its newline) for each line; memory: one line at a time."""
-    with open_regular(file) as fh:
+def read_lines(file: Path, fh=None) -> Iterator[tuple[int, str]]:
+    """(line number, text with its newline) for each line; memory: one line at a time.
+
+    ``fh``: an already opened binary stream (a decompressor, say) instead of ``file``.
+    """
+    with open_regular(file) if fh is None else contextlib.nullcontext(fh) as fh:
         offset, number = 0, 0
         while True:
             try:

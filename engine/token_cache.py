@@ -28,16 +28,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_write, fsync_dir
+from .parallel_encode import encode_documents
 from .run_lock import exclusive
 
 FORMAT_VERSION = 1
-_CHUNK_TOKENS = 1 << 20  # flush to disk every ~1M tokens
+_CHUNK_TOKENS = 1 << 20  # characters of text per encoded batch (about as many tokens)
 
 
 class TokenCacheError(ValueError):
@@ -60,6 +61,7 @@ class TokenCache:
     doc_bytes: np.ndarray
     mask: np.ndarray | None
     vocab_size: int
+    info: dict = field(default_factory=dict)  # "engine" that encoded it, corpus "summary"
 
     @property
     def n_docs(self) -> int:
@@ -110,16 +112,65 @@ def build_pretrain_cache(
     tokenizer,
     cache_dir: str | os.PathLike,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    engine: str = "auto",
 ) -> TokenCache:
     """Encode each text as ``<|bos|> text <|eos|>`` into a cache entry (or reuse it).
 
-    ``progress(done, total)`` is called every few documents while encoding.
+    ``progress(done, total)`` (documents) is called as batches are written. The entry is
+    the same bytes for any ``workers`` and ``engine`` (engine/parallel_encode.py).
     """
+    key = cache_key("pretrain", texts, tokenizer_fingerprint(tokenizer))
+    n = len(texts)
 
-    def encode(text):
-        return tokenizer.encode_document(text), None, len(text.encode("utf-8"))
+    def batches(dtype):
+        name, out = encode_documents(texts, tokenizer, dtype, workers, engine, _CHUNK_TOKENS)
+        done = 0
+        for batch in out:
+            done += len(batch[1])
+            if progress is not None:
+                progress(done, n)
+            yield batch
+        return {"engine": name}
 
-    return _build("pretrain", texts, tokenizer, cache_dir, encode, progress)
+    return _build("pretrain", key, tokenizer, cache_dir, batches)
+
+
+def build_corpus_cache(
+    corpus,
+    tokenizer,
+    cache_dir: str | os.PathLike,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    engine: str = "auto",
+) -> TokenCache:
+    """Stream a `TextCorpus` (engine/corpus.py) into a pretraining cache entry.
+
+    The key covers the files' bytes (`TextCorpus.fingerprint`), so an unchanged corpus is
+    found again without reading it. ``progress(done, total)`` counts on-disk bytes read.
+    ``meta["summary"]`` says what was read and skipped, for the front end to print.
+    """
+    from .corpus import summary
+
+    fp = corpus.fingerprint(cache_dir, threads=max(1, workers))
+    key = _key("pretrain-corpus", fp, tokenizer_fingerprint(tokenizer))
+    total = corpus.total_bytes()
+
+    def batches(dtype):
+        found = corpus.open()
+        docs = corpus.documents(found)
+        name, out = encode_documents(docs, tokenizer, dtype, workers, engine, _CHUNK_TOKENS)
+        n_docs = 0
+        for batch in out:
+            n_docs += len(batch[1])
+            if progress is not None:
+                progress(found.position(), total)
+            yield batch
+        if progress is not None:
+            progress(total, total)
+        return {"engine": name, "summary": summary(found.result, n_docs)}
+
+    return _build("pretrain", key, tokenizer, cache_dir, batches)
 
 
 def build_chat_cache(
@@ -129,13 +180,23 @@ def build_chat_cache(
     progress: Callable[[int, int], None] | None = None,
 ) -> TokenCache:
     """Render each conversation with the chat template; keep ids and the assistant mask."""
+    key = cache_key("sft", chats, tokenizer_fingerprint(tokenizer))
+    n = len(chats)
 
-    def encode(messages):
-        ids, mask = tokenizer.render_chat(messages)
-        n_bytes = sum(len(m["content"].encode("utf-8")) for m in messages)
-        return ids, mask, n_bytes
+    def batches(dtype):
+        for i, messages in enumerate(chats):
+            ids, mask = tokenizer.render_chat(messages)
+            n_bytes = sum(len(m["content"].encode("utf-8")) for m in messages)
+            arr = np.asarray(ids, dtype=np.int64)
+            m = np.asarray(mask, dtype=np.uint8)
+            if m.shape != arr.shape:
+                raise TokenCacheError(f"item {i}: mask length differs from ids length")
+            yield arr, np.array([arr.size], np.int64), np.array([n_bytes], np.int64), m
+            if progress is not None and (i % 256 == 0 or i + 1 == n):
+                progress(i + 1, n)
+        return {"engine": "tritonlm"}
 
-    return _build("sft", chats, tokenizer, cache_dir, encode, progress)
+    return _build("sft", key, tokenizer, cache_dir, batches)
 
 
 def open_cache(path: str | os.PathLike) -> TokenCache:
@@ -176,20 +237,28 @@ def open_cache(path: str | os.PathLike) -> TokenCache:
         doc_bytes=doc_bytes,
         mask=mask,
         vocab_size=int(meta["vocab_size"]),
+        info={k: meta[k] for k in ("engine", "summary") if isinstance(meta.get(k), str)},
     )
 
 
 # ----------------------------------------------------------------------------- internals
 
 
-def _build(kind, items, tokenizer, cache_dir, encode, progress) -> TokenCache:
-    key = cache_key(kind, items, tokenizer_fingerprint(tokenizer))
+def _key(tag: str, data_digest: str, tokenizer_json: str) -> str:
+    h = hashlib.sha256(f"tritonlm-token-cache/{FORMAT_VERSION}/{tag}\n".encode())
+    h.update(hashlib.sha256(tokenizer_json.encode()).digest())
+    h.update(data_digest.encode())
+    return h.hexdigest()
+
+
+def _build(kind, key, tokenizer, cache_dir, batches) -> TokenCache:
     final = Path(cache_dir) / f"{kind}-{key[:16]}"
     # Two runs tokenizing the same data: the second waits, then reuses the first's entry.
     with exclusive(final, "token cache entry", wait=True):
         cache = _reuse(final, key)
         if cache is None:
-            _write(final, kind, key, items, tokenizer.vocab_size, encode, progress)
+            _remove_dead_builds(final)
+            _write(final, kind, key, tokenizer.vocab_size, batches)
             cache = open_cache(final)
     return cache
 
@@ -208,12 +277,19 @@ def _reuse(final: Path, key: str) -> TokenCache | None:
     return None
 
 
-def _write(final: Path, kind, key, items, vocab_size, encode, progress) -> None:
+def _remove_dead_builds(final: Path) -> None:
+    """Temporary directories of builds that died (a crash, SIGKILL): we hold the entry's
+    lock, so no live build owns one. They were never trusted; now they are gone."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(final: Path, kind, key, vocab_size, batches) -> None:
     """Tokenize into a temporary sibling, then rename it in whole."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _write_entry(tmp, kind, key, items, vocab_size, encode, progress)
+        _write_entry(tmp, kind, key, vocab_size, batches)
         os.rename(tmp, final)  # the entry appears whole or not at all
         fsync_dir(final.parent)
     except BaseException:
@@ -221,57 +297,35 @@ def _write(final: Path, kind, key, items, vocab_size, encode, progress) -> None:
         raise
 
 
-def _write_entry(tmp: Path, kind, key, items, vocab_size, encode, progress) -> None:
+def _write_entry(tmp: Path, kind, key, vocab_size, batches) -> None:
+    """Write the batches ``(tokens, doc lengths, doc bytes[, mask])`` in order, a batch
+    at a time (memory: one batch), then meta.json last: an entry without it is broken."""
     dtype = token_dtype(vocab_size)
-    n_items = len(items)
-    n_tokens = 0
-    buf_tok: list[np.ndarray] = []
-    buf_mask: list[np.ndarray] = []
-    buffered = 0
-    offsets = [0]
-    doc_bytes = []
+    n_tokens = n_docs = 0
     with (
         open(tmp / "tokens.bin", "wb") as f_tok,
         open(tmp / "mask.bin", "wb") if kind == "sft" else _Null() as f_mask,
         open(tmp / "doc_offsets.bin", "wb") as f_off,
         open(tmp / "doc_bytes.bin", "wb") as f_bytes,
     ):
-
-        def flush():
-            nonlocal buffered
-            if buf_tok:
-                np.concatenate(buf_tok).astype(dtype, copy=False).tofile(f_tok)
-                buf_tok.clear()
-            if buf_mask:
-                np.concatenate(buf_mask).astype(np.uint8, copy=False).tofile(f_mask)
-                buf_mask.clear()
-            np.asarray(offsets[:-1], dtype=np.int64).tofile(f_off)
-            del offsets[:-1]
-            np.asarray(doc_bytes, dtype=np.int64).tofile(f_bytes)
-            doc_bytes.clear()
-            buffered = 0
-
-        for i, item in enumerate(items):
-            ids, mask, nb = encode(item)
-            arr = np.asarray(ids, dtype=np.int64)
-            if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-                raise TokenCacheError(f"item {i}: token id outside the vocabulary")
-            buf_tok.append(arr)
-            if mask is not None:
-                m = np.asarray(mask, dtype=np.uint8)
-                if m.shape != arr.shape:
-                    raise TokenCacheError(f"item {i}: mask length differs from ids length")
-                buf_mask.append(m)
-            n_tokens += arr.size
-            buffered += arr.size
-            offsets.append(n_tokens)
-            doc_bytes.append(nb)
-            if buffered >= _CHUNK_TOKENS:
-                flush()
-            if progress is not None and (i % 256 == 0 or i + 1 == n_items):
-                progress(i + 1, n_items)
-        flush()
-        np.asarray(offsets, dtype=np.int64).tofile(f_off)  # the final end offset
+        np.zeros(1, np.int64).tofile(f_off)
+        out = batches(dtype)
+        while True:
+            try:
+                batch = next(out)
+            except StopIteration as done:
+                extra = done.value or {}
+                break
+            tokens, lengths, nbytes = batch[:3]
+            if tokens.size and int(tokens.max()) >= vocab_size:  # unsigned: never < 0
+                raise TokenCacheError(f"batch at document {n_docs}: id outside the vocabulary")
+            tokens.astype(dtype, copy=False).tofile(f_tok)
+            if len(batch) > 3:
+                batch[3].astype(np.uint8, copy=False).tofile(f_mask)
+            (n_tokens + np.cumsum(lengths)).astype(np.int64).tofile(f_off)
+            nbytes.astype(np.int64, copy=False).tofile(f_bytes)
+            n_tokens += int(lengths.sum())
+            n_docs += len(lengths)
         for f in (f_tok, f_mask, f_off, f_bytes):
             if not isinstance(f, _Null):
                 f.flush()
@@ -283,7 +337,8 @@ def _write_entry(tmp: Path, kind, key, items, vocab_size, encode, progress) -> N
         "vocab_size": int(vocab_size),
         "token_dtype": dtype.name,
         "n_tokens": int(n_tokens),
-        "n_docs": int(n_items),
+        "n_docs": int(n_docs),
+        **extra,
     }
     atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
 

@@ -11,7 +11,8 @@ Vocabulary layout (ids):
 * ``256..256+M-1``: one token per merge, in the order the merges were learned
   (the *rank* of a merged token is its id),
 * then the special tokens: ``<|bos|> <|eos|> <|pad|> <|user|> <|assistant|> <|system|>
-  <|end|>`` followed by the user-defined ones from ``BpeTokenizerConfig.special_tokens``.
+  <|end|>`` followed by the user-defined ones from ``BpeTokenizerConfig.special_tokens``
+  (an imported tokenizer has only its own, each mapped to a role or to none).
 
 The config, the normalizations (``"nfc"``, ``"ascii"``) and the pre-tokenizer pattern live
 in :mod:`.tokenizer_config`; ``decode(encode(s)) == tokenizer.normalize(s)`` for every
@@ -32,6 +33,8 @@ Encoding rule (identical to ``tiktoken`` given ``mergeable_ranks()``): a pre-tok
 bytes are a token becomes that token; otherwise, starting from its bytes, repeatedly merge
 the adjacent pair whose concatenation is the token with the lowest rank (leftmost on ties)
 until no adjacent concatenation is a token. Long pre-tokens cost O(n log n), not O(n^2).
+With ``merge_rule="merges"`` (tokenizers imported from Hugging Face) only the listed merges
+are pairs: the same loop, but ``"abc"`` made by ``ab + c`` never forms from ``a + bc``.
 
 Special-token text in ``encode`` input is encoded as plain text unless it is explicitly
 allowed (``allowed_special="all"`` or a set of names), so a prompt cannot inject control
@@ -52,6 +55,7 @@ import regex
 
 from .bpe_encoder import merge_bytes, pair_ranks
 from .bpe_trainer import learn_merges, words_from_counts
+from .chat_template import chat_segments, chat_tail, render_ids
 from .tokenizer_config import (
     _NORMALIZERS,
     GPT4_PATTERN,
@@ -83,10 +87,18 @@ _CACHE_MAX_PIECE = 256  # pre-tokens longer than this (in chars) are not cached
 _CACHE_SIZE = 1 << 16  # at most this many cached pre-tokens
 
 
+def _checked_texts(texts: Iterable[str]) -> Iterable[str]:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TokenizerError(f"training text #{i} is {type(text).__name__}, not str")
+        yield text
+
+
 def _count_pretokens(
     texts: Iterable[str], normalize: Callable[[str], str], findall: Callable[[str], list]
 ) -> Counter:
-    """How often each pre-token occurs in ``texts`` (normalized, then split)."""
+    """How often each pre-token occurs in ``texts`` (normalized, then split): one batch of
+    the counting in engine/pretoken_count.py."""
     counts: Counter = Counter()
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -137,24 +149,28 @@ class BpeTokenizer:
             token_bytes.append(mb)
         self._merges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in merges]
         n_tokens = len(token_bytes)
-        if n_tokens + len(SPECIAL_TOKENS) + len(config.special_tokens) > config.vocab_size:
+        specials = config.all_special_tokens
+        if n_tokens + len(specials) > config.vocab_size:
             raise TokenizerError(
                 f"{len(merges)} merges do not fit config.vocab_size={config.vocab_size}"
             )
         self._encoder = encoder  # bytes -> id, ordinary tokens only (= tiktoken ranks)
-        self._special: dict[str, int] = {
-            name: n_tokens + i for i, name in enumerate(SPECIAL_TOKENS + config.special_tokens)
-        }
+        self._special: dict[str, int] = {name: n_tokens + i for i, name in enumerate(specials)}
+        self._roles = {r: self._special[t] for r, t in config.role_tokens.items()}
         self._decoder: dict[int, bytes] = dict(enumerate(token_bytes))
         for name, i in self._special.items():
             self._decoder[i] = name.encode("utf-8")
         self._token_bytes = token_bytes
-        self._pair_rank = pair_ranks(token_bytes, encoder)
+        if config.merge_rule == "merges":  # only the listed merges; a pair's rank = its id
+            self._pair_rank = {pair: 256 + r for r, pair in enumerate(self._merges)}
+        else:
+            self._pair_rank = pair_ranks(token_bytes, encoder)
         self._normalize = _NORMALIZERS[config.normalization]
         self._findall = _compile_pattern(config.pattern).findall
         self._check_cover = config.pattern != GPT4_PATTERN
-        names = sorted(self._special, key=lambda s: (-len(s), s))
-        self._special_re = regex.compile("(" + "|".join(regex.escape(s) for s in names) + ")")
+        names = sorted(self._special, key=lambda s: (-len(s), s)) or ["(?!)"]  # (?!): none
+        escaped = [regex.escape(s) if s in self._special else s for s in names]
+        self._special_re = regex.compile("(" + "|".join(escaped) + ")")
         self._cache: dict[str, list[int]] = {}
 
     # ---------------------------------------------------------------- training
@@ -164,15 +180,22 @@ class BpeTokenizer:
         texts: Iterable[str],
         config: BpeTokenizerConfig | None = None,
         progress: Callable[[int, int], None] | None = None,
+        workers: int = 1,
+        count_progress: Callable[[int, int], None] | None = None,
     ) -> BpeTokenizer:
-        """Train on ``texts`` (any iterable of str). ``progress(done, total)`` is called
-        about 200 times during the merge phase (``total`` = merges aimed for)."""
+        """Train on ``texts`` (any iterable of str, read once as a stream).
+
+        Pre-tokens are counted on ``workers`` processes (engine/pretoken_count.py; the
+        result is the same for any number). ``count_progress(chars, 0)`` follows the
+        counting, ``progress(done, total)`` the merges (about 200 calls; ``total`` =
+        merges aimed for)."""
+        from .pretoken_count import count_pretokens
+
         config = config or BpeTokenizerConfig()
         if isinstance(texts, str):
             texts = [texts]
-        normalize = _NORMALIZERS[config.normalization]
-        findall = _compile_pattern(config.pattern).findall
-        piece_counts = _count_pretokens(texts, normalize, findall)
+        piece_counts = count_pretokens(_checked_texts(texts), config.normalization,
+                                       config.pattern, workers, count_progress)  # fmt: skip
         words, freqs = words_from_counts(piece_counts)  # deterministic order
         del piece_counts
         merges = learn_merges(words, freqs, config.num_merges, config.min_frequency, progress)
@@ -195,33 +218,36 @@ class BpeTokenizer:
         """Special token text -> id (built-ins first, then user-defined)."""
         return dict(self._special)
 
-    @property
-    def bos_id(self) -> int:
-        return self._special["<|bos|>"]
+    # Role ids: ints for our own tokenizers; an imported one may lack a role (then None):
+    # SmolLM has no pad token, ChatML has no <|user|> token.
+    bos_id = property(lambda self: self._roles.get("bos"), doc="id of <|bos|> or None")
+    eos_id = property(lambda self: self._roles.get("eos"), doc="end of document")
+    pad_id = property(lambda self: self._roles.get("pad"), doc="padding")
+    user_id = property(lambda self: self._roles.get("user"), doc="opens a user turn")
+    assistant_id = property(lambda self: self._roles.get("assistant"), doc="assistant turn")
+    system_id = property(lambda self: self._roles.get("system"), doc="opens a system turn")
+    end_id = property(lambda self: self._roles.get("end"), doc="end of a turn")
 
     @property
-    def eos_id(self) -> int:
-        return self._special["<|eos|>"]
+    def merge_rule(self) -> str:
+        """``"ranks"`` (tiktoken's rule) or ``"merges"`` (Hugging Face's), see the module doc."""
+        return self.config.merge_rule
 
-    @property
-    def pad_id(self) -> int:
-        return self._special["<|pad|>"]
+    def role_token(self, role: str) -> str | None:
+        """The text of the special token playing ``role`` (``ROLES``), or None."""
+        return self.config.role_tokens.get(role)
 
-    @property
-    def user_id(self) -> int:
-        return self._special["<|user|>"]
+    def stop_ids(self) -> list[int]:
+        """Ids that end an answer: end of document, end of turn, then every other control
+        token (built-in ones for our tokenizers, all special tokens for imported ones)."""
+        first = [i for r in ("eos", "end") if (i := self._roles.get(r)) is not None]
+        names = SPECIAL_TOKENS if self.config.builtin_specials else self._special
+        rest = sorted(self._special[t] for t in names if t in self._special)
+        return list(dict.fromkeys(first + rest))
 
-    @property
-    def assistant_id(self) -> int:
-        return self._special["<|assistant|>"]
-
-    @property
-    def system_id(self) -> int:
-        return self._special["<|system|>"]
-
-    @property
-    def end_id(self) -> int:
-        return self._special["<|end|>"]
+    def pair_ranks(self) -> dict[tuple[int, int], int]:
+        """(left id, right id) -> id of the token they merge into, under ``merge_rule``."""
+        return dict(self._pair_rank)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one id (a special token gives its UTF-8 text)."""
@@ -307,46 +333,48 @@ class BpeTokenizer:
         return out
 
     def encode_document(self, text: str) -> list[int]:
-        """``[bos] + encode(text) + [eos]``, the pretraining document format."""
-        return [self.bos_id, *self.encode(text), self.eos_id]
+        """``[bos] + encode(text) + [eos]``, the pretraining document format (an imported
+        tokenizer without a bos or eos role leaves that end out)."""
+        bos, eos = self._roles.get("bos"), self._roles.get("eos")
+        return [
+            *([bos] if bos is not None else []),
+            *self.encode(text),
+            *([eos] if eos is not None else []),
+        ]
 
     def render_chat(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]:
-        """Render a conversation into ``(ids, mask)``.
+        """Render a conversation into ``(ids, mask)`` with the tokenizer's chat template.
 
-        Template: ``<|bos|>`` then, per message, ``<|role|> content <|end|>`` (content is
-        encoded as plain text: special-token text in it is not parsed). With
-        ``add_generation_prompt`` the ids end with ``<|assistant|>`` (the model writes the
-        answer and ``<|end|>``). ``mask[i] == 1`` exactly on assistant content tokens and
-        their closing ``<|end|>``; 0 elsewhere.
+        Ours (``"tritonlm"``): ``<|bos|>`` then, per message, ``<|role|> content <|end|>``;
+        with ``add_generation_prompt`` the ids end with ``<|assistant|>`` (the model writes
+        the answer and ``<|end|>``). ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n``.
+        Content is encoded as plain text (special-token text in it is not parsed).
+        ``mask[i] == 1`` exactly on tokens of assistant content and their closing end
+        token; 0 elsewhere.
         """
         if not isinstance(messages, list | tuple):
             raise TokenizerError(f"messages must be a list, got {type(messages).__name__}")
-        role_ids = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
-        ids = [self.bos_id]
-        mask = [0]
-        end = self.end_id
         for n, msg in enumerate(messages):
             if not isinstance(msg, dict):
                 raise TokenizerError(f"message #{n} must be a dict, got {type(msg).__name__}")
             role = msg.get("role")
             content = msg.get("content")
-            if role not in role_ids:
+            if role not in _ROLES:
                 raise TokenizerError(f"message #{n} has role {role!r}; expected one of {_ROLES}")
             if not isinstance(content, str):
                 raise TokenizerError(f"message #{n} content must be str, got {content!r}")
-            body = self.encode(content)
-            flag = 1 if role == "assistant" else 0
-            ids.append(role_ids[role])
-            mask.append(0)
-            ids += body
-            ids.append(end)
-            mask += [flag] * (len(body) + 1)
-        if add_generation_prompt:
-            ids.append(self.assistant_id)
-            mask.append(0)
-        return ids, mask
+        if self.config.chat_template == "none":
+            raise TokenizerError(
+                "this tokenizer has no chat template we can render (raw mode only)"
+            )
+        return render_ids(self, chat_segments(self.config, messages, add_generation_prompt))
+
+    def chat_tail_length(self) -> int:
+        """How many ids the chat template puts after the last message's content when it adds
+        the generation prompt (``<|end|> <|assistant|>``: 2); prompts cut to fit keep them."""
+        return len(render_ids(self, chat_tail(self.config))[0])
 
     # ---------------------------------------------------------------- decoding
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

@@ -357,7 +357,8 @@ class Trainer:
             # save_checkpoint carries metrics.jsonl and the plots over into the new directory
             save_checkpoint(self.out_dir, self.model, self.tokenizer,
                             {**self.config.to_dict(), "extra": self.extra_state},
-                            optimizer=self.optimizer, trainer_state=state)  # fmt: skip
+                            optimizer=self.optimizer, trainer_state=state,
+                            max_shard_size=self.config.max_shard_size)  # fmt: skip
         self.dist.barrier()
         self.last_saved_step = self.step
         self._emit({"event": "save", "step": self.step, "path": str(self.out_dir)})

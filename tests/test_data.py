@@ -82,10 +82,12 @@ def test_folder_is_recursive_and_sorted(tmp_path):
     write(tmp_path / "a" / "z.json", json.dumps(["AZ1", "AZ2"]))
     write(tmp_path / "a" / "b" / "deep.jsonl", '{"text": "ABdeep"}\n')
     write(tmp_path / "c.csv", "C1,C2\n")
-    write(tmp_path / "notes.md", "ignored but counted")
+    write(tmp_path / "notes.md", "markdown is plain text")
+    write(tmp_path / "photo.png", "ignored but counted")
     result = load_texts([tmp_path])
-    assert result.items == ["ABdeep", "AZ1", "AZ2", "B", "C1 C2"]
-    assert [Path(s).name for s in result.sources] == ["deep.jsonl", "z.json", "b.txt", "c.csv"]
+    assert result.items == ["ABdeep", "AZ1", "AZ2", "B", "C1 C2", "markdown is plain text"]
+    names = ["deep.jsonl", "z.json", "b.txt", "c.csv", "notes.md"]
+    assert [Path(s).name for s in result.sources] == names
     assert result.skipped == {"file with unsupported extension in folder": 1}
 
 
@@ -159,9 +161,9 @@ def test_jsonl_errors_name_the_line(tmp_path):
 def test_missing_file_and_unknown_extension(tmp_path):
     missing = tmp_path / "nope.json"
     assert error_of(load_texts, [missing]).startswith(f"{missing}: no such file")
-    odd = write(tmp_path / "data.parquet", "x")
+    odd = write(tmp_path / "data.xlsx", "x")
     msg = error_of(load_texts, [odd])
-    assert msg.startswith(f"{odd}: unsupported file type '.parquet'") and ".jsonl" in msg
+    assert msg.startswith(f"{odd}: unsupported file type '.xlsx'") and ".jsonl" in msg
 
 
 def test_empty_dataset_is_an_error(tmp_path):
