@@ -4,7 +4,10 @@ For the ``seed`` and ``small`` presets, a RANDOM-INIT model (the speed of a mode
 depend on its weights) with a byte-level tokenizer padded to --vocab entries is saved as a
 checkpoint and served by a real ``llm-serve`` subprocess on 127.0.0.1. The rows of the
 built-in special tokens are zeroed in the tied embedding, so greedy answers never stop
-early: every request produces exactly --new-tokens tokens.
+early: every request produces exactly --new-tokens tokens. So are the rows of tokens that are
+not whole UTF-8 characters (lone bytes >= 0x80): every token is text as soon as it is made,
+so a server that holds back partial characters (as ``transformers serve`` does) still
+streams each token at once and TTFT compares like for like.
 
 At each concurrency C in --streams, C asyncio clients each send --rounds streaming chat
 requests back to back (a prompt of --prompt-words words, temperature 0). Reported:
@@ -104,14 +107,26 @@ def build_checkpoint(preset: str, vocab: int, out: Path) -> Path:
         names = tuple(f"<|reserved_{i}|>" for i in range(spare))
         cfg = BpeTokenizerConfig(vocab_size=vocab, special_tokens=names)
         tok = BpeTokenizer.train([text], cfg)
+    special = set(tok.special_tokens.values())
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset, vocab_size=tok.vocab_size), backend="torch")
     with torch.no_grad():
         for tid in tok.special_tokens.values():
             model.tok_emb.weight[tid] = 0.0  # tied: special tokens never win an argmax
+        for tid in range(tok.vocab_size):  # nor pieces of a UTF-8 character (see below)
+            if tid not in special and not _whole_chars(tok.token_bytes(tid)):
+                model.tok_emb.weight[tid] = 0.0
     path = out / preset
     save_checkpoint(path, model, tok, train_config={"steps": 0, "note": "random init"})
     return path
+
+
+def _whole_chars(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class Server:
@@ -198,15 +213,20 @@ class PeerServer(Server):
         raise SystemExit("transformers serve did not start")
 
 
-def peer_version(peer_bin: str) -> str | None:
-    """transformers' version in the peer's own Python (the CLI's interpreter)."""
+def peer_version(peer_bin: str) -> str:
+    """transformers' version in the peer's own Python; stop early if it cannot serve."""
     python = Path(peer_bin).parent / "python"
-    code = "import transformers; print(transformers.__version__)"
+    # transformers serve always loads with a device_map, which needs accelerate.
+    code = "import accelerate, fastapi, uvicorn, transformers; print(transformers.__version__)"
     try:
         out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
+    except OSError as e:
+        raise SystemExit(f"--peer-bin {peer_bin}: no Python beside it ({e})") from None
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or ["failed"])[-1]
+        raise SystemExit(f"--peer-bin {peer_bin} cannot serve ({why}): use a venv with "
+                         "transformers[serving]")  # fmt: skip
+    return out.stdout.strip()
 
 
 async def one_request(http, model: str, prompt: str, n: int) -> tuple[float, int, str]:

@@ -29,6 +29,7 @@ from .common import (
     report,
     run_main,
 )
+from .train_inputs import corpus_cache, load_inputs, naming, tokenizer_and_model
 
 PROG = "llm-train"
 
@@ -235,16 +236,6 @@ def _null():
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _naming(option: str):
-    """An OSError from the filesystem becomes one line naming the option it concerns."""
-    try:
-        yield
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise UsageError(f"{option}: {e.strerror or e}{where}") from None
-
-
 def _check_args(args) -> None:
     """Combinations argparse cannot express; each a UsageError before any slow work."""
     if not args.out:
@@ -300,7 +291,7 @@ def run(args, stop) -> int:
     from tritonlm.kernels.dispatch import check_backend
 
     _check_args(args)
-    with _naming(f"--out {args.out}"):
+    with naming(f"--out {args.out}"):
         out = check_run_dir(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
@@ -316,109 +307,10 @@ def run(args, stop) -> int:
     ctx = init_distributed(args.device, args.dist_timeout)
     stop.second_aborts = ctx.world_size == 1  # torchrun's agent escalates by itself
     # One writer per run directory (rank 0 writes): a second llm-train on it stops here.
-    with _naming(f"--out {out}"), exclusive(out, "--out") if ctx.is_main else _null():
+    with naming(f"--out {out}"), exclusive(out, "--out") if ctx.is_main else _null():
         code = _run_phases(args, out, ctx, stop)
     ctx.close()
     return code
-
-
-def _load_inputs(args, ctx):
-    """The pretraining corpus (checked paths, read later as a stream) and the chats."""
-    import glob
-
-    from tritonlm.engine.corpus import open_corpus
-    from tritonlm.engine.data import DataError, load_chats
-
-    corpus = chats = None
-    if args.data:
-        paths = []
-        for p in args.data:  # a quoted pattern ('shards/*.parquet') is expanded here
-            hits = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
-            if not hits:
-                raise DataError(f"--data {p}: no file matches this pattern")
-            paths += hits
-        corpus = open_corpus(paths, option="--data", text_field=args.text_field,
-                             text_exts=args.text_ext)  # fmt: skip
-    if args.chat_data:
-        result = load_chats(args.chat_data, option="--chat-data")
-        if ctx.is_main and not args.quiet:
-            print(f"data: {result.summary('chats')}", flush=True)
-        chats = result.items
-    return corpus, chats
-
-
-def _workers(args) -> int:
-    from tritonlm.engine.parallel_encode import default_workers
-
-    return args.workers or default_workers()
-
-
-def _tokenizer_and_model(args, texts, chats):
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.run_plan import (
-        DEFAULT_VOCAB,
-        load_init,
-        new_model,
-        set_dropout,
-        tokenizer_texts,
-    )
-    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
-    from tritonlm.engine.trainer_state import check_trainer_state
-
-    if args.resume or args.init_from:
-        if args.init_from:  # one of our checkpoints or a Hugging Face folder
-            ckpt = load_init(args.init_from, backend=args.backend)
-        else:
-            ckpt = load_checkpoint(args.resume, backend=args.backend)
-        if args.resume and not ckpt.resumable:
-            raise UsageError(f"--resume {args.resume}: not a resumable checkpoint")
-        if args.resume:  # every field a resume reads, checked before it is used
-            check_trainer_state(ckpt.trainer_state, str(ckpt.path))
-        if args.seq_len and args.seq_len > ckpt.model.config.max_seq_len:
-            raise UsageError(f"--seq-len {args.seq_len} exceeds the checkpoint's max_seq_len "
-                             f"{ckpt.model.config.max_seq_len}")  # fmt: skip
-        if args.dropout is not None and args.init_from:
-            set_dropout(ckpt.model, args.dropout)
-        return ckpt, ckpt.tokenizer, ckpt.model
-    if args.tokenizer:
-        if not Path(args.tokenizer).is_file():  # a FIFO or device would block or never end
-            raise UsageError(f"--tokenizer {args.tokenizer}: not a regular file")
-        with _naming(f"--tokenizer {args.tokenizer}"):
-            tokenizer = BpeTokenizer.load(args.tokenizer)
-    else:
-        vocab = args.vocab_size or DEFAULT_VOCAB[args.preset]
-        from tritonlm.engine.byte_progress import ByteBar
-
-        sample = texts.sample(args.tokenizer_sample_bytes) if texts else None
-        bar = ByteBar("tokenizer: counting", enabled=not args.quiet)
-        try:
-            tokenizer = BpeTokenizer.train(tokenizer_texts(sample, chats),
-                                           BpeTokenizerConfig(vocab_size=vocab),
-                                           workers=_workers(args), count_progress=bar)  # fmt: skip
-        finally:
-            bar.close()
-    shape = {k: getattr(args, k)
-             for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "dropout")}
-    overrides = {k: v for k, v in shape.items() if v is not None}
-    if args.seq_len:
-        overrides["max_seq_len"] = args.seq_len
-    return None, tokenizer, new_model(args.preset, tokenizer.vocab_size, overrides, args.seed)
-
-
-def _corpus_cache(args, corpus, tokenizer, cache_dir, ctx):
-    """Tokenize the corpus on --workers processes (or reuse its cache), with a bar."""
-    from tritonlm.engine.byte_progress import ByteBar
-    from tritonlm.engine.token_cache import build_corpus_cache
-
-    show = ctx.is_main and not args.quiet
-    bar = ByteBar("tokenizing", enabled=show)
-    try:
-        cache = build_corpus_cache(corpus, tokenizer, cache_dir, bar, _workers(args))
-    finally:
-        bar.close()
-    if show:
-        print(f"data: {cache.info.get('summary', f'{cache.n_docs} documents')}", flush=True)
-    return cache
 
 
 def _run_phases(args, out: Path, ctx, stop) -> int:
@@ -428,8 +320,8 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
     from tritonlm.engine.token_cache import build_chat_cache
     from tritonlm.engine.train import TrainingError, train
 
-    texts, chats = _load_inputs(args, ctx)
-    ckpt, tokenizer, model = _tokenizer_and_model(args, texts, chats)
+    texts, chats = load_inputs(args, ctx)
+    ckpt, tokenizer, model = tokenizer_and_model(args, texts, chats, ctx.is_main and not args.quiet)
     resume_state = ckpt.trainer_state if args.resume else None
     available = (["pretrain"] if texts else []) + (["sft"] if chats else [])
     try:
@@ -451,9 +343,9 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
     bar = TrainingBar(enabled=not args.quiet and ctx.is_main)
     summary, runs = [], []  # runs: (phase, cache, result) for the report card
     for phase in phases:
-        with _naming(f"--cache-dir {cache_dir}"):
+        with naming(f"--cache-dir {cache_dir}"):
             if phase == "pretrain":
-                cache = _corpus_cache(args, texts, tokenizer, cache_dir, ctx)
+                cache = corpus_cache(args, texts, tokenizer, cache_dir, ctx)
             else:
                 cache = build_chat_cache(chats, tokenizer, cache_dir)
         ctx.check_same(cache.key, f"the tokenized {phase} data (or the tokenizer)")

@@ -44,12 +44,13 @@ def one_request(url: str, i: int) -> tuple[str, int]:
         if r.status_code == 429:
             return _refused(r), 0
         assert r.status_code == 200, r.text
-        usage = r.json()["usage"]
-        # The long model never stops by itself: every answer runs to its max_tokens.
-        assert (
-            usage["completion_tokens"] == n and r.json()["choices"][0]["finish_reason"] == "length"
-        )
-        return "answered", n
+        answer = r.json()
+        got, reason = answer["usage"]["completion_tokens"], answer["choices"][0]["finish_reason"]
+        # The long model's control tokens never win an argmax, so a greedy answer runs to its
+        # max_tokens; sampling may still draw one (rarely), which ends the answer early.
+        greedy = body["temperature"] == 0
+        assert (got, reason) == (n, "length") or (not greedy and reason == "stop" and got <= n)
+        return "answered", got
 
 
 def _refused(r: httpx.Response) -> str:
@@ -86,10 +87,9 @@ def test_load_with_disconnects(server):
     # None lost: every request the server accepted wrote its log line (hung-up ones too).
     done = [x for x in server.log_lines() if x.get("event") == "done"][done_before:]
     assert len(done) == REQUESTS - outcomes.count("refused")
-    assert {x["finish"] for x in done} <= {"max_new_tokens", "interrupted"}
-    assert sum(x["completion_tokens"] for x in done if x["finish"] == "max_new_tokens") >= sum(
-        n for _, n in results
-    )
+    assert {x["finish"] for x in done} <= {"max_new_tokens", "interrupted", "end", "eos"}
+    finished = [x["completion_tokens"] for x in done if x["finish"] != "interrupted"]
+    assert sum(finished) >= sum(n for _, n in results)
     # Memory back near idle: the KV cache is preallocated, so growth would be a leak.
     assert server.rss_kb() < idle_kb + 30_000, (idle_kb, server.rss_kb())
     assert server.http.get("/health").json()["active"] == 0

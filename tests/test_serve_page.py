@@ -63,7 +63,7 @@ def test_chat_page_streams_stops_and_keeps_history(server, page, tmp_path):
                            timeout=WAIT_MS)  # fmt: skip
     assert page.is_enabled("#stop") and page.is_disabled("#send")
     assert "tokens/s" in page.inner_text("#status")
-    page.click("#stop")
+    page.click("#stop", timeout=WAIT_MS)
     page.wait_for_function("document.getElementById('status').textContent === 'stopped'",
                            timeout=WAIT_MS)  # fmt: skip
     assert "(stopped)" in page.inner_text(".msg.assistant .meta")
