@@ -28,7 +28,6 @@ is parsed as a stream (engine/json_list.py), so memory holds the items, not the 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus_formats import DEFAULT_TEXT_EXTS, Source, open_stream, parquet_column, plain_texts
-from .data_files import COMPRESSIONS, DataError, PathWalker, ext_of, read_lines, read_text
+from .data_files import COMPRESSIONS, DataError, PathWalker, ext_of, read_lines
 from .json_list import json_list_items
 
 __all__ = ["DataError", "LoadResult", "check_chat", "load_chats", "load_texts", "parse_flat_chat"]
@@ -306,8 +305,10 @@ def _texts_jsonl(src: Source, skip: Skip) -> Iterator[str]:
 
 
 def _texts_csv(src: Source, skip: Skip) -> Iterator[str]:
+    # Streamed line by line (a quoted cell may span lines; csv asks for the next one).
     # strict: an unclosed quote would otherwise swallow the rest of the file into one cell
-    reader = csv.reader(io.StringIO(read_text(src.file), newline=""), strict=True)
+    lines = (text for _, text in read_lines(src.file))
+    reader = csv.reader(lines, strict=True)
     line = 1
     try:
         for row in reader:

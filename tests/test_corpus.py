@@ -157,3 +157,14 @@ def test_glob_patterns_on_the_command_line(tmp_path, capsys):
     code = cli.main(["--data", str(tmp_path / "nothing-*.parquet"), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "no file matches this pattern" in err and "Traceback" not in err
+
+
+def test_csv_is_streamed_row_by_row_with_multiline_cells(tmp_path):
+    """Rows come out before the file has been read to its end: the bad byte of row 3 is
+    found only after rows 1 and 2 were handed over; a quoted cell may span lines."""
+    f = tmp_path / "rows.csv"
+    f.write_bytes(b'first row,a\n"second\nrow",b\nthird \xff row\n')
+    docs = open_corpus([f]).documents()
+    assert next(docs) == "first row a" and next(docs) == "second\nrow b"
+    with pytest.raises(DataError, match=r"rows\.csv:4: not valid UTF-8"):
+        next(docs)
