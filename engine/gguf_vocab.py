@@ -70,9 +70,9 @@ def merge_strings(tokenizer) -> list[str]:
     list is the Hugging Face export's, one space between the halves (byte-level strings
     never contain a plain space: it is ``"Ġ"``).
     """
-    from .hf_tokenizer import _hf_merges
+    from .hf_tokenizer import hf_merges
 
-    return [f"{a} {b}" for a, b in _hf_merges(tokenizer)]
+    return [f"{a} {b}" for a, b in hf_merges(tokenizer)]
 
 
 def check_vocab(tokenizer, vocab_size: int) -> None:

@@ -82,7 +82,7 @@ def _normalizer(tok: BpeTokenizer) -> dict[str, Any] | None:
     raise HFFormatError(f"normalization {kind!r} has no Hugging Face equivalent")
 
 
-def _hf_merges(tok: BpeTokenizer) -> list[list[str]]:
+def hf_merges(tok: BpeTokenizer) -> list[list[str]]:
     """The merges list that makes HF's pair-rank BPE equal our encoder.
 
     With ``merge_rule="merges"`` ours is HF's rule, so the list is our merges. With the
@@ -148,7 +148,7 @@ def tokenizer_json(tok: BpeTokenizer) -> dict[str, Any]:
             "byte_fallback": False,
             "ignore_merges": True,
             "vocab": vocab,
-            "merges": _hf_merges(tok),
+            "merges": hf_merges(tok),
         },
     }
 

@@ -21,6 +21,11 @@ CHATS = [
 LLM_CHAT = Path(sys.executable).parent / "llm-chat"
 TIMEOUT = 60.0  # generous: the test machine may be busy
 
+# llm-train flags for a model and run small enough for a test (CPU, one thread, quiet).
+TINY_TRAIN = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64",
+              "--seq-len", "16", "--vocab-size", "300", "--batch-size", "4", "--threads", "1",
+              "--quiet"]  # fmt: skip
+
 
 _BUILT: list[Path] = []
 

@@ -10,3 +10,16 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402 (after the environment above)
+
+
+@pytest.fixture
+def restore_threads():
+    """For tests that call a CLI main() in-process: it may set torch's thread count."""
+    import torch
+
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)

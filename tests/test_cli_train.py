@@ -12,23 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from chat_fixtures import TINY_TRAIN
 from tritonlm.cli import train as cli
 from tritonlm.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "llm-train"
 
-TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64"]
-TINY += ["--seq-len", "16", "--vocab-size", "300", "--batch-size", "4", "--threads", "1"]
-TINY += ["--quiet"]
+TINY = TINY_TRAIN
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,16 @@ import math
 import re
 
 import pytest
-import torch
+from chat_fixtures import TINY_TRAIN
 from tritonlm.cli import evaluate as eval_cli
 from tritonlm.cli import train as train_cli
 from tritonlm.engine.checkpoint import load_checkpoint
 from tritonlm.engine.report import TEXT_PROMPTS, append_report, greedy_samples
 
-TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--seq-len",
-        "16", "--vocab-size", "300", "--batch-size", "4", "--threads", "1", "--quiet"]  # fmt: skip
+TINY = TINY_TRAIN
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")
