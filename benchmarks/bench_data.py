@@ -170,12 +170,12 @@ class RssPeak:
 def child(args) -> dict:
     """One measurement in this process (so its peak RSS is its own)."""
     rss = RssPeak()
-    from tritonlm.engine.corpus import open_corpus
-    from tritonlm.engine.tokenizer import BpeTokenizer
+    from tritonlm.engine.data.corpus import open_corpus
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 
     corpus = open_corpus(sorted(Path(args.corpus).glob("shard-*")))
     if args.child == "build":
-        from tritonlm.engine.token_cache import build_corpus_cache
+        from tritonlm.engine.data.token_cache import build_corpus_cache
 
         tok = BpeTokenizer.load(args.tokenizer)
         with tempfile.TemporaryDirectory(dir=args.corpus) as cache_dir:
@@ -202,7 +202,7 @@ def child(args) -> dict:
             n_bytes += len(doc.encode())
         r = {"wall_s": wall, "wall_numpy_s": wall_np, "text_bytes": n_bytes, "tokens": n_tok}
     else:  # tokenizer training: ours or tokenizers, on the same sample
-        from tritonlm.engine.tokenizer import SPECIAL_TOKENS, BpeTokenizerConfig
+        from tritonlm.engine.tokenizer.tokenizer_config import SPECIAL_TOKENS, BpeTokenizerConfig
 
         sample = list(corpus.sample(int(args.sample_mb * 1e6)))
         r = {"sample_bytes": sum(len(s.encode()) for s in sample), "sample_docs": len(sample)}

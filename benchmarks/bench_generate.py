@@ -96,8 +96,8 @@ def sync(device):
 
 
 def build_ours(preset: str, vocab: int, max_len: int, device):
-    from tritonlm.engine.config import ModelConfig
-    from tritonlm.engine.model import Transformer
+    from tritonlm.engine.model.config import ModelConfig
+    from tritonlm.engine.model.transformer import Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset(preset, vocab_size=vocab, max_seq_len=max_len)
@@ -114,8 +114,8 @@ def build_peer(cfg, device):
 
 
 def time_ours(model, prompt, n_new, use_cache, device) -> dict:
-    from tritonlm.engine.generate import generate
-    from tritonlm.engine.sampling import SamplingConfig
+    from tritonlm.engine.inference.generate import generate
+    from tritonlm.engine.inference.sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=0, max_new_tokens=n_new)
     sync(device)

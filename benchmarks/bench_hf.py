@@ -48,7 +48,8 @@ def peak_rss() -> int:
 def child(step: str, src: str, dst: str, dtype: str) -> None:
     """One measured conversion in this (fresh) process; prints a JSON line."""
     import torch  # noqa: F401  (counted in the base RSS, like our modules)
-    from tritonlm.engine import checkpoint, hf_export, hf_import  # noqa: F401
+    from tritonlm.engine import checkpoint  # noqa: F401
+    from tritonlm.engine.interop import hf_export, hf_import  # noqa: F401
 
     base = rss_now()
     t0 = time.perf_counter()
@@ -72,7 +73,8 @@ def run_child(step: str, src: Path, dst: Path, dtype: str = "fp32") -> dict:
 
 def synthetic_tokenizer(vocab_size: int):
     """Our tokenizer with ``vocab_size`` ids: every merge joins two single bytes."""
-    from tritonlm.engine.tokenizer import SPECIAL_TOKENS, BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+    from tritonlm.engine.tokenizer.tokenizer_config import SPECIAL_TOKENS, BpeTokenizerConfig
 
     n = vocab_size - 256 - len(SPECIAL_TOKENS)
     merges = [(a, b) for a in range(32, 256) for b in range(256)][:n]
@@ -81,9 +83,9 @@ def synthetic_tokenizer(vocab_size: int):
 
 def build_checkpoint(path: Path, vocab_size: int, seed: int):
     import torch
-    from tritonlm.engine.checkpoint import save_checkpoint
-    from tritonlm.engine.config import ModelConfig
-    from tritonlm.engine.model import Transformer
+    from tritonlm.engine.checkpoint.save_load import save_checkpoint
+    from tritonlm.engine.model.config import ModelConfig
+    from tritonlm.engine.model.transformer import Transformer
 
     tok = synthetic_tokenizer(vocab_size)
     torch.manual_seed(seed)
@@ -95,7 +97,7 @@ def build_checkpoint(path: Path, vocab_size: int, seed: int):
 def logits_check(model, hf_dir: Path, back: Path, seq_len: int, seed: int) -> dict:
     import torch
     import transformers
-    from tritonlm.engine.checkpoint import load_checkpoint
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
 
     transformers.logging.set_verbosity_error()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()

@@ -94,10 +94,11 @@ def parse_args(argv=None):
 def build_checkpoint(preset: str, vocab: int, out: Path) -> Path:
     """A random-init preset model with a tokenizer of exactly ``vocab`` ids."""
     import torch
-    from tritonlm.engine.checkpoint import save_checkpoint
-    from tritonlm.engine.config import ModelConfig
-    from tritonlm.engine.model import Transformer
-    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.checkpoint.save_load import save_checkpoint
+    from tritonlm.engine.model.config import ModelConfig
+    from tritonlm.engine.model.transformer import Transformer
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+    from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
     text = (HERE.parent / "data" / "pretrain.json").read_text(encoding="utf-8")[:20000]
     tok = BpeTokenizer.train([text], BpeTokenizerConfig(vocab_size=512))
@@ -277,7 +278,7 @@ def level_in_process(sched, streams: int, rounds: int, prompt: list[int], n: int
     """The same level as :func:`level`, with threads calling the scheduler directly."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tritonlm.engine.sampling import SamplingConfig
+    from tritonlm.engine.inference.sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=0, max_new_tokens=n)
 
@@ -307,8 +308,8 @@ def level_in_process(sched, streams: int, rounds: int, prompt: list[int], n: int
 
 def run_in_process(preset: str, ckpt: Path, args, streams: list[int], words: str) -> list[dict]:
     import torch
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.scheduler import Scheduler
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.inference.scheduler import Scheduler
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -127,7 +127,8 @@ def mb_per_s(n_bytes: int, seconds: float) -> float:
 
 def run(args) -> dict:
     import tiktoken
-    from tritonlm.engine.tokenizer import SPECIAL_TOKENS, BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+    from tritonlm.engine.tokenizer.tokenizer_config import SPECIAL_TOKENS, BpeTokenizerConfig
 
     train, held, corpus = stdlib_corpus(args.train_mb, args.eval_mb)
     held_bytes = sum(len(t.encode("utf-8")) for t in held)

@@ -53,7 +53,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _model_config(preset: str, vocab: int):
-    from tritonlm.engine.config import ModelConfig
+    from tritonlm.engine.model.config import ModelConfig
 
     return ModelConfig.preset(preset, vocab)
 
@@ -61,10 +61,11 @@ def _model_config(preset: str, vocab: int):
 def _ours(cfg, device: str, batch: int, steps: int, warmup: int, seed: int) -> dict:
     import numpy as np
     import torch
-    from tritonlm.engine.batches import PretrainWindows
-    from tritonlm.engine.model import Transformer
-    from tritonlm.engine.token_cache import TokenCache
-    from tritonlm.engine.train import TrainConfig, Trainer
+    from tritonlm.engine.data.token_cache import TokenCache
+    from tritonlm.engine.model.transformer import Transformer
+    from tritonlm.engine.train.batches import PretrainWindows
+    from tritonlm.engine.train.loop import Trainer
+    from tritonlm.engine.train.train_config import TrainConfig
 
     T = cfg.max_seq_len
     n_tok = (steps + 4) * batch * (T + 1) * 2
@@ -160,7 +161,7 @@ def worker(args) -> None:
     cfg = _model_config(args.preset, args.vocab)
     # import everything first so that the memory baseline includes the libraries
     if args.impl == "tritonlm":
-        import tritonlm.engine.train  # noqa: F401
+        import tritonlm.engine.train.loop  # noqa: F401
     else:
         import transformers.models.llama.modeling_llama  # noqa: F401
     # the first optimizer construction imports more of torch (~70 MB): not a training cost

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from gpu_check_speed import _mem_peak, _mem_reset
-from tritonlm.engine.batches import PretrainWindows
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.token_cache import TokenCache
-from tritonlm.engine.train import TrainConfig, Trainer
+from tritonlm.engine.data.token_cache import TokenCache
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.train.batches import PretrainWindows
+from tritonlm.engine.train.loop import Trainer
+from tritonlm.engine.train.train_config import TrainConfig
 
 CURVE_TOL = 0.15
 FINAL_TOL = 0.05

@@ -316,11 +316,12 @@ def build_small(out: Path) -> Path:
     if (out / "config.json").exists():
         return out
     import torch
-    from tritonlm.engine.checkpoint import save_checkpoint
-    from tritonlm.engine.config import ModelConfig
-    from tritonlm.engine.data import load_texts
-    from tritonlm.engine.model import Transformer
-    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.checkpoint.save_load import save_checkpoint
+    from tritonlm.engine.data.records import load_texts
+    from tritonlm.engine.model.config import ModelConfig
+    from tritonlm.engine.model.transformer import Transformer
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+    from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
     texts = load_texts([ROOT / "data" / "pretrain.json"]).items
     tok = BpeTokenizer.train(texts, BpeTokenizerConfig(vocab_size=4096))
@@ -334,9 +335,9 @@ def check_gqa_logits(work: Path, tok, venv: Path) -> dict:
     """Grouped-query attention, an untied head and head dim 24 (shapes the two presets do
     not have): llama.cpp's last-position logits vs ours on a seeded random model."""
     import torch
-    from tritonlm.engine.config import ModelConfig
-    from tritonlm.engine.gguf_export import export_gguf
-    from tritonlm.engine.model import Transformer
+    from tritonlm.engine.interop.gguf_export import export_gguf
+    from tritonlm.engine.model.config import ModelConfig
+    from tritonlm.engine.model.transformer import Transformer
 
     torch.manual_seed(1)
     cfg = ModelConfig(
@@ -404,7 +405,9 @@ def check_tokenizer(loaded: dict, texts: list[str], theirs: dict) -> dict:
 
 def check_greedy(loaded: dict, theirs: dict) -> dict:
     """llama.cpp's greedy ids and text vs the engine's generate and llm-chat's text."""
-    from tritonlm.engine.generate import SamplingConfig, encode_raw_prompt, generate
+    from tritonlm.engine.inference.chat_prompt import encode_raw_prompt
+    from tritonlm.engine.inference.generate import generate
+    from tritonlm.engine.inference.sampling import SamplingConfig
 
     greedy = SamplingConfig(temperature=0, max_new_tokens=MAX_NEW)
     print(f"\n== greedy, {MAX_NEW} tokens: llama.cpp vs llm-chat --raw --temperature 0")
@@ -495,9 +498,9 @@ def compare_speed(loaded: dict, specs: dict, args, threads: list[int]) -> tuple[
 
 def run(args) -> int:
     import torch
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.gguf_export import export_gguf
-    from tritonlm.engine.tokenizer import SPECIAL_TOKENS
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.interop.gguf_export import export_gguf
+    from tritonlm.engine.tokenizer.tokenizer_config import SPECIAL_TOKENS
 
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -159,9 +159,9 @@ def main() -> None:
     harness = json.loads(harness_json.read_text())
 
     import torch
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.eval_choice import evaluate_choices
-    from tritonlm.engine.task_formats import load_task
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.eval.choice import evaluate_choices
+    from tritonlm.engine.eval.task_formats import load_task
 
     c = load_checkpoint(ckpt)
     fmt, items = load_task(task)

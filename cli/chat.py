@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_from_args(args: argparse.Namespace):
     """SamplingConfig from the options that were given (the rest keep their defaults)."""
-    from tritonlm.engine.sampling import SamplingConfig
+    from tritonlm.engine.inference.sampling import SamplingConfig
 
     names = (
         "temperature",

@@ -77,7 +77,8 @@ class Session:
 
 def load(path: str, device, backend: str):
     """Load a checkpoint; errors become UsageError with the engine's one-line message."""
-    from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint
+    from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
 
     try:
         return load_checkpoint(path, device=device, backend=backend)
@@ -88,7 +89,7 @@ def load(path: str, device, backend: str):
 def prompt_ids(session: Session, text: str, history: bool) -> tuple[list[int], int, int]:
     """Token ids for one user message (with history when ``history``): (ids, messages
     dropped to fit the context, tokens cut from a message longer than the context)."""
-    from tritonlm.engine.generate import build_chat_prompt, encode_raw_prompt
+    from tritonlm.engine.inference.chat_prompt import build_chat_prompt, encode_raw_prompt
 
     tok = session.tokenizer
     if session.raw:
@@ -104,7 +105,7 @@ def answer(session: Session, text: str, out, err, history: bool) -> None:
 
     Ctrl-C during generation stops the answer; the part already printed is kept.
     """
-    from tritonlm.engine.generate import stream
+    from tritonlm.engine.inference.generate import stream
 
     ids, dropped, cut = prompt_ids(session, text, history)
     s = stream(session.model, session.tokenizer, ids, session.sampling)
@@ -195,7 +196,7 @@ def command(session: Session, line: str, out) -> bool:
 
     Raises CommandError for a bad value or an unknown command (pipe mode stops on it).
     """
-    from tritonlm.engine.sampling import parse_setting
+    from tritonlm.engine.inference.sampling import parse_setting
 
     cmd, _, rest = line[1:].partition(" ")
     cmd, rest = cmd.lower(), rest.strip()

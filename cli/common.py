@@ -40,14 +40,14 @@ def report(prog: str, message: object, file=None) -> int:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """The engine's own error types: printed as one line, never as a traceback."""
-    from tritonlm.engine.checkpoint import CheckpointError
-    from tritonlm.engine.data import DataError
-    from tritonlm.engine.distributed import DistributedError
+    from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
+    from tritonlm.engine.data.data_files import DataError
+    from tritonlm.engine.data.token_cache import TokenCacheError
+    from tritonlm.engine.inference.sampling import SamplingError
     from tritonlm.engine.run_lock import BusyError
-    from tritonlm.engine.sampling import SamplingError
-    from tritonlm.engine.token_cache import TokenCacheError
-    from tritonlm.engine.tokenizer import TokenizerError
-    from tritonlm.engine.train_config import TrainingError
+    from tritonlm.engine.tokenizer.tokenizer_config import TokenizerError
+    from tritonlm.engine.train.distributed import DistributedError
+    from tritonlm.engine.train.train_config import TrainingError
 
     return (UsageError, BusyError, CheckpointError, DataError, DistributedError, SamplingError,
             TokenCacheError, TokenizerError, TrainingError, ValueError, OSError)  # fmt: skip

@@ -47,7 +47,7 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> Parser:
-    from tritonlm.engine.task_formats import FORMATS
+    from tritonlm.engine.eval.task_formats import FORMATS
 
     p = Parser(prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Evaluate a checkpoint: loss, perplexity and bits per byte on "
@@ -147,11 +147,11 @@ def run(args, argv: list[str]) -> int:
     if args.report and not Path(args.report).is_dir():
         raise UsageError(f"--report {args.report}: not a directory")
     import torch
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.data import load_texts
-    from tritonlm.engine.eval_choice import evaluate_choices
-    from tritonlm.engine.eval_text import evaluate_texts
-    from tritonlm.engine.task_formats import load_task
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.data.records import load_texts
+    from tritonlm.engine.eval.choice import evaluate_choices
+    from tritonlm.engine.eval.task_formats import load_task
+    from tritonlm.engine.eval.text import evaluate_texts
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
@@ -202,7 +202,7 @@ def run(args, argv: list[str]) -> int:
         for t in result["tasks"]:
             print(_task_line(Path(t["file"]).name, t))
     if args.report:
-        from tritonlm.engine.report import append_report, eval_section
+        from tritonlm.engine.eval.report import append_report, eval_section
 
         named = [(Path(t["file"]).name, t) for t in result["tasks"]]
         path = append_report(args.report, eval_section([PROG, *argv], str(args.checkpoint),

@@ -49,9 +49,9 @@ def build_parser() -> Parser:
 
 
 def run(args) -> int:
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.hf_export import export_hf, resolve_dtype, resolve_format
-    from tritonlm.engine.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
+    from tritonlm.engine.interop.hf_export import export_hf, resolve_dtype, resolve_format
 
     if not args.checkpoint or not args.out:
         raise UsageError("CKPT and OUT must be non-empty paths")
@@ -66,7 +66,7 @@ def run(args) -> int:
     ckpt = load_checkpoint(args.checkpoint, device="cpu", backend="torch")
     out = Path(args.out)
     if fmt == "gguf":
-        from tritonlm.engine.gguf_export import export_gguf
+        from tritonlm.engine.interop.gguf_export import export_gguf
 
         export_gguf(ckpt.model, ckpt.tokenizer, out, dtype)
         print(f"exported {ckpt.path} -> {out} (gguf, {dtype})")

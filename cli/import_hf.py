@@ -35,7 +35,7 @@ def build_parser() -> Parser:
 
 
 def run(args) -> int:
-    from tritonlm.engine.hf_import import import_hf
+    from tritonlm.engine.interop.hf_import import import_hf
 
     if not args.hf_dir or not args.out:
         raise UsageError("HF_DIR and OUT_CKPT must be non-empty paths")

@@ -107,8 +107,8 @@ def _log_done(handle, result) -> None:
 def serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     device = _device(args.device)
-    from tritonlm.engine.scheduler import Scheduler
-    from tritonlm.engine.serve_request import Limits
+    from tritonlm.engine.inference.scheduler import Scheduler
+    from tritonlm.engine.inference.serve_request import Limits
 
     from .chat_session import load
     from .serve_app import create_app

@@ -1,7 +1,7 @@
 """llm-serve's HTTP layer: FastAPI routes that read bytes and write OpenAI-shaped JSON/SSE.
 
-Everything a request means is decided in the engine (:mod:`tritonlm.engine.serve_request`
-validates it, :mod:`tritonlm.engine.scheduler` runs it); this module only moves bytes:
+Everything a request means is decided in the engine (:mod:`tritonlm.engine.inference.serve_request`
+validates it, :mod:`tritonlm.engine.inference.scheduler` runs it); this module only moves bytes:
 
     POST /v1/chat/completions, /v1/completions   JSON, or SSE chunks ending in [DONE]
     GET  /v1/models, /v1/models/{id}, /health, / (the chat page)
@@ -27,8 +27,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from tritonlm.engine.scheduler import Event, QueueFull, Scheduler, finish_reason
-from tritonlm.engine.serve_request import Limits, RequestError, ServeRequest, parse_request
+from tritonlm.engine.inference.scheduler import Event, QueueFull, Scheduler, finish_reason
+from tritonlm.engine.inference.serve_request import (
+    Limits,
+    RequestError,
+    ServeRequest,
+    parse_request,
+)
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 LOG = logging.getLogger("llm-serve")

@@ -90,7 +90,7 @@ def _data_flags(d) -> None:
 
 
 def _corpus_flags(d) -> None:
-    from tritonlm.engine.corpus_formats import DEFAULT_TEXT_EXTS
+    from tritonlm.engine.data.corpus_formats import DEFAULT_TEXT_EXTS
 
     d.add_argument("--text-field", default="text", metavar="NAME",
                    help="the JSONL key / Parquet column of the text (default: text)")  # fmt: skip
@@ -124,8 +124,8 @@ def _size(text: str) -> int:
 
 
 def _model_flags(m) -> None:
-    from tritonlm.engine.config import PRESETS, ModelConfig
-    from tritonlm.engine.run_plan import DEFAULT_VOCAB
+    from tritonlm.engine.model.config import PRESETS, ModelConfig
+    from tritonlm.engine.train.run_plan import DEFAULT_VOCAB
 
     m.add_argument(
         "--preset", choices=tuple(PRESETS), default="seed", help="model size (default: seed)"
@@ -158,8 +158,8 @@ RUNTIME = ("device", "backend", "dtype", "compile", "log_every", "max_shard_size
 
 
 def _training_flags(t) -> None:
-    from tritonlm.engine.run_plan import DEFAULT_STEPS
-    from tritonlm.engine.train_config import TrainConfig
+    from tritonlm.engine.train.run_plan import DEFAULT_STEPS
+    from tritonlm.engine.train.train_config import TrainConfig
 
     steps = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
     length = t.add_mutually_exclusive_group()
@@ -186,7 +186,7 @@ def _training_flags(t) -> None:
 
 
 def _runtime_flags(r) -> None:
-    from tritonlm.engine.train_config import TrainConfig
+    from tritonlm.engine.train.train_config import TrainConfig
 
     add_config_flags(r, TrainConfig, RUNTIME)
     r.add_argument(
@@ -264,8 +264,8 @@ def _check_args(args) -> None:
 
 def _phase_configs(args, phases, resume_state):
     """One TrainConfig per phase (a resumed phase keeps its saved schedule)."""
-    from tritonlm.engine.run_plan import phase_config
-    from tritonlm.engine.train_config import TrainConfig
+    from tritonlm.engine.train.run_plan import phase_config
+    from tritonlm.engine.train.train_config import TrainConfig
 
     values = config_values(args, TrainConfig)
     out = {}
@@ -285,9 +285,9 @@ def _phase_configs(args, phases, resume_state):
 def run(args, stop) -> int:
     """Everything after parsing; raises UsageError / engine errors for main() to report."""
     import torch
-    from tritonlm.engine.distributed import init_distributed
     from tritonlm.engine.run_lock import exclusive
-    from tritonlm.engine.run_plan import check_run_dir
+    from tritonlm.engine.train.distributed import init_distributed
+    from tritonlm.engine.train.run_plan import check_run_dir
     from tritonlm.kernels.dispatch import check_backend
 
     _check_args(args)
@@ -315,10 +315,11 @@ def run(args, stop) -> int:
 
 def _run_phases(args, out: Path, ctx, stop) -> int:
     import torch
-    from tritonlm.engine.progress import TrainingBar
-    from tritonlm.engine.run_plan import check_memory, is_checkpoint, plan_phases
-    from tritonlm.engine.token_cache import build_chat_cache
-    from tritonlm.engine.train import TrainingError, train
+    from tritonlm.cli.progress import TrainingBar
+    from tritonlm.engine.data.token_cache import build_chat_cache
+    from tritonlm.engine.train.loop import train
+    from tritonlm.engine.train.run_plan import check_memory, is_checkpoint, plan_phases
+    from tritonlm.engine.train.train_config import TrainingError
 
     texts, chats = load_inputs(args, ctx)
     ckpt, tokenizer, model = tokenizer_and_model(args, texts, chats, ctx.is_main and not args.quiet)
@@ -370,7 +371,7 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
         summary.append(f"{phase}: {result.step} steps{early}, loss {result.loss:.4f}{val}")
         runs.append((phase, cache, result))
     if ctx.is_main:
-        from tritonlm.engine.report import write_train_report
+        from tritonlm.engine.eval.report import write_train_report
 
         write_train_report(out, [PROG, *getattr(args, "argv", [])], runs, model, tokenizer)
         print("; ".join(summary))
@@ -384,8 +385,8 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
 def _on_error(prog: str, e: Exception) -> int:
     """One line, exit 2. Under torchrun, prefixed with the rank; an error every rank hits
     together (a training stop decided on rank 0) is reported by rank 0 alone."""
-    from tritonlm.engine.distributed import DistributedError, torchrun_env
-    from tritonlm.engine.train_config import TrainingError
+    from tritonlm.engine.train.distributed import DistributedError, torchrun_env
+    from tritonlm.engine.train.train_config import TrainingError
 
     message = one_line(e)
     try:

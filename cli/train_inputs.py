@@ -27,8 +27,9 @@ def load_inputs(args, ctx):
     """The pretraining corpus (checked paths, read later as a stream) and the chats."""
     import glob
 
-    from tritonlm.engine.corpus import open_corpus
-    from tritonlm.engine.data import DataError, load_chats
+    from tritonlm.engine.data.corpus import open_corpus
+    from tritonlm.engine.data.data_files import DataError
+    from tritonlm.engine.data.records import load_chats
 
     corpus = chats = None
     if args.data:
@@ -50,7 +51,7 @@ def load_inputs(args, ctx):
 
 def _workers(args) -> int:
     """--workers, or the cores shared among the ranks torchrun started on this machine."""
-    from tritonlm.engine.parallel_encode import default_workers
+    from tritonlm.engine.worker_pool import default_workers
 
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return args.workers or max(1, default_workers() // max(1, local_ranks))
@@ -59,16 +60,17 @@ def _workers(args) -> int:
 def tokenizer_and_model(args, texts, chats, show: bool):
     """The checkpoint resumed or started from (or None), its tokenizer and model; or a new
     tokenizer (given, or trained on a sample of the corpus) and a new model."""
-    from tritonlm.engine.checkpoint import load_checkpoint
-    from tritonlm.engine.run_plan import (
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+    from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+    from tritonlm.engine.train.run_plan import (
         DEFAULT_VOCAB,
         load_init,
         new_model,
         set_dropout,
         tokenizer_texts,
     )
-    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
-    from tritonlm.engine.trainer_state import check_trainer_state
+    from tritonlm.engine.train.trainer_state import check_trainer_state
 
     if args.resume or args.init_from:
         if args.init_from:  # one of our checkpoints or a Hugging Face folder
@@ -92,7 +94,7 @@ def tokenizer_and_model(args, texts, chats, show: bool):
             tokenizer = BpeTokenizer.load(args.tokenizer)
     else:
         vocab = args.vocab_size or DEFAULT_VOCAB[args.preset]
-        from tritonlm.engine.byte_progress import ByteBar
+        from tritonlm.cli.byte_progress import ByteBar
 
         sample = texts.sample(args.tokenizer_sample_bytes) if texts else None
         bar = ByteBar("tokenizer: counting", enabled=show)
@@ -114,8 +116,8 @@ def tokenizer_and_model(args, texts, chats, show: bool):
 
 def corpus_cache(args, corpus, tokenizer, cache_dir, ctx):
     """Tokenize the corpus on --workers processes (or reuse its cache), with a bar."""
-    from tritonlm.engine.byte_progress import ByteBar
-    from tritonlm.engine.token_cache import build_corpus_cache
+    from tritonlm.cli.byte_progress import ByteBar
+    from tritonlm.engine.data.token_cache import build_corpus_cache
 
     show = ctx.is_main and not args.quiet
     bar = ByteBar("tokenizing", enabled=show)

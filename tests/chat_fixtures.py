@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
-from tritonlm.engine.checkpoint import save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.checkpoint.save_load import save_checkpoint
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 CHATS = [
     ("hi", "hello there, friend."),

@@ -16,7 +16,7 @@ import sys
 import time
 
 from tritonlm.cli.train import main
-from tritonlm.engine import batches
+from tritonlm.engine.train import batches
 
 
 def inject(spec: str) -> None:

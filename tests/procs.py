@@ -43,7 +43,8 @@ def signal_and_wait(proc: subprocess.Popen, *signals: int) -> str:
 
 def saved_step(out: Path) -> int:
     """The step of the checkpoint in ``out``, or -1 (none yet, or being swapped right now)."""
-    from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint
+    from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint
 
     try:
         return load_checkpoint(out).trainer_state["step"]

@@ -20,10 +20,11 @@ from pathlib import Path
 import httpx
 import torch
 from procs import HANG_GUARD_S
-from tritonlm.engine.checkpoint import save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.checkpoint.save_load import save_checkpoint
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 LLM_SERVE = Path(sys.executable).parent / "llm-serve"
 _LONG: list[Path] = []

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tritonlm.engine import checkpoint as ck
-from tritonlm.engine import checkpoint_store as store
-from tritonlm.engine import shards
-from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.checkpoint import checkpoint_store as store
+from tritonlm.engine.checkpoint import save_load as ck
+from tritonlm.engine.checkpoint import shards
+from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
+from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 TEXTS = ["the cat sat on the mat. " * 4, "checkpoints are written atomically, then renamed."]
 

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from tritonlm.cli.common import known_errors
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine import train as tr
-from tritonlm.engine.checkpoint import load_checkpoint, save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
-from tritonlm.engine.trainer_state import check_trainer_state
+from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+from tritonlm.engine.train import loop as tr
+from tritonlm.engine.train.trainer_state import check_trainer_state
 
 TEXTS = [f"Item {i}: a {c} lamp by door {i % 7}." for i in range(50) for c in "rs"]
 FILES = ["config.json", "trainer_state.json", "tokenizer.json", "manifest.json"]

@@ -13,14 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tritonlm.cli import train as cli
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine import train as tr
-from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.optimizer_state import flatten_optimizer
-from tritonlm.engine.shards import nbytes, parse_size
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
+from tritonlm.engine.checkpoint.optimizer_state import flatten_optimizer
+from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
+from tritonlm.engine.checkpoint.shards import nbytes, parse_size
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+from tritonlm.engine.train import loop as tr
 
 TEXTS = [f"Shard {i} holds {c} tensors of block {i % 3}." for i in range(40) for c in "xy"]
 IDX = torch.tensor([[1, 5, 9, 200, 3, 7], [2, 2, 4, 8, 16, 32]])
@@ -310,7 +312,7 @@ def test_cli_max_shard_size(tmp_path, capsys):
 
 
 def test_resume_may_change_the_shard_size():
-    from tritonlm.engine.run_plan import phase_config
+    from tritonlm.engine.train.run_plan import phase_config
 
     saved = tr.TrainConfig(steps=10, lr=0.5, max_shard_size="5GB").to_dict()
     cfg = phase_config("pretrain", {"max_shard_size": "1KB", "lr": 0.1}, resumed=saved)

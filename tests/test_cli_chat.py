@@ -18,8 +18,8 @@ import pytest
 import torch
 from chat_fixtures import CHATS, LLM_CHAT, TIMEOUT, Sink, trained_checkpoint
 from tritonlm.cli import chat
-from tritonlm.engine.checkpoint import load_checkpoint
-from tritonlm.engine.sampling import SamplingConfig
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.inference.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 from chat_fixtures import LLM_CHAT, TIMEOUT, Sink, trained_checkpoint
 from tritonlm.cli import chat
 from tritonlm.cli.common import UsageError
-from tritonlm.engine.sampling import SamplingConfig
+from tritonlm.engine.inference.sampling import SamplingConfig
 
 SEED_MAX = str(2**64 - 1)  # the largest seed torch takes, as the messages print it
 

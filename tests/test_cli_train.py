@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from chat_fixtures import TINY_TRAIN
 from tritonlm.cli import train as cli
-from tritonlm.engine.checkpoint import load_checkpoint
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "llm-train"

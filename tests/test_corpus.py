@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from tritonlm.engine import corpus_formats
-from tritonlm.engine.corpus import open_corpus
-from tritonlm.engine.data import DataError, load_chats, load_texts
+from tritonlm.engine.data import corpus_formats
+from tritonlm.engine.data.corpus import open_corpus
+from tritonlm.engine.data.data_files import DataError
+from tritonlm.engine.data.records import load_chats, load_texts
 
 TEXTS = [f"document {i}: " + "word " * (i % 7) + "é中🙂" for i in range(300)]
 CHATS = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
@@ -133,7 +134,7 @@ def test_a_huge_text_file_is_read_in_pieces_at_line_breaks(tmp_path, monkeypatch
 
 
 def test_sample_is_spread_over_the_corpus_and_bounded(tmp_path, monkeypatch):
-    from tritonlm.engine import corpus as corpus_mod
+    from tritonlm.engine.data import corpus as corpus_mod
 
     monkeypatch.setattr(corpus_mod, "SAMPLE_WINDOW", 1000)
     docs = [f"doc {i:05d} " + "y" * 90 for i in range(3000)]  # 100 bytes each, 300 KB

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from tritonlm.cli import train as cli
-from tritonlm.engine import parallel_encode, pretoken_count
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine.corpus import open_corpus
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.data.corpus import open_corpus
+from tritonlm.engine.tokenizer import parallel_encode, pretoken_count
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 DATA = json.loads(open("data/pretrain.json", encoding="utf-8").read())
 ODD = ["  leading spaces\n\n\n\ttabs\r\n", "x" * 3000, "ééé 中文中文 🙂🙂 ١٢٣٤٥ 12345678",
@@ -195,7 +196,7 @@ def test_size_and_extension_flags():
 def test_byte_bar_plain_lines_only_for_long_phases(monkeypatch):
     import io
 
-    from tritonlm.engine import byte_progress
+    from tritonlm.cli import byte_progress
 
     out = io.StringIO()
     bar = byte_progress.ByteBar("tokenizing", file=out, interval=10.0)

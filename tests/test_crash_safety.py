@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine import train as tr
-from tritonlm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.run_plan import check_run_dir
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
+from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+from tritonlm.engine.train import loop as tr
+from tritonlm.engine.train.run_plan import check_run_dir
 
 TEXTS = [f"Entry {i} is about {c} boats on lake {i % 5}." for i in range(50) for c in "pq"]
 FS_CALLS = [(os, "rename"), (os, "replace"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"),

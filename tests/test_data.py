@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tritonlm.engine.data import (
-    DataError,
+from tritonlm.engine.data.data_files import DataError
+from tritonlm.engine.data.records import (
     LoadResult,
     check_chat,
     load_chats,

@@ -11,9 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tritonlm.engine import json_list
-from tritonlm.engine.data import DataError, load_chats, load_texts
-from tritonlm.engine.json_list import json_list_items
+from tritonlm.engine.data import json_list
+from tritonlm.engine.data.data_files import DataError
+from tritonlm.engine.data.json_list import json_list_items
+from tritonlm.engine.data.records import load_chats, load_texts
 
 DEEP = 100_000
 MSG = {"role": "user", "content": "q"}
@@ -328,7 +329,7 @@ def test_file_much_larger_than_a_chunk(tmp_path, monkeypatch):
 
 MEMORY_CHILD = textwrap.dedent("""
     import resource, sys
-    from tritonlm.engine.data import load_texts
+    from tritonlm.engine.data.records import load_texts
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = load_texts([sys.argv[1]])
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

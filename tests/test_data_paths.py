@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tritonlm.engine import data_files
-from tritonlm.engine.data import DataError, load_chats, load_texts
+from tritonlm.engine.data import data_files
+from tritonlm.engine.data.data_files import DataError
+from tritonlm.engine.data.records import load_chats, load_texts
 
 CHAT = "User: hi Assistant: hello"
 
@@ -36,7 +37,7 @@ def error_of(fn, *args, **kw) -> str:
 # the timeout turns that into a failure instead of a hung test run.
 CHILD = """
 import json, sys
-from tritonlm.engine.data import DataError, load_chats, load_texts
+from tritonlm.engine.data.records import DataError, load_chats, load_texts
 load = load_chats if sys.argv[1] == "chats" else load_texts
 try:
     load(json.loads(sys.argv[2]), option="--data")

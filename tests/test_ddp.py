@@ -26,8 +26,8 @@ import pytest
 import torch
 from procs import running, saved_step, signal_and_wait, wait_until
 from tritonlm.cli.train import main as train_main
-from tritonlm.engine import distributed as dd
-from tritonlm.engine.checkpoint import load_checkpoint
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.train import distributed as dd
 
 TEXTS = [
     f"The {a} {b} fox jumps over the {c} dog number {i}. It was a {b} day in town."

@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.eval_choice import evaluate_choices, fewshot_contexts, request_ids
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.task_formats import Item
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.eval.choice import evaluate_choices, fewshot_contexts, request_ids
+from tritonlm.engine.eval.task_formats import Item
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 ITEMS = [
     Item("The cat sat on the", ("mat.", "moon, far away from home.", "dog"), 0, line=1),

@@ -6,7 +6,7 @@ import json
 import pytest
 from chat_fixtures import trained_checkpoint
 from tritonlm.cli.evaluate import main
-from tritonlm.engine.task_formats import TaskError, load_task
+from tritonlm.engine.eval.task_formats import TaskError, load_task
 
 HELLASWAG = {"ctx_a": "A man is sitting on a roof.", "ctx_b": "he", "activity_label": "Roof",
              "endings": ["is using wrap [title] to wrap a pair of skis.",

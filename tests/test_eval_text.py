@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.eval_text import count_windows, document_windows, evaluate_texts
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.eval.text import count_windows, document_windows, evaluate_texts
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 DOCS = [
     "the cat sat on the mat.",

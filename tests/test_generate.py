@@ -4,17 +4,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.generate import (
-    build_chat_prompt,
-    encode_raw_prompt,
-    generate,
-    generate_batch,
-    stream,
-)
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.sampling import SamplingConfig
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.inference.chat_prompt import build_chat_prompt, encode_raw_prompt
+from tritonlm.engine.inference.generate import generate, generate_batch, stream
+from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 CTX = 24
 TEXTS = ["the cat sat on the mat. the dog ate the hat. héllo wörld ✓ naïve café"] * 8

@@ -17,11 +17,13 @@ import pytest
 import regex
 import torch
 from gguf import GGMLQuantizationType as QT
-from tritonlm.engine.byte_level import str_to_token, token_to_str
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.gguf_export import GGUFExportError, export_gguf
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import GPT4_PATTERN, BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.interop.byte_level import str_to_token, token_to_str
+from tritonlm.engine.interop.gguf_export import export_gguf
+from tritonlm.engine.interop.gguf_vocab import GGUFExportError
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import GPT4_PATTERN, BpeTokenizerConfig
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog. ",
@@ -377,7 +379,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tok, tmp_path, monke
 
 def test_llm_export_reports_a_refusal_in_one_line(tmp_path, capsys):
     from tritonlm.cli.export import main
-    from tritonlm.engine.checkpoint import save_checkpoint
+    from tritonlm.engine.checkpoint.save_load import save_checkpoint
 
     ascii_tok = BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=300, normalization="ascii"))
     save_checkpoint(tmp_path / "ckpt", make_model(ascii_tok), ascii_tok)

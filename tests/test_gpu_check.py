@@ -129,9 +129,9 @@ def test_package_imports_from_a_bare_checkout():
         f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
         "import gpu_check_boot\n"
         "print(gpu_check_boot.ensure_importable())\n"
-        "from tritonlm.engine.model import Transformer\n"
+        "from tritonlm.engine.model.transformer import Transformer\n"
         "from tritonlm.kernels import dispatch\n"
-        "import tritonlm.engine.model as m\n"
+        "import tritonlm.engine.model.transformer as m\n"
         "print(m.__file__)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -16,11 +16,12 @@ import transformers  # test dependency: the consumer the export is written for
 from chat_fixtures import trained_checkpoint
 from safetensors import safe_open
 from tritonlm.cli import export as export_cli
-from tritonlm.engine.checkpoint import load_checkpoint, save_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.generate import _default_stop_ids, generate
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.sampling import SamplingConfig
+from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
+from tritonlm.engine.inference.decode_row import default_stop_ids
+from tritonlm.engine.inference.generate import generate
+from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -93,7 +94,7 @@ def test_folder_contents_config_and_tokenizer(loaded, exported):
     assert cfg["num_key_value_heads"] == cfg["num_attention_heads"] == 2
     assert cfg["torch_dtype"] == "float32" and cfg["max_position_embeddings"] == 64
     gen = json.loads((exported / "generation_config.json").read_text())
-    stops = _default_stop_ids(tok, None)  # what ends an answer in our generator
+    stops = default_stop_ids(tok, None)  # what ends an answer in our generator
     assert set(gen["eos_token_id"]) == set(stops) and {tok.eos_id, tok.end_id} <= set(stops)
     assert gen["eos_token_id"] == cfg["eos_token_id"] and gen["pad_token_id"] == tok.pad_id
     assert "lm_head.weight" not in safe_open(str(exported / "model.safetensors"), "pt").keys()
@@ -185,7 +186,7 @@ def test_a_failed_export_leaves_the_previous_one(loaded, tmp_path, capsys, monke
     out = tmp_path / "out"
     assert run_cli(capsys, loaded.path, out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import tritonlm.engine.hf_export as hf_export
+    import tritonlm.engine.interop.hf_export as hf_export
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

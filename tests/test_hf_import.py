@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tritonlm.cli import export as export_cli
 from tritonlm.cli import import_hf as import_cli
 from tritonlm.cli import train as train_cli
-from tritonlm.engine.checkpoint import load_checkpoint
-from tritonlm.engine.hf_tokenizer import import_hf_tokenizer
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.interop.hf_tokenizer import import_hf_tokenizer
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()

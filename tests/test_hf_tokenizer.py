@@ -15,16 +15,17 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
-from tritonlm.engine.chat_prompt import encode_raw_prompt
-from tritonlm.engine.generate import _default_stop_ids
-from tritonlm.engine.hf_tokenizer import (
-    HFFormatError,
+from tritonlm.engine.inference.chat_prompt import encode_raw_prompt
+from tritonlm.engine.inference.decode_row import default_stop_ids
+from tritonlm.engine.interop.hf_format import HFFormatError
+from tritonlm.engine.interop.hf_tokenizer import (
     eos_token_ids,
     hf_tokenizer_files,
     import_hf_tokenizer,
 )
-from tritonlm.engine.hf_tokenizer_import import GPT2_DIGITS_PATTERN, GPT2_PATTERN
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig, TokenizerError
+from tritonlm.engine.interop.hf_tokenizer_import import GPT2_DIGITS_PATTERN, GPT2_PATTERN
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig, TokenizerError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = json.loads((REPO / "data" / "pretrain.json").read_text(encoding="utf-8"))
@@ -183,7 +184,7 @@ def test_export_config_and_eos_ids(ours, exported, hf_auto):
     assert hf_auto.eos_token_id == ours.eos_id and hf_auto.model_max_length == 256
     eos = eos_token_ids(ours)
     assert eos[:2] == [ours.eos_id, ours.end_id]
-    assert sorted(eos) == sorted(_default_stop_ids(ours, None))  # what our generator stops on
+    assert sorted(eos) == sorted(default_stop_ids(ours, None))  # what our generator stops on
     special_map = json.loads((exported / "special_tokens_map.json").read_text())
     assert special_map["eos_token"] == "<|eos|>"
 
@@ -348,7 +349,7 @@ def test_export_then_import_is_the_identity(ours, exported, gpt2_style, tmp_path
 
 def test_import_notes_tokens_merges_cannot_reach(tmp_path):
     """b+c merges before a+b: 'abc' (made by ab+c) is never reached from a, bc."""
-    from tritonlm.engine.byte_level import BYTE_CHARS
+    from tritonlm.engine.interop.byte_level import BYTE_CHARS
 
     vocab = {ch: i for i, ch in enumerate(BYTE_CHARS)}
     vocab.update(bc=256, ab=257, abc=258)

@@ -16,14 +16,15 @@ import pytest
 import torch
 from procs import running, signal_and_wait, wait_until
 from tritonlm.cli import train as cli
-from tritonlm.engine import checkpoint_store as store
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine import train as tr
-from tritonlm.engine.checkpoint import load_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.model import Transformer
+from tritonlm.engine.checkpoint import checkpoint_store as store
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.stop import StopRequest
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+from tritonlm.engine.train import loop as tr
 
 SCRIPT = Path(sys.executable).parent / "llm-train"
 TEXTS = [f"Line {i} tells of a {c} cat that sat on mat {i % 7}." for i in range(60) for c in "xy"]

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tritonlm.engine.config import PRESETS, ConfigError, ModelConfig
-from tritonlm.engine.model import KVCache, Transformer, left_pad
+from tritonlm.engine.model.config import PRESETS, ConfigError, ModelConfig
+from tritonlm.engine.model.kv_cache import KVCache, left_pad
+from tritonlm.engine.model.transformer import Transformer
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=24)
 
@@ -474,8 +475,9 @@ def test_checkpoint_written_before_n_kv_heads_existed_still_loads(tmp_path):
     import hashlib
     import json
 
-    from tritonlm.engine.checkpoint import load_checkpoint, save_checkpoint
-    from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+    from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+    from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
     tok = BpeTokenizer.train(["an old checkpoint, an old config"] * 3, BpeTokenizerConfig(300))
     m = tiny_model(seed=12, vocab_size=tok.vocab_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from tritonlm.engine.progress import TrainingBar
+from tritonlm.cli.progress import TrainingBar
 
 
 class Terminal(io.StringIO):

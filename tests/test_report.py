@@ -11,8 +11,8 @@ import pytest
 from chat_fixtures import TINY_TRAIN
 from tritonlm.cli import evaluate as eval_cli
 from tritonlm.cli import train as train_cli
-from tritonlm.engine.checkpoint import load_checkpoint
-from tritonlm.engine.report import TEXT_PROMPTS, append_report, greedy_samples
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.eval.report import TEXT_PROMPTS, append_report, greedy_samples
 
 TINY = TINY_TRAIN
 
@@ -96,7 +96,7 @@ def test_append_starts_a_card_where_there_is_none(tmp_path):
 
 
 def test_pretrain_and_sft_run_gets_both_rows_and_chat_samples(tmp_path):
-    from tritonlm.engine.report import CHAT_PROMPTS
+    from tritonlm.engine.eval.report import CHAT_PROMPTS
 
     texts = [f"Fact {i}: the sky is blue and grass is green." for i in range(20)]
     (tmp_path / "pre.json").write_text(json.dumps(texts))

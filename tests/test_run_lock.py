@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from procs import running, saved_step, signal_and_wait, wait_until
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine.checkpoint import load_checkpoint
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.data import token_cache as tc
 from tritonlm.engine.run_lock import BusyError, exclusive, lock_file
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 SCRIPT = Path(sys.executable).parent / "llm-train"
 TEXTS = [f"Note {i}: the {c} kite flew over hill {i % 9}." for i in range(80) for c in "uv"]
@@ -76,8 +77,8 @@ def test_two_processes_tokenize_the_same_data_once(tmp_path):
     (tmp_path / "texts.json").write_text(json.dumps(TEXTS * 20))
     code = (
         "import json, sys\n"
-        "from tritonlm.engine.tokenizer import BpeTokenizer\n"
-        "from tritonlm.engine.token_cache import build_pretrain_cache\n"
+        "from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer\n"
+        "from tritonlm.engine.data.token_cache import build_pretrain_cache\n"
         "tok = BpeTokenizer.load(sys.argv[1])\n"
         "texts = json.load(open(sys.argv[2]))\n"
         "print(build_pretrain_cache(texts, tok, sys.argv[3]).path)\n"

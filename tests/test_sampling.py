@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from tritonlm.engine.generate import TextStream, _longest_stop_prefix_suffix
-from tritonlm.engine.sampling import (
+from tritonlm.engine.inference.sampling import (
     SamplingConfig,
     SamplingError,
     apply_frequency_presence,
@@ -18,6 +17,7 @@ from tritonlm.engine.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from tritonlm.engine.inference.text_stream import TextStream, longest_stop_prefix_suffix
 
 
 def kept(logits: torch.Tensor) -> list[int]:
@@ -286,8 +286,8 @@ def test_overlapping_stop_prefixes_and_earliest_stop_wins():
     assert "".join(feed(ts, [b"x", b"y"])) == "x"
 
 
-def test_longest_stop_prefix_suffix():
-    assert _longest_stop_prefix_suffix("Hello Us", ["User:"]) == 2
-    assert _longest_stop_prefix_suffix("Hello", ["User:"]) == 0
-    assert _longest_stop_prefix_suffix("aa", ["aab"]) == 2
-    assert _longest_stop_prefix_suffix("xx", ["x", "xy"]) == 1
+def testlongest_stop_prefix_suffix():
+    assert longest_stop_prefix_suffix("Hello Us", ["User:"]) == 2
+    assert longest_stop_prefix_suffix("Hello", ["User:"]) == 0
+    assert longest_stop_prefix_suffix("aa", ["aab"]) == 2
+    assert longest_stop_prefix_suffix("xx", ["x", "xy"]) == 1

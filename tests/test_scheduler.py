@@ -3,12 +3,13 @@ cancellation, the bounded queue, and answers equal to running each request alone
 
 import pytest
 import torch
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.generate import generate
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.sampling import SamplingConfig
-from tritonlm.engine.scheduler import QueueFull, Scheduler, finish_reason
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.inference.generate import generate
+from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.inference.scheduler import QueueFull, Scheduler, finish_reason
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 CTX = 40
 TEXTS = ["the cat sat on the mat. the dog ate the hat. héllo wörld ✓ naïve café"] * 8

@@ -6,7 +6,7 @@ import concurrent.futures
 import pytest
 from chat_fixtures import CHATS, trained_checkpoint
 from serve_fixtures import serving
-from tritonlm.engine.tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -148,8 +148,8 @@ def test_api_key_and_full_queue(tmp_path_factory):
 def test_parse_request_without_http(tmp_path_factory):
     """The engine decides what a body means: OpenAI's defaults, the project's extra
     samplers, text parts and the developer role, one error per bad field."""
-    from tritonlm.engine.serve_request import Limits, RequestError, parse_request
-    from tritonlm.engine.tokenizer import BpeTokenizer
+    from tritonlm.engine.inference.serve_request import Limits, RequestError, parse_request
+    from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 
     tok = BpeTokenizer.load(trained_checkpoint(tmp_path_factory) / "tokenizer.json")
     limits = Limits("ckpt", max_seq_len=64, max_tokens_cap=32)

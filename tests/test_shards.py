@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tritonlm.engine.shards import (
+from tritonlm.engine.checkpoint.shards import (
     ShardError,
     iter_tensors,
     nbytes,

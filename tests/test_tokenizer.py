@@ -17,16 +17,14 @@ import regex
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tritonlm.engine.bpe_trainer import learn_merges, words_from_counts
-from tritonlm.engine.tokenizer import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
+from tritonlm.engine.tokenizer.bpe_tokenizer import FORMAT_NAME, FORMAT_VERSION, BpeTokenizer
+from tritonlm.engine.tokenizer.bpe_trainer import learn_merges, words_from_counts
+from tritonlm.engine.tokenizer.tokenizer_config import (
     GPT4_PATTERN,
     SPECIAL_TOKENS,
-    BpeTokenizer,
     BpeTokenizerConfig,
     TokenizerError,
-    _compile_pattern,
+    compile_pattern,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +290,7 @@ def test_matches_tiktoken_on_arbitrary_text(tok, s):
 )
 def test_fast_pattern_splits_like_gpt4_pattern(chars):
     s = "".join(chars)
-    fast = _compile_pattern(GPT4_PATTERN)
+    fast = compile_pattern(GPT4_PATTERN)
     assert fast.pattern != GPT4_PATTERN
     assert fast.findall(s) == regex.compile(GPT4_PATTERN).findall(s)
 
@@ -363,7 +361,7 @@ _DET_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_tokenizer import make_corpus
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer, BpeTokenizerConfig
 cfg = BpeTokenizerConfig(vocab_size=700, special_tokens=("<|tool|>", "<|x|>"))
 BpeTokenizer.train(make_corpus(1500, seed=3), cfg).save(sys.argv[1])
 """

@@ -13,16 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tritonlm.engine import batches as bs
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine import train as tr
-from tritonlm.engine.checkpoint import load_checkpoint
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.data import load_texts
-from tritonlm.engine.model import IGNORE_INDEX, Transformer
+from tritonlm.engine.checkpoint.save_load import load_checkpoint
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.data.records import load_texts
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import IGNORE_INDEX, Transformer
 from tritonlm.engine.stop import StopRequest
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
-from tritonlm.engine.train import TrainConfig, TrainingError, train
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+from tritonlm.engine.train import batches as bs
+from tritonlm.engine.train import loop as tr
+from tritonlm.engine.train.loop import train
+from tritonlm.engine.train.train_config import TrainConfig, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 

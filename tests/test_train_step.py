@@ -12,13 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from tritonlm.engine import token_cache as tc
-from tritonlm.engine import train as tr
-from tritonlm.engine.batches import Prefetcher, batch_source
-from tritonlm.engine.config import ModelConfig
-from tritonlm.engine.distributed import LossForward
-from tritonlm.engine.model import Transformer
-from tritonlm.engine.tokenizer import BpeTokenizer, BpeTokenizerConfig
+from tritonlm.engine.data import token_cache as tc
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
+from tritonlm.engine.train import loop as tr
+from tritonlm.engine.train.batches import Prefetcher, batch_source
+from tritonlm.engine.train.distributed import LossForward
 
 TEXTS = [f"Line {i} tells of a {c} cat that sat on mat {i % 7}." for i in range(60) for c in "xy"]
 CHATS = [
