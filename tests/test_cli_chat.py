@@ -20,6 +20,7 @@ from chat_fixtures import CHATS, LLM_CHAT, TIMEOUT, Sink, trained_checkpoint
 from tritonlm.cli import chat
 from tritonlm.engine.checkpoint.save_load import load_checkpoint
 from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.model import decode_step
 
 
 @pytest.fixture(scope="session")
@@ -204,20 +205,20 @@ def test_history_multi_turn_and_ctrl_c_mid_answer(ckpt):
     assert ids[: len(first)] == first and dropped == 0
 
     # Ctrl-C after 3 tokens: the answer stops, what was printed stays, the session goes on
-    real, calls = s.model.forward_cached, []
+    real, calls = decode_step.decode_logits, []
 
-    def interrupting(idx, cache, **kwargs):
+    def interrupting(*args):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 3:  # the prefill and 2 decode steps gave 3 tokens
             raise KeyboardInterrupt
-        return real(idx, cache, **kwargs)
+        return real(*args)
 
-    s.model.forward_cached = interrupting
+    decode_step.decode_logits = interrupting
     try:
         out2 = Sink()
         chat.answer(s, "what is a token?", out2, err, history=True)
     finally:
-        del s.model.forward_cached
+        decode_step.decode_logits = real
     assert "[answer stopped]" in err.text
     partial = out2.text.rstrip("\n")
     assert 0 < len(partial) < len("a piece of text.")

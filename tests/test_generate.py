@@ -7,7 +7,9 @@ import torch
 from tritonlm.engine.inference.chat_prompt import build_chat_prompt, encode_raw_prompt
 from tritonlm.engine.inference.generate import generate, generate_batch, stream
 from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.model import decode_step
 from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.kv_cache import KVCache
 from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
@@ -69,15 +71,21 @@ def test_cache_matches_recompute(model, plen):
 
 def test_prefill_is_one_forward_then_one_token_per_step(model, monkeypatch):
     calls = []
-    real = model.forward_cached
+    real_forward, real_step = model.forward_cached, decode_step.decode_logits
 
     def spy(idx, cache, **kwargs):
         calls.append(tuple(idx.shape))
-        return real(idx, cache, **kwargs)
+        return real_forward(idx, cache, **kwargs)
+
+    def step_spy(model, tokens, slots, pad, k, v, window):
+        calls.append((tuple(tokens.shape), slots.tolist(), window))
+        return real_step(model, tokens, slots, pad, k, v, window)
 
     monkeypatch.setattr(model, "forward_cached", spy)
+    monkeypatch.setattr(decode_step, "decode_logits", step_spy)
     generate(model, None, prompt_of(9), greedy(6))
-    assert calls == [(1, 9)] + [(1, 1)] * 5  # the 6th token is never fed back
+    # the prefill, then one fixed-shape step per token (the 6th token is never fed back)
+    assert calls == [(1, 9)] + [((1,), [9 + i], 10 + i) for i in range(5)]
 
 
 def test_max_new_tokens_and_uncached_has_no_cache(model, monkeypatch):
@@ -197,18 +205,34 @@ class ScriptedModel(torch.nn.Module):
         self.interrupt_at = interrupt_at
 
     def new_cache(self, batch_size, max_len=None, pad=None):
-        return SimpleNamespace(k=[], v=[], pad=pad, pos=0, width=0)
+        slots = [torch.zeros(batch_size, 1, max_len, 1)]
+        return KVCache(k=slots, v=slots, pad=torch.zeros(batch_size, dtype=torch.long))
 
     def forward_cached(self, idx, cache, last_only=False):
-        if cache.pos == 0:
-            cache.width = idx.shape[1]
+        self.width = idx.shape[1]  # the prefill
         cache.pos += idx.shape[1]
-        step = cache.pos - cache.width
+        return self.scripted(idx.shape[0], cache.pos)[:, None]
+
+    def scripted(self, rows, filled):
+        step = filled - self.width
         if self.interrupt_at is not None and step == self.interrupt_at:
             raise KeyboardInterrupt
-        logits = torch.zeros(idx.shape[0], idx.shape[1], self.config.vocab_size)
-        logits[:, -1, self.script[step]] = 10.0
+        logits = torch.zeros(rows, self.config.vocab_size)
+        logits[:, self.script[step]] = 10.0
         return logits
+
+
+@pytest.fixture(autouse=True)
+def scripted_decode_steps(monkeypatch):
+    """A ScriptedModel's decode steps read its script (window = slots filled so far)."""
+    real = decode_step.decode_logits
+
+    def step(model, tokens, slots, pad, k, v, window):
+        if isinstance(model, ScriptedModel):
+            return model.scripted(tokens.shape[0], window)
+        return real(model, tokens, slots, pad, k, v, window)
+
+    monkeypatch.setattr(decode_step, "decode_logits", step)
 
 
 def byte_script(text: str) -> list[int]:

@@ -4,6 +4,7 @@ The decoding loop, per batch of prompts (token id lists):
 
     prefill   one ``model.forward_cached`` over the left-padded prompts (all positions)
     decode    sample a token per row (see :mod:`.sampling`), feed it back, one per step
+              through the fixed-shape :class:`DecodeStep` (its position is a tensor)
     stop      per row, on the first of:
                 "eos"             the model wrote <|eos|>
                 "end"             the model wrote <|end|> (end of the assistant turn) or
@@ -40,7 +41,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..model.kv_cache import left_pad
+from ..model.decode_step import DecodeStep
+from ..model.kv_cache import KVCache, left_pad
 from .decode_row import DecodeRow, GenerationResult, Piece, StopRules, default_stop_ids
 from .sampling import SamplingConfig, make_generator, sample_next
 
@@ -85,6 +87,7 @@ def _decode(
     use_cache: bool,
     stop_ids: dict[int, str],
     t0: float,
+    step: DecodeStep | None = None,
 ) -> Iterator[list[tuple[int, Piece]]]:
     """Core loop over the unfinished rows; yields [(row index, piece)] once per step.
 
@@ -92,7 +95,7 @@ def _decode(
     (``tolist``); everything else is queued on the device.
     """
     rules = StopRules(stop_ids, config.max_new_tokens, model.config.max_seq_len)
-    batch = _Batch(model, rows, config, use_cache)
+    batch = _Batch(model, rows, config, use_cache, step)
     generator = None if config.greedy else make_generator(config.seed, batch.device)
     was_training = model.training
     model.eval()
@@ -145,7 +148,8 @@ class _Batch:
     """The device tensors of the rows still generating, in batch order: ids, pad flags,
     penalty state and KV cache. Finished rows leave the batch."""
 
-    def __init__(self, model, rows: list[DecodeRow], config: SamplingConfig, use_cache: bool):
+    def __init__(self, model, rows: list[DecodeRow], config: SamplingConfig, use_cache: bool,
+                 step: DecodeStep | None):  # fmt: skip
         self.model = model
         self.device = device = model.tok_emb.weight.device
         self.active = list(range(len(rows)))  # row indices still generating, in batch order
@@ -161,10 +165,22 @@ class _Batch:
                 self.seen[i, torch.tensor(r.prompt, device=device)] = True
         if config.frequency_penalty != 0.0 or config.presence_penalty != 0.0:
             self.counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
-        # Slots for the prompt (pads included) and every new token, not the whole context:
-        # an imported model may allow 131072 positions that one answer never reaches.
-        need = min(ids.shape[1] + config.max_new_tokens, model.config.max_seq_len + int(pad.max()))
-        self.cache = model.new_cache(len(rows), max_len=need, pad=self.pad) if use_cache else None
+        self.step = self.cache = None
+        if use_cache:
+            # Slots for the prompt (pads included) and every new token, not the whole context:
+            # an imported model may allow 131072 positions that one answer never reaches.
+            need = ids.shape[1] + config.max_new_tokens
+            need = min(need, model.config.max_seq_len + int(pad.max()))
+            if step is None or step.max_rows < len(rows) or step.cache.max_len < need:
+                step = DecodeStep(model, model.new_cache(len(rows), max_len=need))
+            # The prefill writes rows 0..B-1 of the step's preallocated cache; decode steps
+            # then write one slot per row in place (finished rows are compacted, not copied).
+            full = step.cache
+            self.cache = KVCache(
+                k=[t[: len(rows)] for t in full.k], v=[t[: len(rows)] for t in full.v], pad=self.pad
+            )
+            self.step = step
+            self.slots = torch.full((len(rows),), ids.shape[1], dtype=torch.long, device=device)
 
     def prefill(self) -> torch.Tensor:
         """Logits [B, V] for the first new token of every row."""
@@ -184,7 +200,10 @@ class _Batch:
         if self.counts is not None:
             self.counts = self.counts[sel]
         if self.cache is not None:
-            self.cache.select(sel)
+            for j, src in enumerate(keep):  # keep is increasing: a source is never overwritten
+                if src != j:
+                    self.cache.move_row(src, j, self.cache.pos)
+            self.slots = self.slots[sel]
         return next_ids[sel]
 
     def feed(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -195,7 +214,11 @@ class _Batch:
         if self.counts is not None:
             self.counts.scatter_add_(1, col, torch.ones_like(col, dtype=self.counts.dtype))
         if self.cache is not None:
-            return self.model.forward_cached(col, self.cache)[:, -1]
+            pos = self.cache.pos
+            logits = self.step(next_ids, self.slots, self.pad, window=pos + 1)
+            self.cache.pos = pos + 1
+            self.slots += 1
+            return logits
         self.ids = torch.cat([self.ids, col], dim=1)
         return _full_forward(self.model, self.ids, self.pad)
 
@@ -282,17 +305,20 @@ def stream(
     use_cache: bool = True,
     stop_token_ids: Sequence[int] | None = None,
     keep_logits: bool = False,
+    decoder: DecodeStep | None = None,
 ) -> Stream:
     """Generate from one prompt, yielding a :class:`Piece` per token as it is produced.
 
     ``tokenizer`` may be None for token-only generation (no text, no stop strings).
-    ``stop_token_ids`` replaces the default stop tokens (<|end|>, <|eos|>).
+    ``stop_token_ids`` replaces the default stop tokens (<|end|>, <|eos|>). ``decoder``: a
+    :class:`DecodeStep` (compiled or CUDA-graphed, with its preallocated cache) to reuse
+    across calls; by default an eager one is built for this call's cache.
     """
     config = SamplingConfig() if config is None else config
     t0 = time.perf_counter()
     rows = _prepare(model, [prompt_ids], config, tokenizer, keep_logits)
     stop_ids = default_stop_ids(tokenizer, stop_token_ids)
-    return Stream(rows, _decode(model, rows, config, use_cache, stop_ids, t0), t0)
+    return Stream(rows, _decode(model, rows, config, use_cache, stop_ids, t0, decoder), t0)
 
 
 def generate(
@@ -304,6 +330,7 @@ def generate(
     use_cache: bool = True,
     stop_token_ids: Sequence[int] | None = None,
     keep_logits: bool = False,
+    decoder: DecodeStep | None = None,
 ) -> GenerationResult:
     """Generate from one prompt and return the text with counts, timings and stop reason."""
     s = stream(
@@ -314,6 +341,7 @@ def generate(
         use_cache=use_cache,
         stop_token_ids=stop_token_ids,
         keep_logits=keep_logits,
+        decoder=decoder,
     )
     for _ in s:
         pass
@@ -329,6 +357,7 @@ def generate_batch(
     use_cache: bool = True,
     stop_token_ids: Sequence[int] | None = None,
     keep_logits: bool = False,
+    decoder: DecodeStep | None = None,
 ) -> list[GenerationResult]:
     """Generate from several prompts of any lengths at once (left-padded into one batch).
 
@@ -342,7 +371,7 @@ def generate_batch(
     t0 = time.perf_counter()
     rows = _prepare(model, prompts, config, tokenizer, keep_logits)
     stop_ids = default_stop_ids(tokenizer, stop_token_ids)
-    loop = _decode(model, rows, config, use_cache, stop_ids, t0)
+    loop = _decode(model, rows, config, use_cache, stop_ids, t0, decoder)
     try:
         for _ in loop:
             pass

@@ -6,8 +6,8 @@ Every step (one loop of :meth:`Scheduler._step`):
              row moves into the freed slot, so live rows stay 0..n-1 (a per-row KV view)
     join     waiting requests take free rows: each prompt is prefilled into its row
              (slots 0..P-1 = positions 0..P-1) and its first token is sampled
-    decode   one forward over all live rows, each at its own position
-             (``KVCache.row_view``), then one token per row with that request's own
+    decode   one fixed-shape step over all live rows, each at its own slot
+             (:class:`DecodeStep`), then one token per row with that request's own
              sampling settings and seeded generator
 
 A request therefore never waits for the batch to drain, and a cancelled one (a client
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.decode_step import DecodeStep
 from .decode_row import DecodeRow, GenerationResult, StopRules, default_stop_ids
 from .sampling import SamplingConfig, make_generator, sample_next
 
@@ -145,6 +146,7 @@ class Scheduler:
         self.stop_ids = default_stop_ids(tokenizer, None)
         self.on_done = on_done
         self.cache = model.new_cache(max_batch, max_len=self.max_seq_len)
+        self.decode_step = DecodeStep(model, self.cache)  # fixed shapes over that cache
         self._live: list[_Live] = []  # row i of the cache belongs to _live[i]
         self._waiting: deque[tuple[Handle, list[int], SamplingConfig]] = deque()
         self._cond = threading.Condition()
@@ -291,9 +293,12 @@ class Scheduler:
             live = self._live
         if not live:
             return
-        view = self.cache.row_view(len(live), [x.length for x in live])
-        ids = torch.cat([x.next_id for x in live])[:, None]  # [n, 1]
-        logits = self.model.forward_cached(ids, view)[:, -1]
+        lengths = [x.length for x in live]  # row b writes slot lengths[b] (= its position)
+        if max(lengths) >= self.max_seq_len:
+            raise ValueError(f"a row reached max_seq_len {self.max_seq_len}")
+        ids = torch.cat([x.next_id for x in live])  # [n]
+        slots = torch.tensor(lengths, dtype=torch.long).to(self.device)
+        logits = self.decode_step(ids, slots, torch.zeros_like(slots), window=max(lengths) + 1)
         for x in live:
             x.length += 1
         self._take(live, logits)

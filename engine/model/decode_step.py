@@ -1,0 +1,129 @@
+"""One decode step with fixed shapes: one new token per row, every row at its own slot.
+
+Why: the eager ``forward_cached`` path builds slices, masks and cache views whose shapes
+change with the position (a Python int), so nothing can be compiled or captured once and
+reused. Here the position is a tensor and the shapes depend only on the number of rows and
+the key window, so the same step serves:
+
+- ``generate``: rows share a slot and differ by their left padding (``pad``);
+- the server's scheduler: rows at their own lengths, no padding;
+- a compiled step (``torch.compile``) or a CUDA-graph replay (:mod:`.cuda_graphs`).
+
+Row b writes its token's key/value at slot ``slots[b]`` of its cache row, sits at RoPE
+position ``slots[b] - pad[b]`` and attends to slots ``pad[b] .. slots[b]``. Keys beyond the
+``window`` first slots are never read: the eager step passes the smallest window that
+holds every row (the fewest keys), the compiled and captured ones the whole cache (one
+shape for the whole run). Greedy tokens are the eager path's: masked keys add exact zeros.
+
+    >>> step = DecodeStep(model, cache)                                   # doctest: +SKIP
+    >>> logits = step(tokens, slots, pad, window=int(slots.max()) + 1)    # [B, V]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tritonlm.kernels import dispatch
+
+from .kv_cache import KVCache
+from .transformer import apply_rope
+
+__all__ = ["DECODE_MODES", "DecodeStep", "decode_logits", "next_bucket"]
+
+DECODE_MODES = ("eager", "compile")
+
+
+def next_bucket(n: int, limit: int) -> int:
+    """The batch bucket for ``n`` live rows: the next power of two, capped at ``limit``.
+
+    >>> [next_bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)]
+    [1, 2, 4, 8, 16, 16]
+    """
+    if not 0 < n <= limit:
+        raise ValueError(f"need 1..{limit} rows, got {n}")
+    return min(limit, 1 << (n - 1).bit_length())
+
+
+def decode_logits(
+    model,
+    tokens: torch.Tensor,
+    slots: torch.Tensor,
+    pad: torch.Tensor,
+    k_cache: list[torch.Tensor],
+    v_cache: list[torch.Tensor],
+    window: int,
+) -> torch.Tensor:
+    """Logits [B, V] for tokens [B] at slots [B] (left pads pad [B]); writes the caches.
+
+    ``k_cache[l]`` / ``v_cache[l]`` are [B, Hkv, S, Dh] (views of the first B rows of a
+    preallocated cache); only their first ``window`` slots are read.
+    """
+    B = tokens.shape[0]
+    cfg = model.config
+    H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    positions = (slots - pad).clamp_min(0)
+    cos = model.rope_cos[positions][:, None]  # [B, 1, Dh/2]: one table row per row
+    sin = model.rope_sin[positions][:, None]
+    keys = torch.arange(window, device=tokens.device)
+    mask = (keys[None] >= pad[:, None]) & (keys[None] <= slots[:, None])
+    mask = mask[:, None, None]  # [B, 1, 1, W]: this row's own, filled slots
+    rows = torch.arange(B, device=tokens.device)
+    backend = model.backend
+    x = model.tok_emb(tokens)  # [B, d]
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        h = dispatch.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps, backend)
+        q, k, v = attn.qkv(h).split((H * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
+        q = apply_rope(q.view(B, H, Dh), cos, sin)
+        k = apply_rope(k.view(B, Hkv, Dh), cos, sin)
+        kc, vc = k_cache[layer], v_cache[layer]
+        kc[rows, :, slots] = k.to(kc.dtype)  # the cache write: (b, :, slots[b]) per row
+        vc[rows, :, slots] = v.view(B, Hkv, Dh).to(vc.dtype)
+        y = F.scaled_dot_product_attention(
+            q[:, :, None].to(kc.dtype),
+            kc[:, :, :window],
+            vc[:, :, :window],
+            attn_mask=mask,
+            enable_gqa=Hkv != H,
+        )
+        x = x + attn.proj(y.reshape(B, H * Dh).to(x.dtype))
+        h = dispatch.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps, backend)
+        x = x + block.ffn(h)
+    return F.linear(model.norm(x), model.output_weight)
+
+
+class DecodeStep:
+    """The decode step over the first rows of one preallocated ``cache``.
+
+    ``mode``: "eager" (the smallest key window, run as plain PyTorch) or "compile"
+    (``torch.compile`` of the whole step over the whole cache: fixed shapes, fused
+    elementwise ops; the first call of each batch size compiles).
+    """
+
+    def __init__(self, model, cache: KVCache, mode: str = "eager", compiler: str = "inductor"):
+        if mode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
+        self.model, self.cache, self.mode = model, cache, mode
+        self._compiled = None
+        if mode == "compile":  # compiler: torch.compile's backend ("eager" only traces)
+            self._compiled = torch.compile(decode_logits, dynamic=False, backend=compiler)
+
+    @property
+    def max_rows(self) -> int:
+        return self.cache.batch_size
+
+    def __call__(
+        self, tokens: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor, window: int
+    ) -> torch.Tensor:
+        """Logits [n, V] for tokens [n] of rows 0..n-1; ``window`` > every slot (host int)."""
+        n = tokens.shape[0]
+        if not 0 < n <= self.max_rows:
+            raise ValueError(f"a decode step takes 1..{self.max_rows} rows, got {n}")
+        if window > self.cache.max_len:
+            raise ValueError(f"KV cache full: slot {window - 1} >= {self.cache.max_len}")
+        if self.mode == "compile":
+            window = self.cache.max_len
+        k = [t[:n] for t in self.cache.k]
+        v = [t[:n] for t in self.cache.v]
+        fn = decode_logits if self._compiled is None else self._compiled
+        return fn(self.model, tokens, slots, pad, k, v, window)

@@ -1,0 +1,97 @@
+"""The fixed-shape decode step: per-row slots and left pads, equal to a full recompute,
+shared by generate (batched, left-padded) and the scheduler; compiled, the same tokens."""
+
+import pytest
+import torch
+from tritonlm.engine.inference.generate import generate, generate_batch
+from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.decode_step import DecodeStep, decode_logits, next_bucket
+from tritonlm.engine.model.kv_cache import left_pad
+from tritonlm.engine.model.transformer import Transformer
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      d_ff=64, max_seq_len=CTX, init_std=0.3)  # fmt: skip
+    return Transformer(cfg, backend="torch").eval()
+
+
+def prompt_of(n, start=3):
+    return [(start + 7 * i) % 290 for i in range(n)]
+
+
+def test_next_bucket():
+    assert [next_bucket(n, 16) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert next_bucket(5, 6) == 6
+    with pytest.raises(ValueError):
+        next_bucket(0, 4)
+    with pytest.raises(ValueError):
+        next_bucket(5, 4)
+
+
+@pytest.mark.parametrize("window_extra", [0, 7])
+def test_left_padded_rows_match_full_recompute(model, window_extra):
+    """Rows of a left-padded batch, one step each: the logits of each sequence alone; keys
+    beyond the filled slots (a larger window, as the compiled step reads) change nothing."""
+    seqs = [prompt_of(n + 1, start=n) for n in (5, 1, 9)]
+    idx, pad = left_pad([s[:-1] for s in seqs], pad_id=0)
+    cache = model.new_cache(len(seqs), max_len=CTX, pad=pad)
+    with torch.no_grad():
+        model.forward_cached(idx, cache)
+        width = idx.shape[1]
+        slots = torch.full((len(seqs),), width)
+        got = decode_logits(model, torch.tensor([s[-1] for s in seqs]), slots, pad,
+                            cache.k, cache.v, window=width + 1 + window_extra)  # fmt: skip
+        for r, seq in enumerate(seqs):
+            want = model(torch.tensor([seq]))[0, -1]
+            torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
+        # the step wrote each row's key at its slot: the next step sees it
+        assert bool((cache.k[0][:, :, width] != 0).all())
+
+
+def test_step_checks_rows_and_room(model):
+    step = DecodeStep(model, model.new_cache(2, max_len=8))
+    one = torch.tensor([1])
+    with pytest.raises(ValueError, match="1..2 rows"):
+        step(torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.long), torch.zeros(3), 1)
+    with pytest.raises(ValueError, match="KV cache full"):
+        step(one, torch.tensor([8]), torch.tensor([0]), window=9)
+    with pytest.raises(ValueError, match="unknown decode mode"):
+        DecodeStep(model, model.new_cache(1, max_len=8), mode="fast")
+
+
+def test_reused_decoder_gives_the_same_tokens_as_a_fresh_one(model):
+    """A session's decoder (one preallocated cache, reused by every call) and generate's
+    own per-call one; a batch through the shared cache compacts finished rows in place."""
+    cfg = SamplingConfig(temperature=0, max_new_tokens=12)
+    decoder = DecodeStep(model, model.new_cache(4, max_len=CTX + 8))
+    prompts = [prompt_of(n, start=n) for n in (3, 11, 1, 7)]
+    alone = [generate(model, None, p, cfg, stop_token_ids=[]).token_ids for p in prompts]
+    for p, want in zip(prompts, alone, strict=True):
+        assert generate(model, None, p, cfg, stop_token_ids=[], decoder=decoder).token_ids == want
+    short = SamplingConfig(temperature=0, max_new_tokens=12)
+    batch = generate_batch(model, None, prompts, short, stop_token_ids=[], decoder=decoder)
+    assert [r.token_ids for r in batch] == alone
+    # rows stop at different steps (context): later rows move into the freed rows
+    long = [prompt_of(n, start=n) for n in (CTX - 2, 4, CTX - 5, 2)]
+    cfg2 = SamplingConfig(temperature=0, max_new_tokens=20)
+    batch = generate_batch(model, None, long, cfg2, stop_token_ids=[], decoder=decoder)
+    for p, res in zip(long, batch, strict=True):
+        assert res.token_ids == generate(model, None, p, cfg2, stop_token_ids=[]).token_ids
+    assert [r.new_tokens for r in batch] == [3, 20, 6, 20]
+
+
+def test_compiled_step_traces_whole_and_gives_the_same_tokens(model):
+    """torch.compile traces the step (backend "eager": the trace without code generation,
+    which takes minutes on a loaded CI core) over the whole cache: greedy tokens unchanged."""
+    cfg = SamplingConfig(temperature=0, max_new_tokens=10)
+    prompts = [prompt_of(n, start=n) for n in (4, 9)]
+    want = generate_batch(model, None, prompts, cfg, stop_token_ids=[])
+    decoder = DecodeStep(model, model.new_cache(2, max_len=CTX + 8), "compile", "eager")
+    got = generate_batch(model, None, prompts, cfg, stop_token_ids=[], decoder=decoder)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
