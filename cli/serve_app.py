@@ -25,23 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from tritonlm.engine.inference.scheduler import Event, QueueFull, Scheduler, finish_reason
-from tritonlm.engine.inference.serve_request import (
-    Limits,
-    RequestError,
-    ServeRequest,
-    parse_request,
-)
+from tritonlm.engine.inference.scheduler import QueueFull, Scheduler
+from tritonlm.engine.inference.serve_request import Limits, RequestError, parse_request
+
+from .serve_stream import Shape, error_response, sse, whole
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 LOG = logging.getLogger("llm-serve")
-DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is there
-
-
-def error_response(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | None = None,
@@ -93,13 +85,16 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
             # Tokenizing up to max_body_bytes of text takes a while: off the event loop.
             req = await asyncio.to_thread(parse_request, body, kind, tokenizer, limits)
             rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-            events: asyncio.Queue[Event] = asyncio.Queue()
+            events: asyncio.Queue = asyncio.Queue()  # (choice index, Event)
             mailbox = mailboxes.setdefault(id(asyncio.get_running_loop()), _Mailbox())
 
-            def notify(event: Event) -> None:  # runs on the scheduler thread
-                mailbox.post(events, event)
+            def notify_for(index: int):
+                return lambda event: mailbox.post(events, (index, event))  # scheduler thread
 
-            handle = scheduler.submit(req.prompt_ids, req.sampling, notify, request_id=rid)
+            rows = req.rows()
+            handles = scheduler.submit_many([
+                (prompt, cfg, notify_for(i), rid if len(rows) == 1 else f"{rid}-{i}", req.options)
+                for i, prompt, cfg in rows])  # fmt: skip
         except QueueFull as e:
             LOG.info(json.dumps({"event": "refused", "status": 429}))
             err = RequestError(str(e), code="queue_full", status=429, type="rate_limit_error")
@@ -107,12 +102,12 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
         except RequestError as e:
             LOG.info(json.dumps({"event": "refused", "status": e.status, "code": e.code}))
             return error_response(e)
-        shape = _Shape(kind, rid, limits.model_name, len(req.prompt_ids))
+        shape = Shape(req, rid, limits.model_name, tokenizer)
         if req.stream:
-            body = _sse(events, handle, shape, req)
+            body = sse(events, handles, shape, req)
             headers = {"Cache-Control": "no-cache"}
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-        return await _whole(request, events, handle, shape)
+        return await whole(request, events, handles, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -128,7 +123,8 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
             check_key(request)
         except RequestError as e:
             return error_response(e)
-        return {"object": "list", "data": [_model_card(limits.model_name, created)]}
+        card = _model_card(limits.model_name, created, limits.max_seq_len)
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
@@ -139,7 +135,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
                                    code="model_not_found", status=404)  # fmt: skip
         except RequestError as e:
             return error_response(e)
-        return _model_card(limits.model_name, created)
+        return _model_card(limits.model_name, created, limits.max_seq_len)
 
     @app.get("/health")
     async def health():
@@ -160,9 +156,9 @@ class _Mailbox:
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, Event]] = []
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
 
-    def post(self, queue: asyncio.Queue, event: Event) -> None:  # any thread
+    def post(self, queue: asyncio.Queue, event: Any) -> None:  # any thread
         with self._lock:
             self._pending.append((queue, event))
             if len(self._pending) > 1:
@@ -184,98 +180,7 @@ def _too_big(limit: int) -> RequestError:
                         code="body_too_large", status=413)  # fmt: skip
 
 
-def _model_card(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "tritonlm"}
-
-
-class _Shape:
-    """OpenAI's response objects for one request (chat or text completion)."""
-
-    def __init__(self, kind: str, rid: str, model: str, prompt_tokens: int):
-        self.kind, self.id, self.model, self.prompt_tokens = kind, rid, model, prompt_tokens
-        self.created = int(time.time())
-
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def whole(self, text: str, reason: str, completion_tokens: int) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": reason, "logprobs": None}  # fmt: skip
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            obj = "text_completion"
-        return {**self._head(obj), "choices": [choice], "usage": self.usage(completion_tokens)}
-
-    def chunk(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta = {} if text is None else {"content": text}
-            if first:
-                delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        return {**self._head("text_completion"), "choices": [choice]}
-
-
-def _engine_error(message: str) -> RequestError:
-    return RequestError(f"generation failed: {message}", status=500, type="server_error")
-
-
-async def _whole(request: Request, events: asyncio.Queue, handle, shape: _Shape):
-    """Wait for the whole answer; cancel it if the client goes away meanwhile."""
-    parts = []
-    try:
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)  # nobody will read it
-                continue
-            parts.append(event.text)
-            if event.done:
-                break
-    finally:
-        handle.cancel()  # a no-op once finished; frees the row if the client went away
-    if event.error is not None:
-        return error_response(_engine_error(event.error))
-    res = event.result
-    return shape.whole("".join(parts), finish_reason(res.stop_reason), res.new_tokens)
-
-
-def _sse_line(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _sse(events: asyncio.Queue, handle, shape: _Shape, req: ServeRequest):
-    """Server-sent events: one chunk per released text, the finish reason, [DONE].
-    If the client disconnects, the response task is cancelled and so is the request."""
-    try:
-        first = True
-        if shape.kind == "chat":  # the role comes first, as OpenAI's streams do
-            yield _sse_line(shape.chunk(None, None, first=True))
-            first = False
-        while True:
-            event = await events.get()
-            if event.error is not None:
-                yield _sse_line(_engine_error(event.error).body())
-                break
-            if event.text:
-                yield _sse_line(shape.chunk(event.text, None, first=first))
-                first = False
-            if event.done:
-                res = event.result
-                yield _sse_line(shape.chunk(None, finish_reason(res.stop_reason)))
-                if req.include_usage:
-                    yield _sse_line({**shape.chunk(None, None), "choices": [],
-                                     "usage": shape.usage(res.new_tokens)})  # fmt: skip
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        handle.cancel()  # a no-op once finished; frees the row if the client went away
+def _model_card(name: str, created: int, context: int) -> dict[str, Any]:
+    """OpenAI's model object plus the context length (vLLM's and llama.cpp's names)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "tritonlm",
+            "max_model_len": context, "context_length": context}  # fmt: skip

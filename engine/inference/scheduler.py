@@ -14,6 +14,9 @@ A request therefore never waits for the batch to drain, and a cancelled one (a c
 that went away) gives its row back at the next step boundary. Requests beyond the free
 rows wait in a bounded queue; when it is full :meth:`submit` raises :class:`QueueFull`.
 The stop rules, UTF-8 safe text and stop strings are those of :mod:`.generate`.
+Requests joining in one step with the same prompt (the ``n`` answers of one request,
+:meth:`Scheduler.submit_many`) share one prefill: the row is copied. A row may ask for
+log-probabilities (:class:`.row_options.RowOptions`), delivered with its events.
 
     >>> sched = Scheduler(model, tokenizer, max_batch=8, max_queue=32).start()
     >>> handle = sched.submit(prompt_ids, SamplingConfig(temperature=0))   # doctest: +SKIP
@@ -35,6 +38,8 @@ import torch
 
 from ..model.decode_step import DecodeStep
 from .decode_row import DecodeRow, GenerationResult, StopRules, default_stop_ids
+from .logprobs import TokenLogprob, prompt_logprobs, step_logprobs
+from .row_options import RowOptions
 from .sampling import SamplingConfig, make_generator, sample_next
 
 __all__ = ["Event", "Handle", "QueueFull", "Scheduler", "finish_reason"]
@@ -63,6 +68,8 @@ class Event:
     done: bool = False
     result: GenerationResult | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # this step's token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # first event only, when asked for
 
 
 class Handle:
@@ -93,9 +100,12 @@ class Handle:
 class _Live:
     """A request that holds a row: its decoding state, sampling state and last token."""
 
-    def __init__(self, handle: Handle, prompt: list[int], config: SamplingConfig, sched):
+    def __init__(self, handle: Handle, prompt: list[int], config: SamplingConfig, sched,
+                 options: RowOptions | None = None):  # fmt: skip
         self.handle = handle
         self.config = config
+        self.options = options or RowOptions()
+        self.prompt_lp: list[TokenLogprob] | None = None  # sent with the first event
         self.row = DecodeRow(prompt, config, sched.tokenizer, keep_logits=False)
         self.rules = StopRules(sched.stop_ids, config.max_new_tokens, sched.max_seq_len)
         self.length = 0  # filled KV slots (host int: no device read per step)
@@ -148,7 +158,7 @@ class Scheduler:
         self.cache = model.new_cache(max_batch, max_len=self.max_seq_len)
         self.decode_step = DecodeStep(model, self.cache)  # fixed shapes over that cache
         self._live: list[_Live] = []  # row i of the cache belongs to _live[i]
-        self._waiting: deque[tuple[Handle, list[int], SamplingConfig]] = deque()
+        self._waiting: deque[tuple[Handle, list[int], SamplingConfig, RowOptions]] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -173,19 +183,32 @@ class Scheduler:
 
     def submit(self, prompt: list[int], config: SamplingConfig,
                notify: Callable[[Event], None] | None = None,
-               request_id: str | None = None) -> Handle:  # fmt: skip
+               request_id: str | None = None,
+               options: RowOptions | None = None) -> Handle:  # fmt: skip
         """Queue a prompt (validated token ids, at most max_seq_len of them)."""
-        if not 0 < len(prompt) <= self.max_seq_len:
-            raise ValueError(f"prompt must have 1..{self.max_seq_len} tokens, got {len(prompt)}")
+        return self.submit_many([(prompt, config, notify, request_id, options)])[0]
+
+    def submit_many(self, requests: list[tuple]) -> list[Handle]:
+        """Queue several (prompt, config, notify, request_id, options) at once: all or
+        none (QueueFull), next to each other, so free rows take them in the same step and
+        equal prompts share their prefill."""
+        for prompt, *_ in requests:
+            if not 0 < len(prompt) <= self.max_seq_len:
+                raise ValueError(
+                    f"prompt must have 1..{self.max_seq_len} tokens, got {len(prompt)}"
+                )
         with self._cond:
             # Free rows take requests at the next step; beyond them, max_queue may wait.
             room = self.max_queue + max(0, self.max_batch - len(self._live))
-            if len(self._waiting) >= room:
+            if len(self._waiting) + len(requests) > room:
                 raise QueueFull(self._retry_after())
-            handle = Handle(request_id or f"req-{next(self._ids)}", notify)
-            self._waiting.append((handle, list(prompt), config))
+            handles = []
+            for prompt, config, notify, request_id, options in requests:
+                handle = Handle(request_id or f"req-{next(self._ids)}", notify)
+                self._waiting.append((handle, list(prompt), config, options or RowOptions()))
+                handles.append(handle)
             self._cond.notify_all()
-        return handle
+        return handles
 
     def load(self) -> dict[str, int]:
         """Live rows and waiting requests right now (for /health and the tests)."""
@@ -211,8 +234,8 @@ class Scheduler:
             self._finish(live, "interrupted")
         self._live.clear()
         while self._waiting:
-            handle, prompt, config = self._waiting.popleft()
-            self._finish(_Live(handle, prompt, config, self), "interrupted")
+            handle, prompt, config, options = self._waiting.popleft()
+            self._finish(_Live(handle, prompt, config, self, options), "interrupted")
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -253,14 +276,29 @@ class Scheduler:
         joining = []
         with self._cond:
             while self._waiting and len(self._live) + len(joining) < self.max_batch:
-                joining.append(_Live(*self._waiting.popleft(), self))
+                handle, prompt, config, options = self._waiting.popleft()
+                joining.append(_Live(handle, prompt, config, self, options))
         for live in [x for x in joining if x.handle.cancelled]:
             self._finish(live, "interrupted")
         joining = [x for x in joining if not x.handle.cancelled]
         if not joining:
             return
+        # Equal prompts are prefilled once: the first of each comes first, copies after.
+        first_of: dict[tuple[int, ...], int] = {}
+        uniques, copies = [], []
+        for x in joining:
+            key = tuple(x.row.prompt)
+            (copies if key in first_of else uniques).append(x)
+            first_of.setdefault(key, len(first_of))
+        joining = uniques + copies
+        base = len(self._live)
         try:
-            logits = self._prefill(len(self._live), [x.row.prompt for x in joining])
+            logits = self._prefill(base, [x.row.prompt for x in uniques])
+            src = [first_of[tuple(x.row.prompt)] for x in joining]
+            for j in range(len(uniques), len(joining)):
+                self.cache.move_row(base + src[j], base + j, len(joining[j].row.prompt))
+            logits = logits[torch.tensor(src, device=logits.device)]
+            self._score_prompts(joining)
         except Exception as e:
             for live in joining:
                 self._fail(live, str(e))
@@ -269,6 +307,16 @@ class Scheduler:
             live.length = len(live.row.prompt)
         self._live.extend(joining)
         self._take(joining, logits)
+
+    def _score_prompts(self, joining: list[_Live]) -> None:
+        """The prompt log-probabilities of rows that asked for them (echo), once per prompt."""
+        done: dict[tuple[tuple[int, ...], int], list[TokenLogprob]] = {}
+        for x in joining:
+            if x.options.prompt_logprobs:
+                key = (tuple(x.row.prompt), x.options.top)
+                if key not in done:
+                    done[key] = prompt_logprobs(self.model, x.row.prompt, x.options.top)
+                x.prompt_lp = done[key]
 
     def _prefill(self, first: int, prompts: list[list[int]]) -> torch.Tensor:
         """Run the prompts into cache rows first, first+1, ... (slot = position, RIGHT-padded
@@ -312,6 +360,7 @@ class Scheduler:
             if not x.plain_greedy:
                 picked = sample_next(logits[j : j + 1], x.config, x.generator, x.seen, x.counts)
                 tokens[j] = picked[0]
+        lps = self._logprobs(live, logits, tokens)
         host = tokens.tolist()  # the step's one host sync: the text needs the ids
         now = time.perf_counter()
         for j, x in enumerate(live):
@@ -321,14 +370,28 @@ class Scheduler:
             if x.n_new == 1:
                 x.row.result.time_to_first_token_s = now - x.handle.submitted
             text, finished = x.row.accept(host[j], x.n_new, x.rules)
+            event = Event(text=text, n_tokens=1, logprobs=lps.get(j))
+            if x.prompt_lp is not None:
+                event.prompt_logprobs, x.prompt_lp = x.prompt_lp, None
             if finished:
-                self._complete(x, text)
+                self._complete(x, event)
             elif not x.handle.cancelled:
-                x.handle._notify(Event(text=text, n_tokens=1))
+                x.handle._notify(event)
+
+    @staticmethod
+    def _logprobs(live: list[_Live], logits, tokens) -> dict[int, list[TokenLogprob]]:
+        """Row index -> [its token's log-probability entry], for the rows that asked."""
+        rows = [j for j, x in enumerate(live) if x.options.logprobs is not None]
+        if not rows:
+            return {}
+        at = torch.tensor(rows, device=logits.device)
+        tops = [live[j].options.top for j in rows]
+        return {j: [e] for j, e in zip(rows, step_logprobs(logits[at], tokens[at], tops),
+                                        strict=True)}  # fmt: skip
 
     # -- endings -------------------------------------------------------------------------
 
-    def _complete(self, live: _Live, text: str, n_tokens: int = 1) -> None:
+    def _complete(self, live: _Live, event: Event) -> None:
         res = live.row.result
         res.new_tokens = len(res.token_ids)
         res.elapsed_s = time.perf_counter() - live.handle.submitted
@@ -338,12 +401,13 @@ class Scheduler:
             res.decode_tokens_per_s = (res.new_tokens - 1) / decode_s
         if self.on_done is not None:
             self.on_done(live.handle, res)
-        live.handle._notify(Event(text=text, n_tokens=n_tokens, done=True, result=res))
+        event.done, event.result = True, res
+        live.handle._notify(event)
 
     def _finish(self, live: _Live, reason: str) -> None:
         """End a request that did not stop by itself (cancelled, or the server stopping)."""
         if not live.row.done:
-            self._complete(live, live.row.finish(reason), n_tokens=0)
+            self._complete(live, Event(text=live.row.finish(reason), n_tokens=0))
 
     def _fail(self, live: _Live, message: str) -> None:
         live.row.done = True

@@ -10,31 +10,42 @@ request lives here, so tests can check it without HTTP:
 
 Rules: OpenAI's defaults (temperature 1, top_p 1, max_tokens up to the server's cap) and
 ranges; the project's extra samplers under their own names (top_k, min_p,
-repetition_penalty). Fields that would change the result but are not implemented (n > 1,
-tools, logit_bias, logprobs, ...) and unknown fields are refused, never ignored. A prompt
-that leaves no room to answer in the context is refused (code context_length_exceeded).
+repetition_penalty). Fields that would change the result but are not implemented (tools,
+logit_bias, best_of, ...) and unknown fields are refused, never ignored. A prompt that
+leaves no room to answer in the context is refused (code context_length_exceeded).
+
+``n`` answers per prompt (completions also take a batch of prompts: strings or token-id
+lists): choice ``i * n + j`` is answer j of prompt i; with a ``seed``, answer j samples with
+seed + j, so ``n=3, seed=s`` gives the answers of three requests seeded s, s+1, s+2.
+Log-probabilities: chat ``logprobs: true`` + ``top_logprobs`` (0..20); completions
+``logprobs`` (0..5 alternatives) and ``echo`` (the prompt's tokens and their
+log-probabilities come first).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..fields import MAX_SEED
 from .chat_prompt import encode_raw_prompt
+from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETION
+from .row_options import RowOptions
 from .sampling import SamplingConfig
 
 __all__ = ["Limits", "RequestError", "ServeRequest", "parse_request"]
 
 MAX_STOP = 4  # as OpenAI: at most four stop strings
+MAX_N = 16  # answers per prompt (each takes a row)
+MAX_PROMPTS = 64  # prompts in one completions batch
 ROLES = ("system", "user", "assistant")
 # Accepted and ignored: they do not change the tokens (or only ask for the default).
 HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # Known OpenAI fields we do not implement: refused unless they ask for the default.
 UNSUPPORTED = {
-    "n": 1, "best_of": 1, "logprobs": (None, False), "top_logprobs": (None, 0), "echo": False,
-    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []),
+    "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "suffix": (None, ""),
     "response_format": (None, {"type": "text"}), "audio": None, "modalities": (None, ["text"]),
     "prediction": None, "reasoning_effort": None, "web_search_options": None,
@@ -68,10 +79,32 @@ class Limits:
 @dataclass
 class ServeRequest:
     kind: str  # "chat" or "completion"
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the (first) prompt
     sampling: SamplingConfig
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
+    n: int = 1  # answers per prompt
+    options: RowOptions = field(default_factory=RowOptions)  # logprobs, echo
+    prompts: list[list[int]] = field(default_factory=list)  # every prompt (a batch)
+    prompt_texts: list[str] = field(default_factory=list)  # what echo returns per prompt
+    bos_added: list[int] = field(default_factory=list)  # 1 where the server put <|bos|> first
+    echo: bool = False  # completions: the answer's text starts with the prompt's
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            self.prompts = [self.prompt_ids]
+
+    def rows(self) -> list[tuple[int, list[int], SamplingConfig]]:
+        """(choice index, prompt, sampling) of every answer: prompt i's answer j is choice
+        i * n + j and samples with seed + j (when seeded)."""
+        out = []
+        for i, prompt in enumerate(self.prompts):
+            for j in range(self.n):
+                cfg = self.sampling
+                if j and cfg.seed is not None:
+                    cfg = replace(cfg, seed=(cfg.seed + j) % (MAX_SEED + 1))
+                out.append((i * self.n + j, prompt, cfg))
+        return out
 
 
 def parse_request(body: Any, kind: str, tokenizer, limits: Limits) -> ServeRequest:
@@ -79,8 +112,9 @@ def parse_request(body: Any, kind: str, tokenizer, limits: Limits) -> ServeReque
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
     prompt_field = "messages" if kind == "chat" else "prompt"
-    known = {prompt_field, *_SAMPLING_FIELDS, "model", "stream", "stream_options"}
-    known |= {"max_tokens", "max_completion_tokens"}
+    known = {prompt_field, *_SAMPLING_FIELDS, "model", "stream", "stream_options", "n"}
+    known |= {"max_tokens", "max_completion_tokens", "logprobs"}
+    known |= {"top_logprobs"} if kind == "chat" else {"echo"}
     for name, value in body.items():
         if name in UNSUPPORTED:
             allowed = UNSUPPORTED[name]
@@ -107,14 +141,40 @@ def parse_request(body: Any, kind: str, tokenizer, limits: Limits) -> ServeReque
                                "stream: true", param="stream_options")  # fmt: skip
         include_usage = _bool(opts, "include_usage", False)
     if kind == "chat":
-        ids = _chat_ids(body.get("messages"), tokenizer, limits)
+        prompts = [_chat_ids(body.get("messages"), tokenizer, limits)]
+        texts, bos_added = [""], [0]
     else:
-        ids = _completion_ids(body.get("prompt"), tokenizer)
-    if len(ids) > limits.max_seq_len:
-        raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is "
-                           f"{limits.max_seq_len}", param=prompt_field,
-                           code="context_length_exceeded")  # fmt: skip
-    return ServeRequest(kind, ids, _sampling(body, limits), stream, include_usage)
+        prompts, texts, bos_added = _completion_prompts(body.get("prompt"), tokenizer)
+    for ids in prompts:
+        if len(ids) > limits.max_seq_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is "
+                               f"{limits.max_seq_len}", param=prompt_field,
+                               code="context_length_exceeded")  # fmt: skip
+    n = 1 if body.get("n") is None else _number("n", body["n"], 1, MAX_N, False, True)
+    if len(prompts) * n > MAX_PROMPTS:
+        raise RequestError(f"{len(prompts)} prompts x n={n} answers is more than "
+                           f"{MAX_PROMPTS} in one request", param="n")  # fmt: skip
+    options, echo = _logprob_options(body, kind)
+    return ServeRequest(kind, prompts[0], _sampling(body, limits), stream, include_usage, n=n,
+                        options=options, prompts=prompts, prompt_texts=texts,
+                        bos_added=bos_added, echo=echo)  # fmt: skip
+
+
+def _logprob_options(body: dict, kind: str) -> tuple[RowOptions, bool]:
+    """chat: logprobs (bool) + top_logprobs; completions: logprobs (int) + echo."""
+    if kind == "chat":
+        on = _bool(body, "logprobs", False)
+        top = body.get("top_logprobs")
+        if top is not None:
+            top = _number("top_logprobs", top, 0, MAX_TOP_CHAT, False, True)
+            if not on:
+                raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return RowOptions(logprobs=(top or 0) if on else None), False
+    top = body.get("logprobs")
+    if top is not None:
+        top = _number("logprobs", top, 0, MAX_TOP_COMPLETION, False, True)
+    echo = _bool(body, "echo", False)
+    return RowOptions(logprobs=top, prompt_logprobs=echo and top is not None), echo
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -162,13 +222,40 @@ def _content(content: Any, where: str) -> str:
     raise RequestError(f"{where} must be a string or a list of text parts", param=where)
 
 
-def _completion_ids(prompt: Any, tokenizer) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # a batch of one
-    if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string (batches of prompts are not supported)",
-                           param="prompt")  # fmt: skip
-    return encode_raw_prompt(tokenizer, prompt)
+def _completion_prompts(prompt: Any, tokenizer) -> tuple[list[list[int]], list[str], list[int]]:
+    """(ids, text, whether <|bos|> was added) per prompt. A prompt is a string (the server
+    puts <|bos|> first, as llm-chat's raw mode) or a list of token ids (taken as they are);
+    a list of either is a batch."""
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_PROMPTS:
+        raise RequestError(f"prompt must be a string, a list of token ids, or a list of 1.."
+                           f"{MAX_PROMPTS} of either", param="prompt")  # fmt: skip
+    ids, texts, added = [], [], []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            ids.append(encode_raw_prompt(tokenizer, p))
+            texts.append(p)
+            added.append(int(len(ids[-1]) > 0 and ids[-1][0] == tokenizer.bos_id))
+        elif _is_ids(p) and p:
+            bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise RequestError(f"prompt[{i}]: token id {bad[0]} is out of range "
+                                   f"[0, {tokenizer.vocab_size})", param="prompt")  # fmt: skip
+            ids.append(list(p))
+            texts.append(tokenizer.decode(p))
+            added.append(0)
+        else:
+            raise RequestError(f"prompt[{i}] must be a string or a non-empty list of token ids",
+                               param="prompt")  # fmt: skip
+        if not ids[-1]:
+            raise RequestError(f"prompt[{i}] encodes to no tokens", param="prompt")
+    return ids, texts, added
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                           for t in value)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- sampling
