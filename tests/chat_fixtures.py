@@ -8,11 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.checkpoint.save_load import save_checkpoint
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 CHATS = [
     ("hi", "hello there, friend."),
@@ -35,12 +32,8 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     if _BUILT:
         return _BUILT[0]
     texts = [f"{u} {a}" for u, a in CHATS] * 4
-    tok = BpeTokenizer.train(texts, BpeTokenizerConfig(vocab_size=300))
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size, d_model=48, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64
-    )
-    model = Transformer(cfg, backend="torch")
+    tok = tiny_tokenizer(texts, vocab_size=300)
+    model = tiny_model(tok, backend="torch", d_model=48, d_ff=96, max_seq_len=64).train()
     rows = [
         tok.render_chat([{"role": "user", "content": u}, {"role": "assistant", "content": a}])
         for u, a in CHATS

@@ -19,12 +19,9 @@ from pathlib import Path
 
 import httpx
 import torch
+from factories import tiny_model, tiny_tokenizer
 from procs import HANG_GUARD_S
 from tritonlm.engine.checkpoint.save_load import save_checkpoint
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 LLM_SERVE = Path(sys.executable).parent / "llm-serve"
 _LONG: list[Path] = []
@@ -33,12 +30,8 @@ _LONG: list[Path] = []
 def long_checkpoint(tmp_path_factory) -> Path:
     if _LONG:
         return _LONG[0]
-    tok = BpeTokenizer.train(["the quick brown fox jumps over the lazy dog"] * 4,
-                             BpeTokenizerConfig(vocab_size=280))  # fmt: skip
-    torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                      max_seq_len=4096, init_std=0.5)  # fmt: skip
-    model = Transformer(cfg, backend="torch")
+    tok = tiny_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=280)
+    model = tiny_model(tok, seed=1, backend="torch", d_ff=64, max_seq_len=4096, init_std=0.5)
     with torch.no_grad():
         for tid in tok.special_tokens.values():
             model.tok_emb.weight[tid] = 0.0  # tied: these logits are exactly 0

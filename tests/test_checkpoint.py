@@ -9,31 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from tritonlm.engine.checkpoint import checkpoint_store as store
 from tritonlm.engine.checkpoint import save_load as ck
 from tritonlm.engine.checkpoint import shards
 from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
-from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 TEXTS = ["the cat sat on the mat. " * 4, "checkpoints are written atomically, then renamed."]
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> BpeTokenizer:
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=290))
-
-
-def make_model(tok: BpeTokenizer, seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=48, max_seq_len=16
-    )
-    return Transformer(cfg.replace(**overrides)).eval()
+    return tiny_tokenizer(TEXTS, vocab_size=290)
 
 
 IDX = torch.tensor([[1, 5, 9, 200, 3, 7], [2, 2, 4, 8, 16, 32]])
@@ -58,7 +49,7 @@ def edit_config(root: Path, **changes) -> None:
 
 @pytest.fixture
 def saved(tmp_path, tokenizer):
-    model = make_model(tokenizer)
+    model = tiny_model(tokenizer)
     path = save_checkpoint(tmp_path / "ckpt", model, tokenizer, train_config={"lr": 0.001})
     return path, model
 
@@ -68,7 +59,7 @@ def saved(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_roundtrip_bitwise_equal_logits(tmp_path, tokenizer, tie):
-    model = make_model(tokenizer, tie_embeddings=tie)
+    model = tiny_model(tokenizer, tie_embeddings=tie)
     train_config = {"lr": 3e-4, "phase": "pretrain", "steps": [1, 2]}
     path = save_checkpoint(tmp_path / "ck", model, tokenizer, train_config=train_config)
     names = {p.name for p in path.iterdir()}
@@ -97,8 +88,8 @@ def test_tokenizer_rebuilt_from_checkpoint(saved, tokenizer):
 
 def test_save_overwrites_and_leaves_no_temp_dirs(tmp_path, tokenizer):
     path = tmp_path / "ck"
-    save_checkpoint(path, make_model(tokenizer, seed=0), tokenizer)
-    new = make_model(tokenizer, seed=1)
+    save_checkpoint(path, tiny_model(tokenizer, seed=0), tokenizer)
+    new = tiny_model(tokenizer, seed=1)
     save_checkpoint(path, new, tokenizer)
     assert torch.equal(load_checkpoint(path).model(IDX), new(IDX))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
@@ -106,7 +97,7 @@ def test_save_overwrites_and_leaves_no_temp_dirs(tmp_path, tokenizer):
 
 def test_replacing_keeps_extra_files_but_not_stale_optimizer(tmp_path, tokenizer):
     path = tmp_path / "ck"
-    model = make_model(tokenizer)
+    model = tiny_model(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters())
     model(IDX).sum().backward()
     optimizer.step()
@@ -129,7 +120,7 @@ def test_never_unpickles(monkeypatch, tmp_path, tokenizer):
     monkeypatch.setattr(torch, "load", boom)
     monkeypatch.setattr(pickle, "load", boom)
     monkeypatch.setattr(pickle, "loads", boom)
-    model = make_model(tokenizer)
+    model = tiny_model(tokenizer)
     opt = torch.optim.AdamW(model.parameters())
     path = save_checkpoint(tmp_path / "ck", model, tokenizer, optimizer=opt, trainer_state={})
     ckpt = load_checkpoint(path)
@@ -158,7 +149,7 @@ def train_steps(model, opt, n):
 
 
 def test_corrupt_optimizer_state_is_caught_when_resuming(tmp_path, tokenizer):
-    model = make_model(tokenizer)
+    model = tiny_model(tokenizer)
     opt = adamw(model)
     train_steps(model, opt, 1)
     path = save_checkpoint(tmp_path / "ck", model, tokenizer, optimizer=opt, trainer_state={})
@@ -172,7 +163,7 @@ def test_corrupt_optimizer_state_is_caught_when_resuming(tmp_path, tokenizer):
 
 
 def test_resumable_checkpoint_continues_identically(tmp_path, tokenizer):
-    model = make_model(tokenizer, tie_embeddings=False)
+    model = tiny_model(tokenizer, tie_embeddings=False)
     opt = adamw(model)
     train_steps(model, opt, 3)
     state = {"step": 3, "rng": torch.get_rng_state().tolist()[:8], "data_pos": 12}
@@ -200,7 +191,7 @@ def test_optimizer_state_mismatches(tmp_path, tokenizer, saved):
     ckpt = load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not a resumable"):
         ckpt.load_optimizer_state(torch.optim.AdamW(ckpt.model.parameters()))
-    model = make_model(tokenizer)
+    model = tiny_model(tokenizer)
     opt = adamw(model)
     train_steps(model, opt, 1)
     path = save_checkpoint(tmp_path / "res", model, tokenizer, optimizer=opt)
@@ -212,7 +203,7 @@ def test_optimizer_state_mismatches(tmp_path, tokenizer, saved):
 
 
 def test_trainer_state_must_be_json(tmp_path, tokenizer):
-    model = make_model(tokenizer)
+    model = tiny_model(tokenizer)
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(CheckpointError, match="trainer_state.json.*JSON"):
         save_checkpoint(tmp_path / "ck", model, tokenizer, optimizer=opt,
@@ -353,7 +344,7 @@ def test_corrupt_tokenizer_named(saved):
 
 
 def test_save_refuses_vocab_mismatch(tmp_path, tokenizer):
-    model = make_model(tokenizer, vocab_size=tokenizer.vocab_size + 1)
+    model = tiny_model(tokenizer.vocab_size + 1)
     with pytest.raises(CheckpointError, match="vocab_size"):
         save_checkpoint(tmp_path / "ck", model, tokenizer)
 
@@ -369,7 +360,7 @@ def test_crash_during_write_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
 
     monkeypatch.setattr(shards, "save_file", crash)
     with pytest.raises(CheckpointError, match="simulated"):
-        save_checkpoint(path, make_model(tokenizer, seed=5), tokenizer)
+        save_checkpoint(path, tiny_model(tokenizer, seed=5), tokenizer)
     assert torch.equal(load_checkpoint(path).model(IDX), old(IDX))
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
 
@@ -386,7 +377,7 @@ def test_failed_swap_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
 
     monkeypatch.setattr(store, "_rename", rename)
     with pytest.raises(CheckpointError, match="simulated"):
-        save_checkpoint(path, make_model(tokenizer, seed=5), tokenizer)
+        save_checkpoint(path, tiny_model(tokenizer, seed=5), tokenizer)
     assert calls[0] == ("ckpt", ".ckpt.old")
     assert torch.equal(load_checkpoint(path).model(IDX), old(IDX))
 
@@ -400,7 +391,7 @@ def test_crash_between_renames_recovers_from_aside(saved, tokenizer):
     ckpt = load_checkpoint(path)
     assert ckpt.path == aside
     assert torch.equal(ckpt.model(IDX), old(IDX))
-    new = make_model(tokenizer, seed=7)
+    new = tiny_model(tokenizer, seed=7)
     save_checkpoint(path, new, tokenizer)  # the next save cleans up
     assert torch.equal(load_checkpoint(path).model(IDX), new(IDX))
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
@@ -410,7 +401,7 @@ def test_crash_after_swap_uses_new_checkpoint(saved, tokenizer):
     path, old = saved
     # State after a crash between "rename new in" and "delete aside": both complete.
     aside = path.parent / ".ckpt.old"
-    save_checkpoint(aside, make_model(tokenizer, seed=9), tokenizer)
+    save_checkpoint(aside, tiny_model(tokenizer, seed=9), tokenizer)
     assert torch.equal(load_checkpoint(path).model(IDX), old(IDX))
     save_checkpoint(path, old, tokenizer)
     assert not aside.exists()

@@ -19,14 +19,10 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.cli.common import known_errors
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
 from tritonlm.engine.data import token_cache as tc
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import loop as tr
 from tritonlm.engine.train.trainer_state import check_trainer_state
 
@@ -38,11 +34,9 @@ FILES = ["config.json", "trainer_state.json", "tokenizer.json", "manifest.json"]
 def made(tmp_path_factory):
     """A resumable checkpoint after 2 steps, and the cache it trained on."""
     root = tmp_path_factory.mktemp("fuzz")
-    tok = BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=290))
+    tok = tiny_tokenizer(TEXTS, vocab_size=290)
     cache = tc.build_pretrain_cache(TEXTS, tok, root / "cache")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1,
-                                    n_heads=2, d_ff=32, max_seq_len=16))  # fmt: skip
+    model = tiny_model(tok, d_model=16, n_layers=1, d_ff=32)
     cfg = tr.TrainConfig(steps=4, batch_size=2, warmup=1, eval_every=2, device="cpu",
                          val_fraction=0.1)  # fmt: skip
     tr.train(model, tok, cache, cfg.replace(steps=2), root / "ckpt")  # finished at step 2

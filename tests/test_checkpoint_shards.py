@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from tritonlm.cli import train as cli
 from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
@@ -18,10 +19,8 @@ from tritonlm.engine.checkpoint.optimizer_state import flatten_optimizer
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
 from tritonlm.engine.checkpoint.shards import nbytes, parse_size
 from tritonlm.engine.data import token_cache as tc
-from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import loop as tr
 
 TEXTS = [f"Shard {i} holds {c} tensors of block {i % 3}." for i in range(40) for c in "xy"]
@@ -29,16 +28,12 @@ IDX = torch.tensor([[1, 5, 9, 200, 3, 7], [2, 2, 4, 8, 16, 32]])
 LIMIT = "8KB"  # the embedding (290 x 16 x 4 bytes) and each block land in separate shards
 
 
+SHAPE = dict(d_model=16, n_layers=3, n_heads=2, d_ff=32, max_seq_len=16, tie_embeddings=False)
+
+
 @pytest.fixture(scope="module")
 def tok() -> BpeTokenizer:
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=290))
-
-
-def make_model(tok, seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=3, n_heads=2, d_ff=32,
-                      max_seq_len=16, tie_embeddings=False)  # fmt: skip
-    return Transformer(cfg.replace(**overrides))
+    return tiny_tokenizer(TEXTS, vocab_size=290)
 
 
 def adamw(model: Transformer) -> torch.optim.AdamW:
@@ -54,7 +49,7 @@ def train_steps(model, opt, n: int) -> None:
 
 
 def trained(tok, seed: int = 0, **overrides):
-    model = make_model(tok, seed, **overrides)
+    model = tiny_model(tok, SHAPE, seed=seed, **overrides)
     opt = adamw(model)
     train_steps(model, opt, 2)
     return model, opt
@@ -175,7 +170,7 @@ def test_resharding_leaves_no_stale_file(tok, tmp_path):
 
 def test_bad_max_shard_size_is_refused_before_writing(tok, tmp_path):
     with pytest.raises(CheckpointError, match="max_shard_size.*'0'"):
-        save_checkpoint(tmp_path / "ck", make_model(tok), tok, max_shard_size="0")
+        save_checkpoint(tmp_path / "ck", tiny_model(tok, SHAPE), tok, max_shard_size="0")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -243,7 +238,8 @@ def test_tampered_index(copy):
 def test_shard_from_another_checkpoint(copy, tok, tmp_path):
     for seed, shape in [(1, {}), (2, {"d_ff": 48})]:  # same shapes (same size), another shape
         other = tmp_path / f"other{seed}"
-        save_checkpoint(other, make_model(tok, seed, **shape), tok, max_shard_size=LIMIT)
+        model = tiny_model(tok, SHAPE, seed=seed, **shape)
+        save_checkpoint(other, model, tok, max_shard_size=LIMIT)
         victim = shards_of(copy, "model")[2]  # an FFN shard
         shutil.copy(other / shards_of(other, "model")[2], copy / victim)
         msg = load_error(copy)
@@ -285,8 +281,8 @@ def test_training_saves_shards_and_resumes_identically(tok, tmp_path):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
     cfg = tr.TrainConfig(steps=4, batch_size=2, warmup=1, eval_every=0, save_every=2,
                          val_fraction=0.0, device="cpu", max_shard_size="4KB")  # fmt: skip
-    tr.train(make_model(tok, seed=4, n_layers=1), tok, cache, cfg, tmp_path / "a")
-    tr.train(make_model(tok, seed=4, n_layers=1), tok, cache, cfg.replace(steps=2),
+    tr.train(tiny_model(tok, SHAPE, seed=4, n_layers=1), tok, cache, cfg, tmp_path / "a")
+    tr.train(tiny_model(tok, SHAPE, seed=4, n_layers=1), tok, cache, cfg.replace(steps=2),
              tmp_path / "b")  # fmt: skip
     assert len(shards_of(tmp_path / "b", "optimizer")) > 1
     ckpt = load_checkpoint(tmp_path / "b")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from chat_fixtures import CHATS, LLM_CHAT, TIMEOUT, Sink, trained_checkpoint
+from factories import run_cli
 from tritonlm.cli import chat
 from tritonlm.engine.checkpoint.save_load import load_checkpoint
 from tritonlm.engine.inference.sampling import SamplingConfig
@@ -28,23 +29,17 @@ def ckpt(tmp_path_factory) -> Path:
     return trained_checkpoint(tmp_path_factory)
 
 
-def run_main(capsys, *argv):
-    rc = chat.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 # ----------------------------------------------------------------------------- one-shot
 
 
 def test_prompt_prints_the_answer(ckpt, capsys):
     for user, want in CHATS:
-        rc, out, err = run_main(capsys, ckpt, "--prompt", user, "--temperature", "0")
+        rc, out, err = run_cli(chat.main, capsys, ckpt, "--prompt", user, "--temperature", "0")
         assert rc == 0 and out == want + "\n" and err == ""
 
 
 def test_json_output(ckpt, capsys):
-    rc, out, _ = run_main(capsys, ckpt, "--prompt", "hi", "--temperature", "0", "--json")
+    rc, out, _ = run_cli(chat.main, capsys, ckpt, "--prompt", "hi", "--temperature", "0", "--json")
     assert rc == 0
     record = json.loads(out)
     assert record["text"] == "hello there, friend."
@@ -55,13 +50,22 @@ def test_json_output(ckpt, capsys):
 
 
 def test_stop_string_and_max_new_tokens_options(ckpt, capsys):
-    rc, out, _ = run_main(
-        capsys, ckpt, "--prompt", "hi", "--temperature", "0", "--stop", "there", "--json"
+    rc, out, _ = run_cli(
+        chat.main, capsys, ckpt, "--prompt", "hi", "--temperature", "0", "--stop", "there", "--json"
     )
     record = json.loads(out)
     assert rc == 0 and record["text"] == "hello " and record["stop_reason"] == "stop_string"
-    rc, out, _ = run_main(
-        capsys, ckpt, "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "2", "--json"
+    rc, out, _ = run_cli(
+        chat.main,
+        capsys,
+        ckpt,
+        "--prompt",
+        "hi",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "2",
+        "--json",
     )
     assert json.loads(out)["new_tokens"] == 2 and json.loads(out)["stop_reason"] == "max_new_tokens"
 
@@ -71,15 +75,15 @@ def test_sampling_options_and_seed(ckpt, capsys):
     args += ["--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1"]
     args += ["--frequency-penalty", "0.1", "--presence-penalty", "0.1", "--device", "cpu"]
     args += ["--backend", "torch", "--system", "be nice"]
-    rc1, out1, _ = run_main(capsys, *args)
-    rc2, out2, _ = run_main(capsys, *args)
+    rc1, out1, _ = run_cli(chat.main, capsys, *args)
+    rc2, out2, _ = run_cli(chat.main, capsys, *args)
     assert rc1 == rc2 == 0
     assert json.loads(out1)["text"] == json.loads(out2)["text"]
 
 
 def test_raw_mode_continues_text(ckpt, capsys):
-    rc, out, _ = run_main(
-        capsys, ckpt, "--raw", "--prompt", "hello", "--temperature", "0", "--json"
+    rc, out, _ = run_cli(
+        chat.main, capsys, ckpt, "--raw", "--prompt", "hello", "--temperature", "0", "--json"
     )
     record = json.loads(out)
     assert rc == 0 and record["new_tokens"] > 0
@@ -102,7 +106,9 @@ def one_line_error(rc, out, err, *words):
 
 
 def test_missing_checkpoint(tmp_path, capsys):
-    one_line_error(*run_main(capsys, tmp_path / "nope", "--prompt", "hi"), "does not exist")
+    one_line_error(
+        *run_cli(chat.main, capsys, tmp_path / "nope", "--prompt", "hi"), "does not exist"
+    )
 
 
 def test_corrupted_checkpoint(ckpt, tmp_path, capsys):
@@ -112,7 +118,7 @@ def test_corrupted_checkpoint(ckpt, tmp_path, capsys):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    one_line_error(*run_main(capsys, bad, "--prompt", "hi"), "model.safetensors")
+    one_line_error(*run_cli(chat.main, capsys, bad, "--prompt", "hi"), "model.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -135,12 +141,14 @@ def test_corrupted_checkpoint(ckpt, tmp_path, capsys):
     ],
 )
 def test_bad_options_one_line(ckpt, capsys, args, word):
-    one_line_error(*run_main(capsys, ckpt, "--prompt", "hi", *args), word)
+    one_line_error(*run_cli(chat.main, capsys, ckpt, "--prompt", "hi", *args), word)
 
 
 def test_triton_backend_on_cpu_without_interpreter(ckpt, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    result = run_main(capsys, ckpt, "--prompt", "hi", "--backend", "triton", "--device", "cpu")
+    result = run_cli(
+        chat.main, capsys, ckpt, "--prompt", "hi", "--backend", "triton", "--device", "cpu"
+    )
     one_line_error(*result, "TRITON_INTERPRET=1")
 
 

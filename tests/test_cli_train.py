@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from chat_fixtures import TINY_TRAIN
+from factories import run_cli
 from tritonlm.cli import train as cli
 from tritonlm.engine.checkpoint.save_load import load_checkpoint
 
@@ -44,8 +45,7 @@ def files(tmp_path_factory):
 
 
 def run_ok(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(cli.main, capsys, *argv)
     assert code == 0, err
     return out, err
 

@@ -17,14 +17,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
 from tritonlm.engine.data import token_cache as tc
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import loop as tr
 from tritonlm.engine.train.run_plan import check_run_dir
 
@@ -58,13 +54,10 @@ class Injector:
 
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=290))
+    return tiny_tokenizer(TEXTS, vocab_size=290)
 
 
-def model(tok, seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1,
-                                   n_heads=2, d_ff=32, max_seq_len=16))  # fmt: skip
+SHAPE = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
 
 
 def weights_id(ckpt) -> float:
@@ -87,7 +80,7 @@ START_STATES = ["complete", "complete + stale fallback", "only fallback",
 
 def make_start(state: str, root: Path, tok, shard_size: str = "5GB") -> Path:
     run = root / "run"
-    save_checkpoint(run, model(tok, 1), tok, max_shard_size=shard_size)
+    save_checkpoint(run, tiny_model(tok, SHAPE, seed=1), tok, max_shard_size=shard_size)
     log(run, [1, 2, 3])
     old = root / ".run.old"
     if state == "complete + stale fallback":
@@ -123,7 +116,7 @@ def test_resharding_survives_a_failure_at_every_step(kind, before, after, tok, t
 def fail_at_every_step(state, kind, tok, tmp_path, monkeypatch, before="5GB", after="5GB"):
     """Save over ``state`` (weights in shards of ``before``, the new ones in shards of
     ``after``) with a failure at filesystem call k, for every k."""
-    new = model(tok, 2)
+    new = tiny_model(tok, SHAPE, seed=2)
     k = 0
     while True:
         k += 1
@@ -176,7 +169,7 @@ def test_resume_survives_a_crash_at_every_step(tok, tmp_path, monkeypatch):
             stop.request()
 
     monkeypatch.setattr(tr.Trainer, "train_step", step_then_stop)
-    tr.train(model(tok, 3), tok, cache, cfg, first, stop=stop)
+    tr.train(tiny_model(tok, SHAPE, seed=3), tok, cache, cfg, first, stop=stop)
     monkeypatch.setattr(tr.Trainer, "train_step", real_step)
     k = 0
     while True:

@@ -6,12 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.eval.choice import evaluate_choices, fewshot_contexts, request_ids
 from tritonlm.engine.eval.task_formats import Item
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 ITEMS = [
     Item("The cat sat on the", ("mat.", "moon, far away from home.", "dog"), 0, line=1),
@@ -25,11 +22,8 @@ ITEMS = [
 @pytest.fixture(scope="module")
 def lm():
     texts = [it.context + " " + c for it in ITEMS for c in it.choices]
-    tok = BpeTokenizer.train(texts * 2, BpeTokenizerConfig(vocab_size=300))
-    torch.manual_seed(2)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                      max_seq_len=96)  # fmt: skip
-    return Transformer(cfg, backend="torch").eval(), tok
+    tok = tiny_tokenizer(texts * 2, vocab_size=300)
+    return tiny_model(tok, seed=2, backend="torch", d_ff=64, max_seq_len=96), tok
 
 
 def _brute_loglik(model, tok, context: str, choice: str) -> float:

@@ -5,11 +5,8 @@ import math
 
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.eval.text import count_windows, document_windows, evaluate_texts
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 DOCS = [
     "the cat sat on the mat.",
@@ -20,11 +17,8 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def lm():
-    tok = BpeTokenizer.train(DOCS * 3, BpeTokenizerConfig(vocab_size=290))
-    torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                      max_seq_len=64)  # fmt: skip
-    return Transformer(cfg, backend="torch").eval(), tok
+    tok = tiny_tokenizer(DOCS * 3, vocab_size=290)
+    return tiny_model(tok, seed=1, backend="torch", d_ff=64, max_seq_len=64), tok
 
 
 def _token_nlls(model, ids: list[int]) -> list[float]:

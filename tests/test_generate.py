@@ -4,15 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.inference.chat_prompt import build_chat_prompt, encode_raw_prompt
 from tritonlm.engine.inference.generate import generate, generate_batch, stream
 from tritonlm.engine.inference.sampling import SamplingConfig
 from tritonlm.engine.model import decode_step
-from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.kv_cache import KVCache
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 CTX = 24
 TEXTS = ["the cat sat on the mat. the dog ate the hat. héllo wörld ✓ naïve café"] * 8
@@ -20,23 +17,13 @@ TEXTS = ["the cat sat on the mat. the dog ate the hat. héllo wörld ✓ naïve 
 
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=290))
+    return tiny_tokenizer(TEXTS, vocab_size=290)
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
     # A large init std makes a random model's greedy choices vary from step to step.
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        d_ff=64,
-        max_seq_len=CTX,
-        init_std=0.3,
-    )
-    return Transformer(cfg).eval()
+    return tiny_model(tok, d_ff=64, max_seq_len=CTX, init_std=0.3)
 
 
 def greedy(n=40, **kw):

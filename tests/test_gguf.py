@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import regex
 import torch
+from factories import tiny_model, tiny_tokenizer
 from gguf import GGMLQuantizationType as QT
 from tritonlm.engine.interop.byte_level import str_to_token, token_to_str
 from tritonlm.engine.interop.gguf_export import export_gguf
 from tritonlm.engine.interop.gguf_vocab import GGUFExportError
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 from tritonlm.engine.tokenizer.tokenizer_config import GPT4_PATTERN, BpeTokenizerConfig
 
@@ -32,16 +31,16 @@ TEXTS = [
 ] * 4
 
 
+BASE = dict(d_model=64, n_layers=2, n_heads=4, d_ff=96, max_seq_len=48)
+
+
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=330))
+    return tiny_tokenizer(TEXTS, vocab_size=330)
 
 
-def make_model(tok, seed=0, **shape):
-    torch.manual_seed(seed)
-    base = dict(d_model=64, n_layers=2, n_heads=4, d_ff=96, max_seq_len=48)
-    cfg = ModelConfig(vocab_size=shape.pop("vocab_size", tok.vocab_size), **{**base, **shape})
-    model = Transformer(cfg, backend="torch").eval()
+def make_model(tok, **shape):
+    model = tiny_model(tok, BASE, backend="torch", **shape)
     with torch.no_grad():  # norms away from 1, so a swapped norm weight would show
         for p in model.parameters():
             if p.dim() == 1:

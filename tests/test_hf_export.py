@@ -14,13 +14,13 @@ import pytest
 import torch
 import transformers  # test dependency: the consumer the export is written for
 from chat_fixtures import trained_checkpoint
+from factories import run_cli, tiny_model
 from safetensors import safe_open
 from tritonlm.cli import export as export_cli
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
 from tritonlm.engine.inference.decode_row import default_stop_ids
 from tritonlm.engine.inference.generate import generate
 from tritonlm.engine.inference.sampling import SamplingConfig
-from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.transformer import Transformer
 
 transformers.logging.set_verbosity_error()
@@ -48,12 +48,6 @@ def exported(loaded, tmp_path_factory) -> Path:
 
 def hf_model(path, **kw):
     return transformers.AutoModelForCausalLM.from_pretrained(path, **kw).eval()
-
-
-def run_cli(capsys, *argv):
-    rc = export_cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def max_diff(a, b) -> float:
@@ -109,11 +103,9 @@ def test_folder_contents_config_and_tokenizer(loaded, exported):
 
 def test_grouped_query_untied_model(loaded, tmp_path):
     tok = loaded.tokenizer
-    torch.manual_seed(3)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4,
-                      n_kv_heads=2, d_ff=80, max_seq_len=32, tie_embeddings=False,
-                      rope_theta=5000.0, norm_eps=1e-5)  # fmt: skip
-    model = Transformer(cfg, backend="torch").eval()
+    model = tiny_model(tok, seed=3, backend="torch", d_model=64, n_heads=4, n_kv_heads=2,
+                       d_ff=80, max_seq_len=32, tie_embeddings=False, rope_theta=5000.0,
+                       norm_eps=1e-5)  # fmt: skip
     for p in model.parameters():  # norms away from 1, so a misplaced norm shows
         if p.dim() == 1:
             p.data.uniform_(0.5, 1.5)
@@ -131,7 +123,7 @@ def test_grouped_query_untied_model(loaded, tmp_path):
 
 def test_sharded_export_loads_in_transformers(loaded, exported, tmp_path, capsys):
     out = tmp_path / "sharded"
-    rc, stdout, err = run_cli(capsys, loaded.path, out, "--max-shard-size", "20KB")
+    rc, stdout, err = run_cli(export_cli.main, capsys, loaded.path, out, "--max-shard-size", "20KB")
     assert rc == 0 and err == "" and "weight files" in stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -147,7 +139,7 @@ def test_sharded_export_loads_in_transformers(loaded, exported, tmp_path, capsys
 @pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_half_precision_exports(loaded, tmp_path, capsys, dtype, torch_dtype):
     out = tmp_path / dtype
-    rc, _, err = run_cli(capsys, loaded.path, out, "--dtype", dtype)
+    rc, _, err = run_cli(export_cli.main, capsys, loaded.path, out, "--dtype", dtype)
     assert rc == 0 and err == ""
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(torch_dtype)[6:]
     ours = loaded.model.state_dict()
@@ -168,23 +160,25 @@ def test_half_precision_exports(loaded, tmp_path, capsys, dtype, torch_dtype):
 
 def test_existing_folders_replaced_only_when_they_are_ours(loaded, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_cli(capsys, loaded.path, out, "--max-shard-size", "30KB")[0] == 0
+    assert run_cli(export_cli.main, capsys, loaded.path, out, "--max-shard-size", "30KB")[0] == 0
     assert (out / "model.safetensors.index.json").exists()
-    assert run_cli(capsys, loaded.path, out)[0] == 0  # an earlier export: replaced whole
+    assert (
+        run_cli(export_cli.main, capsys, loaded.path, out)[0] == 0
+    )  # an earlier export: replaced whole
     assert (out / "model.safetensors").exists()
     assert not (out / "model.safetensors.index.json").exists()
     assert not list(tmp_path.glob(".out.*"))
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    rc, _, err = run_cli(capsys, loaded.path, foreign)
+    rc, _, err = run_cli(export_cli.main, capsys, loaded.path, foreign)
     assert rc == 2 and err.count("\n") == 1 and "not empty" in err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_a_failed_export_leaves_the_previous_one(loaded, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    assert run_cli(capsys, loaded.path, out)[0] == 0
+    assert run_cli(export_cli.main, capsys, loaded.path, out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     import tritonlm.engine.interop.hf_export as hf_export
 
@@ -192,7 +186,7 @@ def test_a_failed_export_leaves_the_previous_one(loaded, tmp_path, capsys, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(hf_export, "write_shards", disk_full)
-    rc, _, err = run_cli(capsys, loaded.path, out, "--dtype", "bf16")
+    rc, _, err = run_cli(export_cli.main, capsys, loaded.path, out, "--dtype", "bf16")
     assert rc == 2 and "No space left" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -209,25 +203,31 @@ def test_a_failed_export_leaves_the_previous_one(loaded, tmp_path, capsys, monke
     ],
 )
 def test_bad_arguments_are_one_line(loaded, tmp_path, capsys, argv, message):
-    rc, out, err = run_cli(capsys, loaded.path, tmp_path / "out", *argv)
+    rc, out, err = run_cli(export_cli.main, capsys, loaded.path, tmp_path / "out", *argv)
     assert rc == 2 and out == "" and err.count("\n") == 1 and message in err
     assert err.startswith("llm-export: error: ") and not (tmp_path / "out").exists()
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
-    rc, _, err = run_cli(capsys, tmp_path / "nope", tmp_path / "out")
+    rc, _, err = run_cli(export_cli.main, capsys, tmp_path / "nope", tmp_path / "out")
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
-    rc, _, err = run_cli(capsys, tmp_path / "nope", tmp_path / "x.gguf", "--max-shard-size", "1GB")
+    rc, _, err = run_cli(
+        export_cli.main, capsys, tmp_path / "nope", tmp_path / "x.gguf", "--max-shard-size", "1GB"
+    )
     assert rc == 2 and "--format hf only" in err
 
 
 def test_gguf_is_chosen_by_the_file_name_or_format(loaded, tmp_path, capsys):
-    rc, out, err = run_cli(capsys, loaded.path, tmp_path / "m.gguf", "--dtype", "fp16")
+    rc, out, err = run_cli(
+        export_cli.main, capsys, loaded.path, tmp_path / "m.gguf", "--dtype", "fp16"
+    )
     assert rc == 0 and err == "" and "(gguf, f16)" in out  # fp16 is gguf's f16
     assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
-    rc, out, _ = run_cli(capsys, loaded.path, tmp_path / "plain", "--format", "gguf")
+    rc, out, _ = run_cli(
+        export_cli.main, capsys, loaded.path, tmp_path / "plain", "--format", "gguf"
+    )
     assert rc == 0 and (tmp_path / "plain").read_bytes()[:4] == b"GGUF"
-    rc, out, _ = run_cli(capsys, loaded.path, tmp_path / "hf", "--dtype", "f16")
+    rc, out, _ = run_cli(export_cli.main, capsys, loaded.path, tmp_path / "hf", "--dtype", "f16")
     assert rc == 0 and "Hugging Face LlamaForCausalLM, fp16" in out
 
 
@@ -237,8 +237,13 @@ def test_fp16_refuses_weights_beyond_its_range(loaded, tmp_path, capsys):
     with torch.no_grad():
         model.blocks[1].ffn.down.weight[3, 5] = 7e4  # > 65504, the largest float16
     save_checkpoint(tmp_path / "ckpt", model, loaded.tokenizer)
-    rc, _, err = run_cli(capsys, tmp_path / "ckpt", tmp_path / "out", "--dtype", "fp16")
+    rc, _, err = run_cli(
+        export_cli.main, capsys, tmp_path / "ckpt", tmp_path / "out", "--dtype", "fp16"
+    )
     assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
     assert "blocks.1.ffn.down.weight has values beyond float16's range" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left
-    assert run_cli(capsys, tmp_path / "ckpt", tmp_path / "out", "--dtype", "bf16")[0] == 0
+    assert (
+        run_cli(export_cli.main, capsys, tmp_path / "ckpt", tmp_path / "out", "--dtype", "bf16")[0]
+        == 0
+    )

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers  # test dependencies: the producers of the folders
 from chat_fixtures import trained_checkpoint
+from factories import run_cli
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tritonlm.cli import export as export_cli
@@ -76,12 +77,6 @@ def write_folder(path: Path, tok: Tokenizer, arch="llama", dtype=torch.float32, 
     return type(model).from_pretrained(path, dtype=torch.float32).eval()
 
 
-def run_import(capsys, *argv):
-    rc = import_cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def check_same_model(folder: Path, ckpt: Path, theirs, hf_tok: Tokenizer) -> None:
     """Same tokens on held-out text and the HF logits (our rows are hf_ids' rows)."""
     ours = load_checkpoint(ckpt, backend="torch")
@@ -108,7 +103,7 @@ def test_import_gives_hf_logits_and_tokens(hf_tokenizer, tmp_path, capsys, kv_he
     theirs = write_folder(folder, hf_tokenizer, num_key_value_heads=kv_heads,
                           tie_word_embeddings=tie, shard=shard)  # fmt: skip
     assert (folder / "model.safetensors.index.json").exists() == (shard is not None)
-    rc, out, err = run_import(capsys, folder, tmp_path / "ckpt")
+    rc, out, err = run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")
     assert rc == 0 and f"{kv_heads} kv heads" in out, err
     assert err == "llm-import: note: no chat template: raw mode only\n"
     check_same_model(folder, tmp_path / "ckpt", theirs, hf_tokenizer)
@@ -120,7 +115,7 @@ def test_import_gives_hf_logits_and_tokens(hf_tokenizer, tmp_path, capsys, kv_he
 def test_half_precision_folders(hf_tokenizer, tmp_path, capsys, dtype):
     folder = tmp_path / "hf"
     theirs = write_folder(folder, hf_tokenizer, dtype=dtype, num_key_value_heads=2)
-    assert run_import(capsys, folder, tmp_path / "ckpt")[0] == 0
+    assert run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")[0] == 0
     check_same_model(folder, tmp_path / "ckpt", theirs, hf_tokenizer)  # theirs: upcast copy
 
 
@@ -128,7 +123,7 @@ def test_mistral_without_sliding_window(hf_tokenizer, tmp_path, capsys):
     folder = tmp_path / "hf"
     theirs = write_folder(folder, hf_tokenizer, arch="mistral", num_key_value_heads=2,
                           sliding_window=None, tie_word_embeddings=False)  # fmt: skip
-    assert run_import(capsys, folder, tmp_path / "ckpt")[0] == 0
+    assert run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")[0] == 0
     check_same_model(folder, tmp_path / "ckpt", theirs, hf_tokenizer)
 
 
@@ -136,7 +131,7 @@ def test_export_then_import_is_the_identity(tmp_path_factory, tmp_path, capsys):
     ckpt = trained_checkpoint(tmp_path_factory)
     assert export_cli.main([str(ckpt), str(tmp_path / "hf")]) == 0
     capsys.readouterr()
-    rc, _, err = run_import(capsys, tmp_path / "hf", tmp_path / "back")
+    rc, _, err = run_cli(import_cli.main, capsys, tmp_path / "hf", tmp_path / "back")
     assert rc == 0, err
     a, b = load_checkpoint(ckpt), load_checkpoint(tmp_path / "back")
     assert a.tokenizer.to_json() == b.tokenizer.to_json()
@@ -178,7 +173,7 @@ def test_chat_with_an_imported_model(hf_tokenizer, tmp_path, capsys):
 
     folder = tmp_path / "hf"
     write_folder(folder, hf_tokenizer, num_key_value_heads=2, max_position_embeddings=4096)
-    assert run_import(capsys, folder, tmp_path / "ckpt")[0] == 0
+    assert run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")[0] == 0
     rc = chat_cli.main([str(tmp_path / "ckpt"), "--prompt", "The quick", "--temperature", "0"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and err.count("\n") == 1 and "--raw" in err, err
@@ -232,7 +227,7 @@ def test_refusals_name_the_field(good_folder, tmp_path, capsys, case):
     shutil.copytree(good_folder, folder)
     changes, message = REFUSALS[case]
     _edit_config(folder, **changes)
-    rc, out, err = run_import(capsys, folder, tmp_path / "ckpt")
+    rc, out, err = run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")
     assert rc == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith("llm-import: error: ") and message in err
     assert not (tmp_path / "ckpt").exists()
@@ -242,24 +237,24 @@ def test_tied_config_with_a_different_head_is_refused(hf_tokenizer, tmp_path, ca
     folder = tmp_path / "hf"
     write_folder(folder, hf_tokenizer, tie_word_embeddings=False)  # lm_head.weight of its own
     _edit_config(folder, tie_word_embeddings=True)
-    rc, _, err = run_import(capsys, folder, tmp_path / "ckpt")
+    rc, _, err = run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")
     assert rc == 2 and "tie_word_embeddings is true but lm_head.weight differs" in err
 
 
 def test_bad_folders_and_targets(good_folder, tmp_path, capsys):
-    rc, _, err = run_import(capsys, tmp_path / "nope", tmp_path / "ckpt")
+    rc, _, err = run_cli(import_cli.main, capsys, tmp_path / "nope", tmp_path / "ckpt")
     assert rc == 2 and "not a directory" in err
-    rc, _, err = run_import(capsys, good_folder, good_folder)
+    rc, _, err = run_cli(import_cli.main, capsys, good_folder, good_folder)
     assert rc == 2 and "is the folder being imported" in err
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    rc, _, err = run_import(capsys, good_folder, mine)
+    rc, _, err = run_cli(import_cli.main, capsys, good_folder, mine)
     assert rc == 2 and "not empty" in err and [p.name for p in mine.iterdir()] == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    rc, _, err = run_import(capsys, empty, tmp_path / "ckpt")
+    rc, _, err = run_cli(import_cli.main, capsys, empty, tmp_path / "ckpt")
     assert rc == 2 and err.count("\n") == 1
 
 
@@ -280,5 +275,5 @@ def test_tensors_we_would_drop_are_refused(good_folder, tmp_path, capsys, extra,
     weights = load_file(str(folder / "model.safetensors"))
     weights[extra] = torch.ones(32)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    rc, _, err = run_import(capsys, folder, tmp_path / "ckpt")
+    rc, _, err = run_cli(import_cli.main, capsys, folder, tmp_path / "ckpt")
     assert rc == 2 and err.count("\n") == 1 and extra in err and message in err

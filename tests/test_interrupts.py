@@ -13,17 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from factories import tiny_model, tiny_tokenizer
 from procs import running, signal_and_wait, wait_until
 from tritonlm.cli import train as cli
 from tritonlm.engine.checkpoint import checkpoint_store as store
 from tritonlm.engine.checkpoint.save_load import load_checkpoint
 from tritonlm.engine.data import token_cache as tc
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.stop import StopRequest
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import loop as tr
 
 SCRIPT = Path(sys.executable).parent / "llm-train"
@@ -35,7 +31,7 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", 
 
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=300))
+    return tiny_tokenizer(TEXTS, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +39,7 @@ def cache(tok, tmp_path_factory):
     return tc.build_pretrain_cache(TEXTS, tok, tmp_path_factory.mktemp("cache"))
 
 
-def model(vocab: int) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                      max_seq_len=16, dropout=0.1)  # fmt: skip
-    return Transformer(cfg)
+SHAPE = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16, dropout=0.1)
 
 
 CFG = dict(steps=8, batch_size=4, grad_accum=2, warmup=1, lr=3e-3, eval_every=3,
@@ -58,7 +50,7 @@ CFG = dict(steps=8, batch_size=4, grad_accum=2, warmup=1, lr=3e-3, eval_every=3,
 def reference(tok, cache, tmp_path_factory):
     """Losses of the uninterrupted run, by step."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = tr.train(model(tok.vocab_size), tok, cache, tr.TrainConfig(**CFG), out)
+    result = tr.train(tiny_model(tok, SHAPE), tok, cache, tr.TrainConfig(**CFG), out)
     return {r["step"]: r for r in result.history}
 
 
@@ -102,7 +94,7 @@ def test_interrupt_at_any_moment_resumes_exactly(moment, tok, cache, reference, 
     out = tmp_path / "run"
     try:
         with stop.deferred():
-            part = tr.train(model(tok.vocab_size), tok, cache, tr.TrainConfig(**CFG), out,
+            part = tr.train(tiny_model(tok, SHAPE), tok, cache, tr.TrainConfig(**CFG), out,
                             stop=stop)  # fmt: skip
     finally:
         stop.uninstall()

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import tiny_model
 from tritonlm.engine.model.config import PRESETS, ConfigError, ModelConfig
 from tritonlm.engine.model.kv_cache import KVCache, left_pad
 from tritonlm.engine.model.transformer import Transformer
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=24)
-
-
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
+tiny = partial(tiny_model, TINY["vocab_size"], TINY)  # tiny(seed=1, n_kv_heads=2)
 
 
 # ----------------------------------------------------------------------------- config
@@ -103,7 +101,7 @@ def test_gpt2_preset_is_about_124m_params():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_parameter_count_matches_formula(tie):
-    m = tiny_model(tie_embeddings=tie)
+    m = tiny(tie_embeddings=tie)
     by_hand = sum(p.numel() for p in m.parameters())  # parameters() de-duplicates ties
     assert m.num_parameters() == by_hand == m.config.num_parameters()
     emb = TINY["vocab_size"] * TINY["d_model"] * (1 if tie else 2)
@@ -115,7 +113,7 @@ def test_parameter_count_matches_formula(tie):
 
 
 def test_flops_per_token():
-    m = tiny_model()
+    m = tiny()
     c = m.config
     n = c.n_layers * (4 * c.d_model**2 + 3 * c.d_model * c.d_ff) + c.vocab_size * c.d_model
     assert m.flops_per_token(10) == 6 * n + 12 * c.n_layers * c.d_model * 10
@@ -136,7 +134,7 @@ def test_scaled_init():
 
 
 def test_forward_shape_and_backend_setter():
-    m = tiny_model()
+    m = tiny()
     idx = torch.randint(0, 61, (2, 7))
     assert m(idx).shape == (2, 7, 61)
     m.backend = "torch"
@@ -148,7 +146,7 @@ def test_forward_shape_and_backend_setter():
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
-    m = tiny_model()
+    m = tiny()
     idx = torch.randint(0, 61, (1, 12))
     changed = idx.clone()
     changed[0, 8] = (idx[0, 8] + 1) % 61
@@ -158,7 +156,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
 
 
 def test_right_padding_with_lengths_equals_alone():
-    m = tiny_model()
+    m = tiny()
     seqs = [torch.randint(0, 61, (n,)) for n in (9, 4, 1)]
     batch = torch.zeros(3, 9, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -179,7 +177,7 @@ def test_right_padding_with_lengths_equals_alone():
 
 
 def test_left_padding_forward_equals_alone():
-    m = tiny_model()
+    m = tiny()
     prompts = [torch.randint(0, 61, (n,)).tolist() for n in (6, 2, 4)]
     idx, pad = left_pad(prompts, pad_id=0)
     assert pad.tolist() == [0, 4, 2]
@@ -189,7 +187,7 @@ def test_left_padding_forward_equals_alone():
 
 
 def test_loss_matches_cross_entropy_and_masks():
-    m = tiny_model(tie_embeddings=False)
+    m = tiny(tie_embeddings=False)
     idx = torch.randint(0, 61, (2, 10))
     targets = torch.randint(0, 61, (2, 10))
     logits = m(idx)
@@ -211,7 +209,7 @@ def test_loss_matches_cross_entropy_and_masks():
 
 
 def test_backward_reaches_every_parameter():
-    m = tiny_model(tie_embeddings=False).train()
+    m = tiny(tie_embeddings=False).train()
     idx = torch.randint(0, 61, (2, 8))
     m.loss(idx, torch.roll(idx, -1, 1)).backward()
     for name, p in m.named_parameters():
@@ -219,7 +217,7 @@ def test_backward_reaches_every_parameter():
 
 
 def test_dropout_only_in_train_mode():
-    m = tiny_model(dropout=0.5)
+    m = tiny(dropout=0.5)
     idx = torch.randint(0, 61, (1, 8))
     torch.testing.assert_close(m(idx), m(idx), rtol=0, atol=0)
     m.train()
@@ -254,7 +252,7 @@ def greedy_cached(m: Transformer, prompts: list[list[int]], steps: int):
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 17])
 def test_cache_greedy_matches_recompute_up_to_context_limit(prompt_len):
-    m = tiny_model(seed=1)
+    m = tiny(seed=1)
     torch.manual_seed(prompt_len)
     prompt = torch.randint(0, 61, (prompt_len,)).tolist()
     steps = m.config.max_seq_len - prompt_len  # the last step's input fills the context
@@ -265,7 +263,7 @@ def test_cache_greedy_matches_recompute_up_to_context_limit(prompt_len):
 
 
 def test_cache_batched_left_padding_matches_alone():
-    m = tiny_model(seed=2)
+    m = tiny(seed=2)
     torch.manual_seed(3)
     prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 11, 1, 7)]
     steps = 10
@@ -277,7 +275,7 @@ def test_cache_batched_left_padding_matches_alone():
 
 
 def test_cache_each_row_can_reach_the_context_limit():
-    m = tiny_model(seed=4)
+    m = tiny(seed=4)
     prompts = [[1, 2, 3, 4, 5, 6], [7]]
     # The short row may generate until its own real length hits max_seq_len.
     steps = m.config.max_seq_len - 1
@@ -296,7 +294,7 @@ def test_cache_each_row_can_reach_the_context_limit():
 
 
 def test_cache_errors_and_reset():
-    m = tiny_model()
+    m = tiny()
     cache = m.new_cache(1, max_len=4)
     assert isinstance(cache, KVCache) and len(cache.k) == m.config.n_layers
     assert cache.k[0].shape == (1, 4, 4, 8)
@@ -315,7 +313,7 @@ def test_cache_errors_and_reset():
 
 
 def test_forward_cached_needs_no_grad():
-    m = tiny_model().train()
+    m = tiny().train()
     cache = m.new_cache(1)
     out = m.forward_cached(torch.tensor([[1, 2]]), cache)
     assert not out.requires_grad and not cache.k[0].requires_grad
@@ -325,7 +323,7 @@ def test_forward_cached_needs_no_grad():
 def test_triton_backend_matches_torch_end_to_end():
     """The kernel seam: the same model on backend "triton" (interpreter on CPU) agrees
     with backend "torch" on logits, loss and every gradient, with right padding."""
-    m = tiny_model(seed=5, n_heads=1, max_seq_len=16)  # head dim 32: a kernel head dim
+    m = tiny(seed=5, n_heads=1, max_seq_len=16)  # head dim 32: a kernel head dim
     idx, targets = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
     lengths = torch.tensor([9, 5])
     results = {}
@@ -346,13 +344,13 @@ def test_triton_backend_matches_torch_end_to_end():
 
 
 def test_cache_in_lower_precision_and_bf16_model():
-    m = tiny_model(seed=6)
+    m = tiny(seed=6)
     idx = torch.randint(0, 61, (1, 6))
     cache = m.new_cache(1, dtype=torch.bfloat16)
     out = m.forward_cached(idx, cache)
     assert cache.k[0].dtype == torch.bfloat16 and out.dtype == torch.float32
     torch.testing.assert_close(out, m(idx), rtol=0.05, atol=0.05)
-    m16 = tiny_model(seed=6).to(torch.bfloat16)
+    m16 = tiny(seed=6).to(torch.bfloat16)
     assert m16.rope_cos.dtype == torch.float32 and "rope_cos" in dict(m16.named_buffers())
     out16 = m16.forward_cached(idx, m16.new_cache(1))
     assert out16.dtype == torch.bfloat16
@@ -379,7 +377,7 @@ def test_n_kv_heads_defaults_to_n_heads_and_must_divide_them():
 
 @pytest.mark.parametrize("kv", [1, 2])
 def test_gqa_parameter_count_and_cache_shape(kv):
-    m = tiny_model(n_kv_heads=kv, tie_embeddings=False)
+    m = tiny(n_kv_heads=kv, tie_embeddings=False)
     assert m.num_parameters() == sum(p.numel() for p in m.parameters())
     assert m.num_parameters() == m.config.num_parameters()
     assert m.blocks[0].attn.qkv.weight.shape == (32 + 2 * kv * 8, 32)
@@ -410,7 +408,7 @@ def expanded_to_mha(m: Transformer) -> Transformer:
 
 @pytest.mark.parametrize("kv", [1, 2])
 def test_gqa_equals_multi_head_attention_with_repeated_kv(kv):
-    m = tiny_model(seed=7, n_kv_heads=kv)
+    m = tiny(seed=7, n_kv_heads=kv)
     full = expanded_to_mha(m)
     idx = torch.randint(0, 61, (2, 12))
     lengths = torch.tensor([12, 7])
@@ -423,7 +421,7 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv(kv):
 
 
 def test_gqa_cache_matches_recompute_and_batch_matches_alone():
-    m = tiny_model(seed=8, n_kv_heads=2)
+    m = tiny(seed=8, n_kv_heads=2)
     torch.manual_seed(9)
     prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 9, 1)]
     tokens, logits = greedy_cached(m, prompts, 8)
@@ -435,7 +433,7 @@ def test_gqa_cache_matches_recompute_and_batch_matches_alone():
 
 
 def test_gqa_model_trains():
-    m = tiny_model(seed=10, n_kv_heads=1).train()
+    m = tiny(seed=10, n_kv_heads=1).train()
     m.backend = "torch"
     idx = torch.randint(0, 61, (4, 16))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
@@ -453,7 +451,7 @@ def test_gqa_model_trains():
 def test_gqa_triton_backend_matches_torch():
     """Grouped-query attention through the kernel seam: Triton (interpreter on CPU) and
     torch agree on the loss and every gradient, k/v projections included."""
-    m = tiny_model(seed=11, d_model=64, n_heads=2, n_kv_heads=1, max_seq_len=16)  # head dim 32
+    m = tiny(seed=11, d_model=64, n_heads=2, n_kv_heads=1, max_seq_len=16)  # head dim 32
     idx, targets = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
     lengths = torch.tensor([9, 6])
     results = {}
@@ -480,7 +478,7 @@ def test_checkpoint_written_before_n_kv_heads_existed_still_loads(tmp_path):
     from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
     tok = BpeTokenizer.train(["an old checkpoint, an old config"] * 3, BpeTokenizerConfig(300))
-    m = tiny_model(seed=12, vocab_size=tok.vocab_size)
+    m = tiny(seed=12, vocab_size=tok.vocab_size)
     save_checkpoint(tmp_path / "old", m, tok)
     path = tmp_path / "old" / "config.json"
     cfg = json.loads(path.read_text())

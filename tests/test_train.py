@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.checkpoint.save_load import load_checkpoint
 from tritonlm.engine.data import token_cache as tc
 from tritonlm.engine.data.records import load_texts
@@ -57,16 +58,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tok():
     texts = TEXTS + [m["content"] for c in CHATS for m in c]
-    return BpeTokenizer.train(texts, BpeTokenizerConfig(vocab_size=300))
+    return tiny_tokenizer(texts, vocab_size=300)
 
 
-def tiny_model(vocab: int, dropout: float = 0.0, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16,
-        dropout=dropout,
-    )  # fmt: skip
-    return Transformer(cfg)
+SHAPE = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16)
 
 
 def quick(**kw) -> TrainConfig:
@@ -131,7 +126,7 @@ def test_auto_warmup_follows_the_run_length():
 
 
 def test_weight_decay_only_on_matrices(tok):
-    model = tiny_model(tok.vocab_size)
+    model = tiny_model(tok, SHAPE)
     opt = tr.build_optimizer(model, quick(weight_decay=0.3))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
@@ -242,7 +237,7 @@ def _sft_loss(tok, tmp_path, chats):
     cache = tc.build_chat_cache(chats, tok, tmp_path)
     data = bs.ChatBatches(cache, seq_len=16, val_fraction=0.0, seed=0, pad_id=tok.pad_id)
     b = data.train_batch(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    model = tiny_model(tok.vocab_size).eval()
+    model = tiny_model(tok, SHAPE).eval()
     with torch.no_grad():
         return float(model.loss(b.idx, b.targets, lengths=b.lengths)), b
 
@@ -261,7 +256,7 @@ def test_sft_loss_ignores_user_tokens(tok, tmp_path):
     assert other_user == pytest.approx(base, rel=1e-6, abs=1e-6)
     assert abs(other_answer - base) > 1e-3
     # and the loss is exactly the mean over assistant targets
-    model = tiny_model(tok.vocab_size).eval()
+    model = tiny_model(tok, SHAPE).eval()
     with torch.no_grad():
         logits = model(b.idx, lengths=b.lengths)[0]
     keep = b.targets[0] != IGNORE_INDEX
@@ -318,10 +313,10 @@ def test_loss_falls_well_below_start(golden_run):
 def test_interrupt_then_resume_matches_uninterrupted_run(tok, tmp_path, monkeypatch):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
     cfg = quick(steps=6, grad_accum=2, eval_every=2, val_fraction=0.2, log_every=4)
-    full = train(tiny_model(tok.vocab_size, dropout=0.1), tok, cache, cfg, tmp_path / "a")
+    full = train(tiny_model(tok, SHAPE, dropout=0.1), tok, cache, cfg, tmp_path / "a")
     expected = [h["loss"] for h in full.history]
     stop = StopRequest()
-    model = tiny_model(tok.vocab_size, dropout=0.1)
+    model = tiny_model(tok, SHAPE, dropout=0.1)
     real_step = tr.Trainer.train_step
 
     def step_then_stop(self, sb):
@@ -353,7 +348,7 @@ def test_interrupt_then_resume_matches_uninterrupted_run(tok, tmp_path, monkeypa
 
 def test_resume_refuses_other_data(tok, tmp_path):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
-    train(tiny_model(tok.vocab_size), tok, cache, quick(steps=2), tmp_path / "a")
+    train(tiny_model(tok, SHAPE), tok, cache, quick(steps=2), tmp_path / "a")
     ckpt = load_checkpoint(tmp_path / "a")
     other = tc.build_pretrain_cache(TEXTS[:-2], tok, tmp_path / "cache")
     with pytest.raises(TrainingError, match="differ"):
@@ -365,7 +360,7 @@ def test_resume_refuses_other_data(tok, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path, monkeypatch):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
-    model = tiny_model(tok.vocab_size)
+    model = tiny_model(tok, SHAPE)
     real = model.loss
     calls = {"n": 0}
 
@@ -385,7 +380,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path, monkeypatc
 def test_early_stopping_with_patience(tok, tmp_path):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
     cfg = quick(steps=20, lr=0.0, eval_every=1, patience=2, val_fraction=0.2)
-    result = train(tiny_model(tok.vocab_size), tok, cache, cfg, tmp_path / "run")
+    result = train(tiny_model(tok, SHAPE), tok, cache, cfg, tmp_path / "run")
     assert result.status == "early_stopped"
     assert result.step == 3  # eval 1 sets the best, evals 2 and 3 do not improve
     assert load_checkpoint(tmp_path / "run").trainer_state["step"] == 3
@@ -394,13 +389,13 @@ def test_early_stopping_with_patience(tok, tmp_path):
 def test_corpus_too_small_for_seq_len(tok, tmp_path):
     cache = tc.build_pretrain_cache(["tiny"], tok, tmp_path)
     with pytest.raises(TrainingError, match="too few"):
-        train(tiny_model(tok.vocab_size), tok, cache, quick())
+        train(tiny_model(tok, SHAPE), tok, cache, quick())
 
 
 def test_phase_must_match_cache(tok, tmp_path):
     cache = tc.build_chat_cache(CHATS, tok, tmp_path)
     with pytest.raises(TrainingError, match="sft"):
-        train(tiny_model(tok.vocab_size), tok, cache, quick(phase="pretrain"))
+        train(tiny_model(tok, SHAPE), tok, cache, quick(phase="pretrain"))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -410,7 +405,7 @@ def test_sft_run_writes_metrics_plot_and_epochs(tok, tmp_path):
     cache = tc.build_chat_cache(CHATS, tok, tmp_path / "cache")
     cfg = quick(phase="sft", steps=None, epochs=2.0, batch_size=3, eval_every=2,
                 val_fraction=0.25)  # fmt: skip
-    result = train(tiny_model(tok.vocab_size), tok, cache, cfg, tmp_path / "run")
+    result = train(tiny_model(tok, SHAPE), tok, cache, cfg, tmp_path / "run")
     assert result.total_steps == 4  # ceil(2 epochs * 6 conversations / 3 per step)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
