@@ -7,7 +7,7 @@ its launchers really use, to PTX and a cubin for sm_80 / sm_90::
     triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))
 
 Each kernel module exposes ``aot_specs(dtype) -> list[AotSpec]`` (:mod:`.aot_spec`, which
-this module re-exports: ``aot.AotSpec``, ``aot.triton_type``).
+this module re-exports: ``aot.AotSpec``).
 
 Under TRITON_INTERPRET=1, ``@triton.jit`` yields an InterpretedFunction that
 ``triton.compile`` cannot take. Rather than rebuilding JIT functions by hand (fragile when
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from . import attention, cross_entropy, rmsnorm
-from .aot_spec import AotSpec, triton_type
+from .aot_spec import AotSpec
 
-# AotSpec and triton_type are re-exported: callers describe builds as ``aot.AotSpec(...)``.
+# AotSpec is re-exported: callers describe builds as ``aot.AotSpec(...)``.
 __all__ = [
-    "TARGET_CCS", "AotSpec", "AotResult", "AotBuildError", "triton_type", "compile_specs",
+    "TARGET_CCS", "AotSpec", "AotResult", "AotBuildError", "compile_specs",
     "compile_spec", "resource_usage", "kernel_modules",
 ]  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""What one ahead-of-time kernel build is: :class:`AotSpec`, and :func:`triton_type`.
+"""What one ahead-of-time kernel build is: :class:`AotSpec`.
 
 A leaf module: it imports nothing from the kernel modules, so each kernel module imports
 it at the top to describe its own builds (``aot_specs``), and :mod:`.aot`, which imports
@@ -9,18 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def triton_type(dtype: torch.dtype) -> str:
-    """Triton's signature name for a torch dtype: torch.bfloat16 -> "bf16"."""
-    try:
-        return _TRITON_TYPES[dtype]
-    except KeyError:
-        raise ValueError(f"no Triton kernel type for {dtype}") from None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ receive zero dk/dv.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -39,7 +38,8 @@ import torch.nn.functional as F
 
 from . import _attention_bwd, _attention_fwd
 from ._triton import HAS_TRITON, triton
-from .aot_spec import AotSpec, triton_type
+from .aot_spec import AotSpec
+from .launch import FLOAT_DTYPES, on_device, triton_type
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 LOG2E = 1.4426950408889634
@@ -150,11 +150,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on `t`'s GPU (triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (out, lse) for `q` [B, H, T, D]; the launcher fills them, the fake
     implementation returns them as they are (same shapes, dtypes and strides)."""
@@ -197,7 +192,7 @@ def attention_forward(
     if out.numel() == 0:
         return out, lse
     grid = (triton.cdiv(T, cfg.block_m), B * H)
-    with _on_device(q):
+    with on_device(q.device):
         _attention_fwd.attn_fwd_kernel[grid](
             q, k, v, out, lse, q if lengths is None else lengths,  # q: an unread dummy
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -236,7 +231,7 @@ def attention_backward(
     if dq.numel() == 0:
         return dq, dk, dv
     pre, kv, qc = cfg.preprocess, cfg.dkdv, cfg.dq
-    with _on_device(q):
+    with on_device(q.device):
         _attention_bwd.attn_bwd_preprocess_kernel[(triton.cdiv(T, pre.block_m), B * H)](
             out, do, delta, *out.stride(), *do.stride(), H, T,
             D=D, BLOCK_D=bd, BLOCK_M=pre.block_m, num_warps=pre.num_warps,
@@ -301,8 +296,6 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 # Public entry
 # --------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _check_inputs(q, k, v, lengths) -> None:
     if (
@@ -316,7 +309,7 @@ def _check_inputs(q, k, v, lengths) -> None:
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     group_size(q, k)
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"q, k, v must share a dtype in fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}"
         )

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
-from .aot_spec import AotSpec, triton_type
+from .aot_spec import AotSpec
+from .launch import FLOAT_DTYPES, on_device, triton_type
 
 
 def cross_entropy_reference(
@@ -151,10 +152,11 @@ def cross_entropy_rows(
     block, num_warps = block_config(n_cols)
     write_grad = grad is not None
     g = grad if write_grad else logits  # never written when WRITE_GRAD is False
-    _cross_entropy_fwd_kernel[(n_rows,)](
-        logits, g, targets.contiguous(), losses, n_valid, logits.stride(0), g.stride(0),
-        n_cols, ignore_index, BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(logits.device):
+        _cross_entropy_fwd_kernel[(n_rows,)](
+            logits, g, targets.contiguous(), losses, n_valid, logits.stride(0), g.stride(0),
+            n_cols, ignore_index, BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=num_warps,
+        )  # fmt: skip
     return losses
 
 
@@ -319,8 +321,6 @@ _linear_cross_entropy_op.register_autograd(
 
 # ----------------------------------------------------------------------- public entries
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _check_targets(
     targets: torch.Tensor, n_rows: int, vocab: int, ignore_index: int, device: torch.device
@@ -349,7 +349,7 @@ def cross_entropy_triton(
         raise RuntimeError("cross_entropy_triton needs the triton package")
     if logits.dim() != 2:
         raise ValueError(f"expected logits [N, V], got {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index, logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -371,7 +371,7 @@ def _linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, ce_
             f"expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} and "
             f"{tuple(weight.shape)}"
         )
-    if hidden.dtype != weight.dtype or hidden.dtype not in _DTYPES:
+    if hidden.dtype != weight.dtype or hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"hidden and weight must share a dtype in float32/float16/bfloat16, got "
             f"{hidden.dtype} and {weight.dtype}"

@@ -22,7 +22,8 @@ import math
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
-from .aot_spec import AotSpec, triton_type
+from .aot_spec import AotSpec
+from .launch import FLOAT_DTYPES, as_rows, num_sms, on_device, triton_type
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -161,17 +162,8 @@ def block_config(n_cols: int) -> tuple[int, bool, int]:
 
 def _num_programs_bwd(n_rows: int, device: torch.device) -> int:
     """Programs in the backward: 4 per SM on a GPU (memory-level parallelism), 4 on the CPU."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
+    target = 4 * num_sms(device) if device.type == "cuda" else 4
     return max(1, min(n_rows, target))
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., n] -> a 2-D [rows, n] view (or copy) whose last dimension is contiguous."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def _forward_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,15 +179,16 @@ def rms_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: returns (y with x's shape and dtype, rstd [rows] fp32)."""
     n_cols = x.shape[-1]
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     y, rstd = _forward_outputs(x)
     y2 = y.view(-1, n_cols)
     if y2.shape[0] > 0:
         block, one_pass, num_warps = block_config(n_cols)
-        _rms_norm_fwd_kernel[(y2.shape[0],)](
-            x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), n_cols, eps,
-            BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
-        )  # fmt: skip
+        with on_device(x.device):
+            _rms_norm_fwd_kernel[(y2.shape[0],)](
+                x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), n_cols, eps,
+                BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
+            )  # fmt: skip
     return y, rstd
 
 
@@ -204,8 +197,8 @@ def rms_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: returns (dx like x but contiguous, dw like weight)."""
     n_cols = x.shape[-1]
-    x2 = _as_rows(x)
-    dy2 = _as_rows(dy)
+    x2 = as_rows(x)
+    dy2 = as_rows(dy)
     n_rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n_rows == 0:
@@ -216,11 +209,12 @@ def rms_norm_backward(
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     dx2 = dx.view(-1, n_cols)
     block, one_pass, num_warps = block_config(n_cols)
-    _rms_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), rstd, dx2, dw_partial,
-        dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
-        BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(x.device):
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2, x2, weight.contiguous(), rstd, dx2, dw_partial,
+            dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
+            BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
+        )  # fmt: skip
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
 
@@ -264,8 +258,6 @@ _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------ public entry
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -274,7 +266,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(
             f"weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}"
         )
-    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+    if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"x and weight must be float32, float16 or bfloat16; got {x.dtype}, {weight.dtype}"
         )
