@@ -78,10 +78,10 @@ class Session:
 def load(path: str, device, backend: str):
     """Load a checkpoint; errors become UsageError with the engine's one-line message."""
     from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
-    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.lora.adapter_checkpoint import load_model
 
-    try:
-        return load_checkpoint(path, device=device, backend=backend)
+    try:  # an adapter checkpoint comes merged into its base
+        return load_model(path, device=device, backend=backend)
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
 

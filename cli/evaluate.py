@@ -147,18 +147,18 @@ def run(args, argv: list[str]) -> int:
     if args.report and not Path(args.report).is_dir():
         raise UsageError(f"--report {args.report}: not a directory")
     import torch
-    from tritonlm.engine.checkpoint.save_load import load_checkpoint
     from tritonlm.engine.data.records import load_texts
     from tritonlm.engine.eval.choice import evaluate_choices
     from tritonlm.engine.eval.task_formats import load_task
     from tritonlm.engine.eval.text import evaluate_texts
+    from tritonlm.engine.lora.adapter_checkpoint import load_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     tasks = [(path, *load_task(path, args.format)) for path in args.task or []]  # fail fast
     texts = load_texts(args.data, option="--data") if args.data else None
-    ckpt = load_checkpoint(args.checkpoint, device=device)
+    ckpt = load_model(args.checkpoint, device=device)  # LoRA: base + adapters, merged
     max_len = ckpt.model.config.max_seq_len
     if args.context and args.context > max_len:
         raise UsageError(f"--context {args.context} exceeds the model's context {max_len}")

@@ -3,6 +3,9 @@
     llm-export CKPT OUT_DIR                       Hugging Face Llama folder (fp32)
     llm-export CKPT OUT_DIR --dtype bf16 --max-shard-size 2GB
     llm-export CKPT model.gguf --dtype q8_0       GGUF file (llama.cpp)
+    llm-export LORA_CKPT OUT_DIR --adapter-only   PEFT LoRA adapter folder
+
+A LoRA adapter checkpoint is exported merged into its base unless --adapter-only.
 
 The format is --format, or gguf when OUT ends with .gguf, else hf. The conversion lives in
 the engine (engine.hf_export, engine.gguf_export); this file parses, loads and reports.
@@ -24,6 +27,7 @@ examples:
   llm-export runs/demo exported/demo                 # transformers: from_pretrained(...)
   llm-export runs/demo exported/demo --dtype bf16 --max-shard-size 500MB
   llm-export runs/demo demo.gguf --dtype q8_0        # llama.cpp
+  llm-export runs/demo-lora exported/lora --adapter-only   # peft: PeftModel.from_pretrained
 """
 
 
@@ -45,16 +49,40 @@ def build_parser() -> Parser:
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="hf: split the weights into files of at most SIZE (e.g. 500MB, "
                    "2GiB; default 5GB)")  # fmt: skip
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only the LoRA adapters of an adapter checkpoint, as a PEFT "
+                   "folder (adapter_config.json, adapter_model.safetensors) for our HF export "
+                   "of its base")  # fmt: skip
+    p.add_argument("--base-name", metavar="NAME",
+                   help="--adapter-only: base_model_name_or_path written into "
+                   "adapter_config.json (default: none)")  # fmt: skip
     return p
 
 
+def _export_adapter(args) -> int:
+    from tritonlm.engine.lora.adapter_checkpoint import is_adapter_checkpoint, load_model
+    from tritonlm.engine.lora.peft_format import export_peft
+
+    if args.format == "gguf" or args.dtype or args.max_shard_size:
+        raise UsageError("--adapter-only writes a PEFT folder: drop --format/--dtype/"
+                         "--max-shard-size")  # fmt: skip
+    if not is_adapter_checkpoint(args.checkpoint):
+        raise UsageError(f"--adapter-only: {args.checkpoint} is not a LoRA adapter checkpoint")
+    ckpt = load_model(args.checkpoint, device="cpu", backend="torch", merge=False)
+    files = export_peft(ckpt.model, args.out, args.base_name)
+    print(f"exported the adapters of {ckpt.path} -> {args.out} (PEFT LoRA, {len(files)} files)")
+    return 0
+
+
 def run(args) -> int:
-    from tritonlm.engine.checkpoint.save_load import load_checkpoint
     from tritonlm.engine.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
     from tritonlm.engine.interop.hf_export import export_hf, resolve_dtype, resolve_format
+    from tritonlm.engine.lora.adapter_checkpoint import load_model
 
     if not args.checkpoint or not args.out:
         raise UsageError("CKPT and OUT must be non-empty paths")
+    if args.adapter_only:
+        return _export_adapter(args)
     fmt = resolve_format(args.out, args.format)
     dtype = resolve_dtype(fmt, args.dtype)
     if fmt == "gguf" and args.max_shard_size is not None:
@@ -63,7 +91,7 @@ def run(args) -> int:
         shard_bytes = parse_size(args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     except ValueError as e:
         raise UsageError(f"--max-shard-size: {e}") from None
-    ckpt = load_checkpoint(args.checkpoint, device="cpu", backend="torch")
+    ckpt = load_model(args.checkpoint, device="cpu", backend="torch")  # LoRA: merged
     out = Path(args.out)
     if fmt == "gguf":
         from tritonlm.engine.interop.gguf_export import export_gguf

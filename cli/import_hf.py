@@ -20,6 +20,7 @@ EPILOG = """\
 examples:
   llm-import ~/models/SmolLM2-135M runs/smol     # a local folder (config, safetensors, tokenizer)
   llm-chat runs/smol
+  llm-import ~/models/SmolLM2-135M runs/smol-tuned --adapter ~/adapters/smol-lora  # + PEFT LoRA
   llm-train --init-from ~/models/SmolLM2-135M --chat-data chats.jsonl --out runs/smol-chat
 """
 
@@ -31,6 +32,9 @@ def build_parser() -> Parser:
     p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json, safetensors "
                    "weights (one file or shards) and tokenizer.json")  # fmt: skip
     p.add_argument("out", metavar="OUT_CKPT", help="checkpoint directory to write")
+    p.add_argument("--adapter", metavar="PEFT_DIR",
+                   help="merge this PEFT LoRA adapter (adapter_config.json + "
+                   "adapter_model.safetensors) into the imported weights")  # fmt: skip
     return p
 
 
@@ -39,7 +43,12 @@ def run(args) -> int:
 
     if not args.hf_dir or not args.out:
         raise UsageError("HF_DIR and OUT_CKPT must be non-empty paths")
-    imported = import_hf(args.hf_dir, args.out)
+    if args.adapter:
+        from tritonlm.engine.lora.peft_format import import_hf_with_adapter
+
+        imported = import_hf_with_adapter(args.hf_dir, args.adapter, args.out)
+    else:
+        imported = import_hf(args.hf_dir, args.out)
     for note in imported.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     cfg = imported.model.config

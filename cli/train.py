@@ -29,6 +29,7 @@ from .common import (
     report,
     run_main,
 )
+from .lora_args import add_lora_flags, lora_config, merge_on_save
 from .train_inputs import corpus_cache, load_inputs, naming, tokenizer_and_model
 
 PROG = "llm-train"
@@ -42,6 +43,8 @@ examples:
   llm-train --data corpus/ --preset small --vocab-size 8192 --steps 5000 --out runs/small
   # instruction-tune an existing checkpoint (its tokenizer and shape are kept)
   llm-train --init-from runs/small --chat-data chats.jsonl --steps 500 --out runs/small-chat
+  # LoRA: adapters of rank 8 on a frozen imported model (see the README's walk-through)
+  llm-train --init-from runs/smol --chat-data chats.jsonl --lora-rank 8 --out runs/smol-lora
   # continue an interrupted run (same data arguments as the first time)
   llm-train --resume runs/demo --data data/pretrain.json --chat-data data/chat.json \\
             --out runs/demo
@@ -63,6 +66,7 @@ def build_parser() -> Parser:
                "(--chat-data).")  # fmt: skip
     _data_flags(p.add_argument_group("data and output"))
     _model_flags(p.add_argument_group("model"))
+    add_lora_flags(p.add_argument_group("LoRA (parameter-efficient fine-tuning)"))
     _training_flags(p.add_argument_group("training"))
     _runtime_flags(p.add_argument_group("runtime"))
     return p
@@ -291,6 +295,7 @@ def run(args, stop) -> int:
     from tritonlm.kernels.dispatch import check_backend
 
     _check_args(args)
+    lora_config(args)  # bad LoRA flags fail before any loading
     with naming(f"--out {args.out}"):
         out = check_run_dir(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -372,6 +377,9 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
         runs.append((phase, cache, result))
     if ctx.is_main:
         from tritonlm.engine.eval.report import write_train_report
+
+        if merge_on_save(args, out, model, tokenizer):
+            summary.append("adapters merged into a full checkpoint")
 
         write_train_report(out, [PROG, *getattr(args, "argv", [])], runs, model, tokenizer)
         print("; ".join(summary))

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .common import UsageError
+from .lora_args import adapt, lora_config
 
 
 @contextlib.contextmanager
@@ -60,7 +61,7 @@ def _workers(args) -> int:
 def tokenizer_and_model(args, texts, chats, show: bool):
     """The checkpoint resumed or started from (or None), its tokenizer and model; or a new
     tokenizer (given, or trained on a sample of the corpus) and a new model."""
-    from tritonlm.engine.checkpoint.save_load import load_checkpoint
+    from tritonlm.engine.lora.adapter_checkpoint import load_model
     from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
     from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
     from tritonlm.engine.train.run_plan import (
@@ -75,8 +76,8 @@ def tokenizer_and_model(args, texts, chats, show: bool):
     if args.resume or args.init_from:
         if args.init_from:  # one of our checkpoints or a Hugging Face folder
             ckpt = load_init(args.init_from, backend=args.backend)
-        else:
-            ckpt = load_checkpoint(args.resume, backend=args.backend)
+        else:  # an adapter checkpoint resumes with its adapters unmerged
+            ckpt = load_model(args.resume, backend=args.backend, merge=False)
         if args.resume and not ckpt.resumable:
             raise UsageError(f"--resume {args.resume}: not a resumable checkpoint")
         if args.resume:  # every field a resume reads, checked before it is used
@@ -86,6 +87,7 @@ def tokenizer_and_model(args, texts, chats, show: bool):
                              f"{ckpt.model.config.max_seq_len}")  # fmt: skip
         if args.dropout is not None and args.init_from:
             set_dropout(ckpt.model, args.dropout)
+        adapt(args, ckpt.model, lora_config(args))  # --lora-rank: freeze, add adapters
         return ckpt, ckpt.tokenizer, ckpt.model
     if args.tokenizer:
         if not Path(args.tokenizer).is_file():  # a FIFO or device would block or never end

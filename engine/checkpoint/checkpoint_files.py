@@ -25,9 +25,11 @@ FORMAT_MAGIC = "tritonlm-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_BASE, OPTIMIZER_BASE = "model", "optimizer"  # the two sharded tensor sets
+ADAPTER_BASE = "adapter"  # LoRA checkpoints (engine.lora) hold this set instead of the model's
 MODEL_FILE = "model.safetensors"  # the set's name when it is one file
 TOKENIZER_FILE = "tokenizer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
@@ -36,10 +38,18 @@ class CheckpointError(ValueError):
 
 
 CHECKPOINT_FILES = frozenset(
-    {CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, MANIFEST_FILE}
+    {
+        CONFIG_FILE,
+        MODEL_FILE,
+        TOKENIZER_FILE,
+        OPTIMIZER_FILE,
+        TRAINER_STATE_FILE,
+        MANIFEST_FILE,
+        ADAPTER_FILE,
+    }
 )
 # The variable names of a sharded set: model-00001-of-00003.safetensors, its index.
-_SHARDED = re.compile(rf"({MODEL_BASE}|{OPTIMIZER_BASE})"
+_SHARDED = re.compile(rf"({MODEL_BASE}|{OPTIMIZER_BASE}|{ADAPTER_BASE})"
                       r"(-\d+-of-\d+\.safetensors|\.safetensors\.index\.json)")  # fmt: skip
 
 

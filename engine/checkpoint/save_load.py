@@ -57,6 +57,8 @@ from ..model.config import ConfigError, ModelConfig
 from ..model.memory import build_bytes, too_big
 from ..model.transformer import Transformer
 from .checkpoint_files import (
+    ADAPTER_BASE,
+    ADAPTER_FILE,
     CONFIG_FILE,
     FORMAT_MAGIC,
     FORMAT_VERSION,
@@ -367,6 +369,9 @@ def _load_from(root: Path, device, backend: str) -> Checkpoint:
     listed = manifest["files"]
     if CONFIG_FILE not in listed:
         raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {CONFIG_FILE}")
+    if ADAPTER_FILE in listed or index_name(ADAPTER_BASE) in listed:
+        raise CheckpointError(f"{root}: a LoRA adapter checkpoint (base + adapters); load it "
+                              "with tritonlm.engine.lora.load_model")  # fmt: skip
     if MODEL_FILE not in listed and index_name(MODEL_BASE) not in listed:
         raise CheckpointError(f"{root / MANIFEST_FILE}: does not list {MODEL_FILE} "
                               f"(nor {index_name(MODEL_BASE)})")  # fmt: skip

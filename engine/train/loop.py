@@ -38,6 +38,8 @@ import torch
 
 from ..checkpoint.save_load import save_checkpoint
 from ..data.token_cache import TokenCache
+from ..lora.adapter_checkpoint import save_adapter_checkpoint
+from ..lora.layers import lora_info
 from ..stop import StopRequest
 from .batches import Prefetcher, StepBatches, StepPlanner, batch_source
 from .distributed import DistContext, LossForward, gather_rng_states, rank_seed
@@ -355,10 +357,14 @@ class Trainer:
             if rng_ranks is not None:
                 state["rng_ranks"] = rng_ranks
             # save_checkpoint carries metrics.jsonl and the plots over into the new directory
-            save_checkpoint(self.out_dir, self.model, self.tokenizer,
-                            {**self.config.to_dict(), "extra": self.extra_state},
-                            optimizer=self.optimizer, trainer_state=state,
-                            max_shard_size=self.config.max_shard_size)  # fmt: skip
+            train_config = {**self.config.to_dict(), "extra": self.extra_state}
+            if lora_info(self.model) is not None:  # LoRA: the adapters and a base reference
+                save_adapter_checkpoint(self.out_dir, self.model, train_config, self.optimizer,
+                                        state, self.config.max_shard_size)  # fmt: skip
+            else:
+                save_checkpoint(self.out_dir, self.model, self.tokenizer, train_config,
+                                optimizer=self.optimizer, trainer_state=state,
+                                max_shard_size=self.config.max_shard_size)  # fmt: skip
         self.dist.barrier()
         self.last_saved_step = self.step
         self._emit({"event": "save", "step": self.step, "path": str(self.out_dir)})

@@ -129,11 +129,12 @@ def load_init(path: str | Path, backend: str = "auto"):
     Hugging Face Llama/Mistral folder (imported in memory: its tokenizer comes along, none
     is trained). Returns a Checkpoint either way."""
     from tritonlm.engine.checkpoint.checkpoint_files import FORMAT_VERSION
-    from tritonlm.engine.checkpoint.save_load import Checkpoint, load_checkpoint
+    from tritonlm.engine.checkpoint.save_load import Checkpoint
+    from tritonlm.engine.lora.adapter_checkpoint import load_model
 
     path = Path(path)
-    if not _is_hf_folder(path):
-        return load_checkpoint(path, backend=backend)  # names what is wrong, if anything
+    if not _is_hf_folder(path):  # a LoRA checkpoint comes merged into its base
+        return load_model(path, backend=backend)  # names what is wrong, if anything
     from ..interop.hf_import import load_hf
 
     imported = load_hf(path, backend=backend)
