@@ -75,9 +75,10 @@ def _export_adapter(args) -> int:
 
 
 def run(args) -> int:
-    from tritonlm.engine.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
+    from tritonlm.engine.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
     from tritonlm.engine.interop.hf_export import export_hf, resolve_dtype, resolve_format
     from tritonlm.engine.lora.adapter_checkpoint import load_model
+    from tritonlm.engine.sizes import parse_size
 
     if not args.checkpoint or not args.out:
         raise UsageError("CKPT and OUT must be non-empty paths")

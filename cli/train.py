@@ -104,9 +104,9 @@ def _corpus_flags(d) -> None:
     d.add_argument("--workers", type=_positive, metavar="N",
                    help="processes for tokenizing the corpus (default: all cores); the "
                    "token cache is the same for any number")  # fmt: skip
-    d.add_argument("--tokenizer-sample-bytes", type=_size, default=300 << 20, metavar="SIZE",
+    d.add_argument("--tokenizer-sample-bytes", type=_size, default=300 * 10**6, metavar="SIZE",
                    help="text a new tokenizer learns from, spread over the corpus (e.g. "
-                   "300M, 2G; default: 300M)")  # fmt: skip
+                   "300MB, 2GiB; 1GB = 10^9 bytes; default: 300MB)")  # fmt: skip
 
 
 def _ext_list(text: str) -> tuple[str, ...]:
@@ -114,17 +114,12 @@ def _ext_list(text: str) -> tuple[str, ...]:
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B")
-    unit = t[-1:] if t[-1:] in "KMG" and t[-1:] else ""
-    number = t[: len(t) - len(unit)]
+    from tritonlm.engine.sizes import parse_size
+
     try:
-        value = int(float(number) * units[unit])
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size like 300M or 2G, got {text!r}")
-    return value
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_flags(m) -> None:

@@ -17,9 +17,10 @@ from tritonlm.cli import train as cli
 from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
 from tritonlm.engine.checkpoint.optimizer_state import flatten_optimizer
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
-from tritonlm.engine.checkpoint.shards import nbytes, parse_size
+from tritonlm.engine.checkpoint.shards import nbytes
 from tritonlm.engine.data import token_cache as tc
 from tritonlm.engine.model.transformer import Transformer
+from tritonlm.engine.sizes import parse_size
 from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 from tritonlm.engine.train import loop as tr
 

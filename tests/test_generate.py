@@ -187,7 +187,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, script, vocab_size, max_seq_len=64, interrupt_at=None):
         super().__init__()
         self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
-        self.tok_emb = torch.nn.Embedding(1, 1)
+        self.device = torch.device("cpu")  # as Transformer.device
         self.script = list(script)
         self.interrupt_at = interrupt_at
 

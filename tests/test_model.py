@@ -312,6 +312,26 @@ def test_cache_errors_and_reset():
         left_pad([[1], []], 0)
 
 
+def test_cache_rows_fill_a_row_range_of_the_shared_buffers():
+    m = tiny(seed=3)
+    cache = m.new_cache(4, max_len=8)
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    got = m.forward_cached(idx, cache.rows(1, 2))  # rows 1 and 2 only
+    torch.testing.assert_close(got, m(idx), rtol=1e-5, atol=1e-5)
+    for t in (*cache.k, *cache.v):
+        assert t[1:3, :, :3].abs().sum() > 0  # written in place...
+        assert not t[[0, 3]].any() and not t[:, :, 3:].any()  # ...and nowhere else
+    for first, n in [(3, 2), (-1, 1), (0, 0)]:
+        with pytest.raises(ValueError, match="outside"):
+            cache.rows(first, n)
+
+
+def test_model_device_follows_its_weights():
+    m = tiny()
+    assert m.device == torch.device("cpu")
+    assert m.to("meta").device.type == "meta"
+
+
 def test_forward_cached_needs_no_grad():
     m = tiny().train()
     cache = m.new_cache(1)

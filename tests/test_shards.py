@@ -13,7 +13,6 @@ from tritonlm.engine.checkpoint.shards import (
     ShardError,
     iter_tensors,
     nbytes,
-    parse_size,
     plan_shards,
     read_headers,
     read_index,
@@ -21,6 +20,7 @@ from tritonlm.engine.checkpoint.shards import (
     shard_files,
     write_shards,
 )
+from tritonlm.engine.sizes import parse_size
 
 # ----------------------------------------------------------------------------- sizes
 
@@ -39,6 +39,8 @@ from tritonlm.engine.checkpoint.shards import (
         ("512MiB", 512 * 2**20),
         ("3KiB", 3072),
         ("7B", 7),
+        ("300M", 300 * 10**6),
+        ("2g", 2 * 10**9),
         (4096, 4096),
     ],
 )
@@ -52,6 +54,17 @@ def test_parse_size_refuses_junk(text):
     with pytest.raises(ValueError) as e:
         parse_size(text)
     assert repr(text) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["2GB", "2GiB", "1.5MB", "300M"])
+def test_every_size_flag_reads_a_size_the_same_way(text):
+    """llm-train's --tokenizer-sample-bytes and --max-shard-size (and llm-export's) agree."""
+    from tritonlm.cli import train as train_cli
+    from tritonlm.engine.train.train_config import TrainConfig
+
+    args = train_cli.build_parser().parse_args(["--tokenizer-sample-bytes", text])
+    assert args.tokenizer_sample_bytes == parse_size(text)
+    TrainConfig(max_shard_size=text).validate()  # accepted where the other one is
 
 
 # ----------------------------------------------------------------------------- split points

@@ -56,6 +56,7 @@ from ..atomic import fsync_dir, fsync_file
 from ..model.config import ConfigError, ModelConfig
 from ..model.memory import build_bytes, too_big
 from ..model.transformer import Transformer
+from ..sizes import parse_size
 from .checkpoint_files import (
     ADAPTER_BASE,
     ADAPTER_FILE,
@@ -86,7 +87,6 @@ from .shards import (
     ShardError,
     TensorInfo,
     index_name,
-    parse_size,
     read_headers,
     write_shards,
 )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,33 +38,6 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default for save_pretrained
 
 class ShardError(ValueError):
     """A tensor set on disk that cannot be read: the message names the file."""
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in a size such as ``"5GB"`` (decimal units, like Hugging Face: 1GB = 10**9)
-    or ``"512MiB"`` (binary units); a plain number is bytes. ValueError on anything else.
-
-    >>> parse_size("5GB"), parse_size("1.5kB"), parse_size("2KiB"), parse_size("123")
-    (5000000000, 1500, 2048, 123)
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = _SIZE.fullmatch(str(text).strip().lower())
-        if not isinstance(text, str) or match is None or match.group(2) not in _UNITS:
-            raise ValueError(f"expected a size such as 5GB, 500MB, 2GiB or 123 (bytes), "
-                             f"got {text!r}")  # fmt: skip
-        number, unit = match.group(1), _UNITS[match.group(2)]
-        # whole numbers stay exact; "1.5GB" goes through a float
-        value = int(number) * unit if "." not in number else int(float(number) * unit)
-    if value <= 0:
-        raise ValueError(f"a size must be at least 1 byte, got {text!r}")
-    return value
 
 
 def index_name(base: str = "model") -> str:

@@ -71,7 +71,7 @@ def score_rows(model, rows: Sequence[Row], batch_size: int,
     the scored positions are projected onto the vocabulary."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    device = model.output_weight.device
+    device = model.device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):

@@ -151,7 +151,7 @@ class _Batch:
     def __init__(self, model, rows: list[DecodeRow], config: SamplingConfig, use_cache: bool,
                  step: DecodeStep | None):  # fmt: skip
         self.model = model
-        self.device = device = model.tok_emb.weight.device
+        self.device = device = model.device
         self.active = list(range(len(rows)))  # row indices still generating, in batch order
         ids, pad = left_pad([r.prompt for r in rows], pad_id=0)  # pad slots are masked out
         self.ids, self.pad = ids.to(device), pad.to(device)

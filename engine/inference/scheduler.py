@@ -152,7 +152,7 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = model.config.max_seq_len
-        self.device = model.tok_emb.weight.device
+        self.device = model.device
         self.stop_ids = default_stop_ids(tokenizer, None)
         self.on_done = on_done
         self.cache = model.new_cache(max_batch, max_len=self.max_seq_len)
@@ -323,11 +323,7 @@ class Scheduler:
         so every prompt starts at slot 0; the pad slots are overwritten by later tokens and
         masked until then). Return each prompt's last-position logits [k, V]."""
         k, width = len(prompts), max(len(p) for p in prompts)
-        view = type(self.cache)(
-            k=[t[first : first + k] for t in self.cache.k],
-            v=[t[first : first + k] for t in self.cache.v],
-            pad=self.cache.pad[:k],
-        )
+        view = self.cache.rows(first, k)
         idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long)
         last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
         logits = self.model.forward_cached(idx.to(self.device), view, at=last.to(self.device))

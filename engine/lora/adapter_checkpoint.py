@@ -50,8 +50,9 @@ from ..checkpoint.checkpoint_files import (
 from ..checkpoint.checkpoint_store import MANIFEST_FILE, replace_directory, resolve
 from ..checkpoint.optimizer_state import flatten_optimizer
 from ..checkpoint.save_load import Checkpoint, load_checkpoint
-from ..checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, parse_size, write_shards
+from ..checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, write_shards
 from ..interop.hf_format import HFFormatError
+from ..sizes import parse_size
 from .layers import BaseRef, adapter_tensors, add_lora, load_adapter_tensors, lora_info, merge_lora
 from .lora_config import LoraConfig, LoraConfigError
 

@@ -55,6 +55,17 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    def rows(self, first: int, n: int) -> KVCache:
+        """A shared-position cache (pos 0, no pads) over rows first..first+n-1 that writes
+        into this cache's buffers: a prefill fills some rows while others keep decoding."""
+        if n < 1 or first < 0 or first + n > self.batch_size:
+            raise ValueError(f"rows {first}..{first + n - 1} are outside 0..{self.batch_size - 1}")
+        return KVCache(
+            k=[t[first : first + n] for t in self.k],
+            v=[t[first : first + n] for t in self.v],
+            pad=torch.zeros(n, dtype=torch.long, device=self.pad.device),
+        )
+
     def row_view(self, n: int, lengths: list[int]) -> KVCache:
         """A per-row cache over rows 0..n-1 whose filled lengths are ``lengths`` (host ints,
         tracked by the caller, so no device read is needed); it writes into this cache."""

@@ -208,6 +208,11 @@ class Transformer(nn.Module):
         return self
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights live (every parameter is on one device)."""
+        return self.tok_emb.weight.device
+
+    @property
     def output_weight(self) -> torch.Tensor:
         """The [V, d] output projection (the embedding matrix when tied)."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -328,9 +333,8 @@ class Transformer(nn.Module):
     ) -> KVCache:
         """Allocate a KVCache. Default max_len: max_seq_len + the largest pad, so every row
         can reach the full context; dtype/device default to the model's parameters."""
-        ref = self.tok_emb.weight
-        device = ref.device if device is None else torch.device(device)
-        dtype = ref.dtype if dtype is None else dtype
+        device = self.device if device is None else torch.device(device)
+        dtype = self.tok_emb.weight.dtype if dtype is None else dtype
         if pad is None:
             pad = torch.zeros(batch_size, dtype=torch.long)
         pad = torch.as_tensor(pad, dtype=torch.long, device=device)

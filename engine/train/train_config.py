@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from tritonlm.kernels.dispatch import BACKENDS
 
-from ..checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from ..fields import MAX_SEED, ConfigMixin, at_least, boolean, number, one_of, option
+from ..sizes import parse_size
 
 PHASES = ("pretrain", "sft")
 DEVICES = ("auto", "cpu", "cuda")
