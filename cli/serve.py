@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a row; more get 429 (default: 64)")  # fmt: skip
     p.add_argument("--max-new-tokens-cap", type=_int_in(1, 1 << 20), default=512, metavar="N",
                    help="largest max_tokens a request may ask for (default: 512)")  # fmt: skip
+    p.add_argument("--prefix-cache-tokens", type=_int_in(0, 1 << 30), default=4096, metavar="N",
+                   help="tokens of prompt K/V kept for reuse by later prompts that start "
+                        "with them (LRU; 0 = off; default: 4096)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=_int_in(1, 1 << 30), default=1 << 20, metavar="N",
                    help="largest request body (default: 1 MiB)")  # fmt: skip
     p.add_argument(
@@ -107,6 +110,7 @@ def _log_done(handle, result) -> None:
 def serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     device = _device(args.device)
+    from tritonlm.engine.inference.prefix_cache import PrefixCache
     from tritonlm.engine.inference.scheduler import Scheduler
     from tritonlm.engine.inference.serve_request import Limits
 
@@ -117,9 +121,19 @@ def serve(args: argparse.Namespace) -> int:
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
     limits = Limits(name, ckpt.model.config.max_seq_len, args.max_new_tokens_cap)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    metrics = _metrics()
+
+    def on_done(handle, result) -> None:
+        _log_done(handle, result)
+        if metrics is not None:
+            metrics.on_done(handle, result)
+
+    prefix = PrefixCache(args.prefix_cache_tokens) if args.prefix_cache_tokens else None
     scheduler = Scheduler(ckpt.model, ckpt.tokenizer, args.max_batch, args.max_queue,
-                          on_done=_log_done).start()  # fmt: skip
-    app = create_app(scheduler, ckpt.tokenizer, limits, api_key, args.max_body_bytes)
+                          on_done=on_done, prefix_cache=prefix).start()  # fmt: skip
+    if metrics is not None:
+        metrics.watch(scheduler)
+    app = create_app(scheduler, ckpt.tokenizer, limits, api_key, args.max_body_bytes, metrics)
     import uvicorn
 
     _Server = _server_class()
@@ -137,6 +151,17 @@ def serve(args: argparse.Namespace) -> int:
         sock.close()
     logging.getLogger(PROG).info(json.dumps({"event": "stopped", "signals": server.signals}))
     return 0
+
+
+def _metrics():
+    """The /metrics registry, or None (one log line) without prometheus-client installed."""
+    try:
+        from .serve_metrics import ServeMetrics
+    except ImportError:
+        why = "install prometheus-client (pip install 'tritonlm[serve]')"
+        logging.getLogger(PROG).info(json.dumps({"event": "no_metrics", "why": why}))
+        return None
+    return ServeMetrics()
 
 
 def _server_class():

@@ -25,20 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from tritonlm.engine.inference.scheduler import QueueFull, Scheduler
 from tritonlm.engine.inference.serve_request import Limits, RequestError, parse_request
 
 from .serve_stream import Shape, error_response, sse, whole
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
+
 PAGE = Path(__file__).parent / "static" / "chat.html"
 LOG = logging.getLogger("llm-serve")
 
 
 def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:  # fmt: skip
-    """The app for one loaded model (the API cannot load files or switch checkpoints)."""
+               max_body_bytes: int = 1 << 20, metrics=None) -> FastAPI:  # fmt: skip
+    """The app for one loaded model (the API cannot load files or switch checkpoints).
+    ``metrics``: a :class:`~tritonlm.cli.serve_metrics.ServeMetrics` for GET /metrics."""
     app = FastAPI(title="llm-serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     mailboxes: dict[int, _Mailbox] = {}  # one per event loop (uvicorn runs one)
@@ -97,10 +100,14 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
                 for i, prompt, cfg in rows])  # fmt: skip
         except QueueFull as e:
             LOG.info(json.dumps({"event": "refused", "status": 429}))
+            if metrics is not None:
+                metrics.refused.labels("429").inc()
             err = RequestError(str(e), code="queue_full", status=429, type="rate_limit_error")
             return error_response(err, {"Retry-After": str(e.retry_after_s)})
         except RequestError as e:
             LOG.info(json.dumps({"event": "refused", "status": e.status, "code": e.code}))
+            if metrics is not None:
+                metrics.refused.labels(str(e.status)).inc()
             return error_response(e)
         shape = Shape(req, rid, limits.model_name, tokenizer)
         if req.stream:
@@ -136,6 +143,12 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
         except RequestError as e:
             return error_response(e)
         return _model_card(limits.model_name, created, limits.max_seq_len)
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def metrics_text():  # no key: like /health, it holds no prompt or answer
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health():

@@ -16,7 +16,9 @@ rows wait in a bounded queue; when it is full :meth:`submit` raises :class:`Queu
 The stop rules, UTF-8 safe text and stop strings are those of :mod:`.generate`.
 Requests joining in one step with the same prompt (the ``n`` answers of one request,
 :meth:`Scheduler.submit_many`) share one prefill: the row is copied. A row may ask for
-log-probabilities (:class:`.row_options.RowOptions`), delivered with its events.
+log-probabilities (:class:`.row_options.RowOptions`), delivered with its events. With a
+:class:`.prefix_cache.PrefixCache`, a prompt that starts with tokens whose K/V a finished
+(or joined) row left there copies them into its row and prefills only the rest.
 
     >>> sched = Scheduler(model, tokenizer, max_batch=8, max_queue=32).start()
     >>> handle = sched.submit(prompt_ids, SamplingConfig(temperature=0))   # doctest: +SKIP
@@ -39,6 +41,7 @@ import torch
 from ..model.decode_step import DecodeStep
 from .decode_row import DecodeRow, GenerationResult, StopRules, default_stop_ids
 from .logprobs import TokenLogprob, prompt_logprobs, step_logprobs
+from .prefix_cache import PrefixCache
 from .row_options import RowOptions
 from .sampling import SamplingConfig, make_generator, sample_next
 
@@ -143,7 +146,8 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 on_done: Callable[[Handle, GenerationResult], None] | None = None):  # fmt: skip
+                 on_done: Callable[[Handle, GenerationResult], None] | None = None,
+                 prefix_cache: PrefixCache | None = None):  # fmt: skip
         if max_batch < 1 or max_queue < 0:
             raise ValueError(
                 f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}"
@@ -155,6 +159,7 @@ class Scheduler:
         self.device = model.device
         self.stop_ids = default_stop_ids(tokenizer, None)
         self.on_done = on_done
+        self.prefix_cache = prefix_cache
         self.cache = model.new_cache(max_batch, max_len=self.max_seq_len)
         self.decode_step = DecodeStep(model, self.cache)  # fixed shapes over that cache
         self._live: list[_Live] = []  # row i of the cache belongs to _live[i]
@@ -264,6 +269,7 @@ class Scheduler:
                 continue
             if not live.row.done:  # cancelled: the client is gone
                 self._finish(live, "interrupted")
+            self._remember(i, live)
             last = len(self._live) - 1
             if i != last:
                 self.cache.move_row(last, i, self._live[last].length)
@@ -284,16 +290,17 @@ class Scheduler:
         if not joining:
             return
         # Equal prompts are prefilled once: the first of each comes first, copies after.
-        first_of: dict[tuple[int, ...], int] = {}
+        seen: set[tuple[int, ...]] = set()
         uniques, copies = [], []
         for x in joining:
             key = tuple(x.row.prompt)
-            (copies if key in first_of else uniques).append(x)
-            first_of.setdefault(key, len(first_of))
-        joining = uniques + copies
+            (copies if key in seen else uniques).append(x)
+            seen.add(key)
         base = len(self._live)
         try:
-            logits = self._prefill(base, [x.row.prompt for x in uniques])
+            uniques, logits = self._prefill_uniques(base, uniques)
+            joining = uniques + copies
+            first_of = {tuple(x.row.prompt): j for j, x in enumerate(uniques)}
             src = [first_of[tuple(x.row.prompt)] for x in joining]
             for j in range(len(uniques), len(joining)):
                 self.cache.move_row(base + src[j], base + j, len(joining[j].row.prompt))
@@ -307,6 +314,39 @@ class Scheduler:
             live.length = len(live.row.prompt)
         self._live.extend(joining)
         self._take(joining, logits)
+
+    def _prefill_uniques(self, base: int, uniques: list[_Live]) -> tuple[list, torch.Tensor]:
+        """Prefill distinct prompts into rows base, base+1, ...: those without a cached
+        prefix in one batched forward, then each with one from where its prefix ends.
+        Returns the rows' order (fresh first) and their last logits [k, V]."""
+        pc = self.prefix_cache
+        found = [pc.lookup(x.row.prompt) if pc is not None else None for x in uniques]
+        fresh = [x for x, m in zip(uniques, found, strict=True) if m is None]
+        hits = [(x, m) for x, m in zip(uniques, found, strict=True) if m is not None]
+        parts = [self._prefill(base, [x.row.prompt for x in fresh])] if fresh else []
+        for j, (x, match) in enumerate(hits, start=base + len(fresh)):
+            parts.append(self._prefill_after(j, x.row.prompt, match))
+        return fresh + [x for x, _ in hits], torch.cat(parts)
+
+    def _prefill_after(self, row: int, prompt: list[int], match) -> torch.Tensor:
+        """Copy a cached prefix's K/V into ``row``, run the rest of the prompt; last logits."""
+        m = match.length
+        for dst, src in zip((*self.cache.k, *self.cache.v), (*match.k, *match.v), strict=True):
+            dst[row, :, :m] = src[:, :m]
+        view = type(self.cache)(k=[t[row : row + 1] for t in self.cache.k],
+                                v=[t[row : row + 1] for t in self.cache.v],
+                                pad=self.cache.pad[:1], pos=m)  # fmt: skip
+        idx = torch.tensor([prompt[m:]], dtype=torch.long, device=self.device)
+        return self.model.forward_cached(idx, view, last_only=True)[:, -1]
+
+    def _remember(self, row: int, live: _Live) -> None:
+        """Offer the tokens whose K/V fill this row (prompt and fed answer) to the
+        prefix cache, before the row is reused."""
+        if self.prefix_cache is None or live.length == 0:
+            return
+        fed = live.row.prompt + live.row.result.token_ids[: live.length - len(live.row.prompt)]
+        self.prefix_cache.store(fed, [t[row] for t in self.cache.k],
+                                [t[row] for t in self.cache.v])  # fmt: skip
 
     def _score_prompts(self, joining: list[_Live]) -> None:
         """The prompt log-probabilities of rows that asked for them (echo), once per prompt."""
