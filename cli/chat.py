@@ -34,6 +34,7 @@ from .chat_session import (
     settings_text,
 )
 from .common import EXIT_INTERRUPTED, Parser, UsageError, report
+from .threads_flag import add_threads_flag, apply_threads
 
 __all__ = ["CommandError", "Session", "answer", "command", "info_text", "load", "main",
            "pipe", "prompt_ids", "run_command", "settings_text"]  # fmt: skip
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g2.add_argument(
         "--backend", default="auto", choices=("auto", "torch", "triton"), help="kernels (auto)"
     )
+    add_threads_flag(g2)
     return p
 
 
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = sampling_from_args(args)
         device = resolve_device(args.device)
         check_backend(args.backend, device)
+        apply_threads(args)
         ckpt = load(args.checkpoint, device, args.backend)
         if not args.raw and ckpt.tokenizer.config.chat_template == "none":
             raise UsageError(

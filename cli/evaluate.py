@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .common import Parser, UsageError, run_main
+from .threads_flag import add_threads_flag, apply_threads
 
 PROG = "llm-eval"
 
@@ -99,6 +100,7 @@ def build_parser() -> Parser:
         help="rows per forward pass (default: 8)",
     )
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_threads_flag(r)
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--report", metavar="DIR", help="append the results to DIR/report.md")
     r.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
@@ -156,6 +158,7 @@ def run(args, argv: list[str]) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    apply_threads(args)
     tasks = [(path, *load_task(path, args.format)) for path in args.task or []]  # fail fast
     texts = load_texts(args.data, option="--data") if args.data else None
     ckpt = load_model(args.checkpoint, device=device)  # LoRA: base + adapters, merged

@@ -21,6 +21,7 @@ import socket
 import sys
 
 from .common import Parser, UsageError, run_main
+from .threads_flag import add_threads_flag, apply_threads
 
 PROG = "llm-serve"
 API_KEY_ENV = "TRITONLM_API_KEY"
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="kernels: auto (Triton on CUDA), torch or triton")  # fmt: skip
+    add_threads_flag(p)
     return p
 
 
@@ -108,6 +110,7 @@ def _log_done(handle, result) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    apply_threads(args)
     sock = _bind(args.host, args.port)
     device = _device(args.device)
     from tritonlm.engine.inference.prefix_cache import PrefixCache
