@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="auto", choices=("auto", "torch", "triton"), help="kernels (auto)"
     )
     add_threads_flag(g2)
+    g2.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                    help="int8: weight-only int8 block matrices (smaller; see README)")  # fmt: skip
+    g2.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (compiled at the first answer)",
+    )
+    g2.add_argument("--no-graphs", action="store_true",
+                    help="on CUDA, do not capture the decode step as CUDA graphs")  # fmt: skip
     return p
 
 
@@ -235,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         check_backend(args.backend, device)
         apply_threads(args)
-        ckpt = load(args.checkpoint, device, args.backend)
+        ckpt = load(args.checkpoint, device, args.backend, args.weights)
+        from tritonlm.engine.model.cuda_graphs import pick_decode_mode
+
         if not args.raw and ckpt.tokenizer.config.chat_template == "none":
             raise UsageError(
                 "this model's tokenizer has no chat template we can render (an imported "
@@ -249,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             system=args.system,
             device=device,
             backend=args.backend,
+            weights=args.weights,
+            decode=pick_decode_mode(device, graphs=not args.no_graphs, compile=args.compile),
         )
         if args.prompt is not None:
             answer(session, args.prompt, out, err, history=False)

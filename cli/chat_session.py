@@ -60,6 +60,9 @@ class Session:
     history: list[dict[str, str]] = field(default_factory=list)
     device: object = None
     backend: str = "auto"
+    weights: str = "fp32"  # or "int8" (weight-only, see engine/model/int8.py)
+    decode: str = "eager"  # the decode step: eager, compile or graphs (cuda_graphs.py)
+    decoder: object = None  # built at the first answer, for the current checkpoint
 
     @property
     def model(self):
@@ -75,15 +78,34 @@ class Session:
         return msgs + past + [{"role": "user", "content": user_text}]
 
 
-def load(path: str, device, backend: str):
-    """Load a checkpoint; errors become UsageError with the engine's one-line message."""
+def load(path: str, device, backend: str, weights: str = "fp32"):
+    """Load a checkpoint (its block matrices in int8 when ``weights`` is "int8"); errors
+    become UsageError with the engine's one-line message."""
     from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
     from tritonlm.engine.lora.adapter_checkpoint import load_model
+    from tritonlm.engine.model.int8 import quantize_int8
 
     try:  # an adapter checkpoint comes merged into its base
-        return load_model(path, device=device, backend=backend)
+        ckpt = load_model(path, device=device, backend=backend)
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
+    if weights == "int8":
+        quantize_int8(ckpt.model)
+    return ckpt
+
+
+def decoder(session: Session, err):
+    """The session's decode step over one preallocated cache (rebuilt after /load); a CUDA
+    graph capture that fails prints one line on ``err`` and the chat goes on eagerly."""
+    from tritonlm.engine.model.cuda_graphs import make_decode_step
+
+    model = session.model
+    if session.decoder is None or session.decoder.model is not model:
+        cache = model.new_cache(1, max_len=model.config.max_seq_len)
+        session.decoder = make_decode_step(
+            model, cache, session.decode, lambda line: err.write(f"{PROG}: note: {line}\n")
+        )
+    return session.decoder
 
 
 def prompt_ids(session: Session, text: str, history: bool) -> tuple[list[int], int, int]:
@@ -108,7 +130,8 @@ def answer(session: Session, text: str, out, err, history: bool) -> None:
     from tritonlm.engine.inference.generate import stream
 
     ids, dropped, cut = prompt_ids(session, text, history)
-    s = stream(session.model, session.tokenizer, ids, session.sampling)
+    step = decoder(session, err)
+    s = stream(session.model, session.tokenizer, ids, session.sampling, decoder=step)
     interrupted = False
     try:
         for piece in s:
@@ -224,7 +247,7 @@ def command(session: Session, line: str, out) -> bool:
         if not rest:
             raise CommandError("/load needs a checkpoint path")
         try:
-            ckpt = load(os.path.expanduser(rest), session.device, session.backend)
+            ckpt = load(os.path.expanduser(rest), session.device, session.backend, session.weights)
         except UsageError as e:
             raise CommandError(str(e)) from None
         session.checkpoint = ckpt

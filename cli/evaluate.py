@@ -101,6 +101,8 @@ def build_parser() -> Parser:
     )
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_threads_flag(r)
+    r.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                   help="int8: weight-only int8 block matrices (as llm-chat)")  # fmt: skip
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--report", metavar="DIR", help="append the results to DIR/report.md")
     r.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
@@ -162,13 +164,18 @@ def run(args, argv: list[str]) -> int:
     tasks = [(path, *load_task(path, args.format)) for path in args.task or []]  # fail fast
     texts = load_texts(args.data, option="--data") if args.data else None
     ckpt = load_model(args.checkpoint, device=device)  # LoRA: base + adapters, merged
+    if args.weights == "int8":
+        from tritonlm.engine.model.int8 import quantize_int8
+
+        quantize_int8(ckpt.model)
     max_len = ckpt.model.config.max_seq_len
     if args.context and args.context > max_len:
         raise UsageError(f"--context {args.context} exceeds the model's context {max_len}")
     if args.stride and args.stride > (args.context or max_len):
         raise UsageError(f"--stride {args.stride} is larger than the window "
                          f"{args.context or max_len}")  # fmt: skip
-    result = {"checkpoint": str(args.checkpoint), "text": None, "tasks": []}
+    result = {"checkpoint": str(args.checkpoint), "weights": args.weights, "text": None,
+              "tasks": []}  # fmt: skip
     if texts is not None:
         if not args.quiet and not args.json:
             print(f"data: {texts.summary('documents')}", file=sys.stderr, flush=True)

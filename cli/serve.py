@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="kernels: auto (Triton on CUDA), torch or triton")  # fmt: skip
     add_threads_flag(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (compiles per batch size at first use)",
+    )
+    p.add_argument("--no-graphs", action="store_true",
+                   help="on CUDA, do not capture the decode step as CUDA graphs")  # fmt: skip
     return p
 
 
@@ -131,9 +138,13 @@ def serve(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.on_done(handle, result)
 
+    from tritonlm.engine.model.cuda_graphs import pick_decode_mode
+
+    decode = pick_decode_mode(device, graphs=not args.no_graphs, compile=args.compile)
     prefix = PrefixCache(args.prefix_cache_tokens) if args.prefix_cache_tokens else None
     scheduler = Scheduler(ckpt.model, ckpt.tokenizer, args.max_batch, args.max_queue,
-                          on_done=on_done, prefix_cache=prefix).start()  # fmt: skip
+                          on_done=on_done, prefix_cache=prefix, decode=decode,
+                          on_fallback=logging.getLogger(PROG).warning).start()  # fmt: skip
     if metrics is not None:
         metrics.watch(scheduler)
     app = create_app(scheduler, ckpt.tokenizer, limits, api_key, args.max_body_bytes, metrics)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.decode_step import DecodeStep
+from ..model.cuda_graphs import make_decode_step
 from .decode_row import DecodeRow, GenerationResult, StopRules, default_stop_ids
 from .logprobs import TokenLogprob, prompt_logprobs, step_logprobs
 from .prefix_cache import PrefixCache
@@ -142,12 +142,16 @@ class Scheduler:
     """Owns the model, its KV cache of ``max_batch`` rows, and the waiting queue.
 
     ``on_done(handle, result)`` is called (scheduler thread) once per finished request,
-    e.g. to write a log line. All public methods are thread-safe.
+    e.g. to write a log line. ``decode``: "eager", "compile" or "graphs" (CUDA graphs per
+    batch bucket; a failed capture calls ``on_fallback`` with one line and goes on eagerly).
+    All public methods are thread-safe.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  on_done: Callable[[Handle, GenerationResult], None] | None = None,
-                 prefix_cache: PrefixCache | None = None):  # fmt: skip
+                 prefix_cache: PrefixCache | None = None,
+                 decode: str = "eager",
+                 on_fallback: Callable[[str], None] | None = None):  # fmt: skip
         if max_batch < 1 or max_queue < 0:
             raise ValueError(
                 f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}"
@@ -161,7 +165,8 @@ class Scheduler:
         self.on_done = on_done
         self.prefix_cache = prefix_cache
         self.cache = model.new_cache(max_batch, max_len=self.max_seq_len)
-        self.decode_step = DecodeStep(model, self.cache)  # fixed shapes over that cache
+        # fixed shapes over that cache: eager, compiled or CUDA graphs (see make_decode_step)
+        self.decode_step = make_decode_step(model, self.cache, decode, on_fallback)
         self._live: list[_Live] = []  # row i of the cache belongs to _live[i]
         self._waiting: deque[tuple[Handle, list[int], SamplingConfig, RowOptions]] = deque()
         self._cond = threading.Condition()

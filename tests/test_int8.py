@@ -1,0 +1,67 @@
+"""Weight-only int8: the rounding error bound, a quantized model close to its float self,
+and --weights int8 through llm-chat and llm-eval (whose perplexity stays close)."""
+
+import json
+
+import pytest
+import torch
+from chat_fixtures import CHATS, trained_checkpoint
+from tritonlm.cli import chat, evaluate
+from tritonlm.engine.inference.generate import generate
+from tritonlm.engine.inference.sampling import SamplingConfig
+from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.int8 import Int8Linear, quantize_int8
+from tritonlm.engine.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory)
+
+
+def test_int8_linear_rounding_bound():
+    torch.manual_seed(0)
+    w = torch.randn(37, 53) * torch.rand(37, 1) * 3  # rows of different ranges
+    layer = Int8Linear(w)
+    assert layer.q.dtype == torch.int8 and int(layer.q.abs().max()) <= 127
+    scale = w.abs().amax(1) / 127
+    assert bool(((layer.dequantized() - w).abs() <= scale[:, None] / 2 + 1e-6).all())
+    x = torch.randn(5, 53)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized().T, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_model_stays_close_and_decodes():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      d_ff=128, max_seq_len=32)  # fmt: skip
+    model = Transformer(cfg, backend="torch").eval()
+    idx = torch.tensor([[5, 9, 200, 31, 7, 64]])
+    with torch.no_grad():
+        want = model(idx)
+        assert quantize_int8(model) == 4 * cfg.n_layers
+        got = model(idx)
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert all(isinstance(b.ffn.down, Int8Linear) for b in model.blocks)
+    r = generate(model, None, [5, 9, 200], SamplingConfig(temperature=0, max_new_tokens=8),
+                 stop_token_ids=[])  # fmt: skip
+    assert r.new_tokens == 8  # the fixed-shape decode step runs the int8 matrices too
+
+
+def test_chat_with_int8_weights_answers(ckpt, capsys, restore_threads):
+    user, want = CHATS[0]
+    assert chat.main([str(ckpt), "--prompt", user, "--temperature", "0", "--weights", "int8"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_eval_perplexity_cost_of_int8_is_small(ckpt, tmp_path, capsys, restore_threads):
+    data = tmp_path / "held_out.txt"
+    data.write_text(" ".join(f"{u} {a}" for u, a in CHATS) * 3)
+    scores = {}
+    for weights in ("fp32", "int8"):
+        argv = [str(ckpt), "--data", str(data), "--json", "--quiet", "--weights", weights]
+        assert evaluate.main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["weights"] == weights
+        scores[weights] = out["text"]["bits_per_byte"]
+    assert scores["int8"] == pytest.approx(scores["fp32"], rel=0.05)
+    assert scores["int8"] != scores["fp32"]  # the int8 matrices were really used
