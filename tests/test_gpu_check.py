@@ -138,4 +138,4 @@ def test_package_imports_from_a_bare_checkout():
                           timeout=120, env=ENV, cwd="/")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     how, path = proc.stdout.split()
-    assert how == "checkout" and Path(path) == ROOT / "engine" / "model.py"
+    assert how == "checkout" and Path(path) == ROOT / "engine" / "model" / "transformer.py"
