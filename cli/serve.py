@@ -147,7 +147,8 @@ def serve(args: argparse.Namespace) -> int:
                           on_fallback=logging.getLogger(PROG).warning).start()  # fmt: skip
     if metrics is not None:
         metrics.watch(scheduler)
-    app = create_app(scheduler, ckpt.tokenizer, limits, api_key, args.max_body_bytes, metrics)
+    app = create_app(scheduler, ckpt.tokenizer, limits, api_key, args.max_body_bytes, metrics,
+                     _grammars(ckpt))  # fmt: skip
     import uvicorn
 
     _Server = _server_class()
@@ -176,6 +177,17 @@ def _metrics():
         logging.getLogger(PROG).info(json.dumps({"event": "no_metrics", "why": why}))
         return None
     return ServeMetrics()
+
+
+def _grammars(ckpt):
+    """response_format's compiler, or None (one log line) without xgrammar installed."""
+    from tritonlm.engine.inference.grammar import GrammarError, Grammars
+
+    try:
+        return Grammars(ckpt.tokenizer, ckpt.model.config.vocab_size)
+    except GrammarError as e:
+        logging.getLogger(PROG).info(json.dumps({"event": "no_response_format", "why": str(e)}))
+        return None
 
 
 def _server_class():

@@ -39,9 +39,11 @@ LOG = logging.getLogger("llm-serve")
 
 
 def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, metrics=None) -> FastAPI:  # fmt: skip
+               max_body_bytes: int = 1 << 20, metrics=None, grammars=None) -> FastAPI:  # fmt: skip
     """The app for one loaded model (the API cannot load files or switch checkpoints).
-    ``metrics``: a :class:`~tritonlm.cli.serve_metrics.ServeMetrics` for GET /metrics."""
+    ``metrics``: a :class:`~tritonlm.cli.serve_metrics.ServeMetrics` for GET /metrics;
+    ``grammars``: the :class:`~tritonlm.engine.inference.grammar.Grammars` that compiles
+    response formats (None: they are refused)."""
     app = FastAPI(title="llm-serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     mailboxes: dict[int, _Mailbox] = {}  # one per event loop (uvicorn runs one)
@@ -86,7 +88,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
             check_key(request)
             body = await read_json(request)
             # Tokenizing up to max_body_bytes of text takes a while: off the event loop.
-            req = await asyncio.to_thread(parse_request, body, kind, tokenizer, limits)
+            req = await asyncio.to_thread(parse_request, body, kind, tokenizer, limits, grammars)
             rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
             events: asyncio.Queue = asyncio.Queue()  # (choice index, Event)
             mailbox = mailboxes.setdefault(id(asyncio.get_running_loop()), _Mailbox())

@@ -40,6 +40,7 @@ import torch
 
 from ..model.cuda_graphs import make_decode_step
 from .decode_row import DecodeRow, GenerationResult, StopRules, default_stop_ids
+from .grammar import RowGrammar
 from .logprobs import TokenLogprob, prompt_logprobs, step_logprobs
 from .prefix_cache import PrefixCache
 from .row_options import RowOptions
@@ -109,6 +110,9 @@ class _Live:
         self.config = config
         self.options = options or RowOptions()
         self.prompt_lp: list[TokenLogprob] | None = None  # sent with the first event
+        vocab = sched.model.config.vocab_size
+        grammar = self.options.grammar
+        self.grammar = RowGrammar(grammar, vocab) if grammar is not None else None
         self.row = DecodeRow(prompt, config, sched.tokenizer, keep_logits=False)
         self.rules = StopRules(sched.stop_ids, config.max_new_tokens, sched.max_seq_len)
         self.length = 0  # filled KV slots (host int: no device read per step)
@@ -127,7 +131,8 @@ class _Live:
     @property
     def plain_greedy(self) -> bool:
         """Greedy without penalties: the whole group is one argmax."""
-        return self.config.greedy and self.seen is None and self.counts is None
+        return (self.config.greedy and self.seen is None and self.counts is None
+                and self.grammar is None)  # fmt: skip
 
     def note(self, token: torch.Tensor) -> None:
         """Record the sampled token [1] in the penalty state."""
@@ -338,9 +343,8 @@ class Scheduler:
         m = match.length
         for dst, src in zip((*self.cache.k, *self.cache.v), (*match.k, *match.v), strict=True):
             dst[row, :, :m] = src[:, :m]
-        view = type(self.cache)(k=[t[row : row + 1] for t in self.cache.k],
-                                v=[t[row : row + 1] for t in self.cache.v],
-                                pad=self.cache.pad[:1], pos=m)  # fmt: skip
+        view = self.cache.rows(row, 1)
+        view.pos = m  # the prefix's slots are filled: the rest of the prompt goes after
         idx = torch.tensor([prompt[m:]], dtype=torch.long, device=self.device)
         return self.model.forward_cached(idx, view, last_only=True)[:, -1]
 
@@ -399,7 +403,10 @@ class Scheduler:
         tokens = logits.argmax(dim=-1)
         for j, x in enumerate(live):
             if not x.plain_greedy:
-                picked = sample_next(logits[j : j + 1], x.config, x.generator, x.seen, x.counts)
+                row = logits[j : j + 1]
+                if x.grammar is not None:  # only tokens that continue valid output
+                    row = x.grammar.mask(row)
+                picked = sample_next(row, x.config, x.generator, x.seen, x.counts)
                 tokens[j] = picked[0]
         lps = self._logprobs(live, logits, tokens)
         host = tokens.tolist()  # the step's one host sync: the text needs the ids
@@ -410,6 +417,12 @@ class Scheduler:
             x.note(x.next_id)
             if x.n_new == 1:
                 x.row.result.time_to_first_token_s = now - x.handle.submitted
+            if x.grammar is not None:
+                try:
+                    x.grammar.accept(host[j])
+                except RuntimeError as e:
+                    self._fail(x, str(e))
+                    continue
             text, finished = x.row.accept(host[j], x.n_new, x.rules)
             event = Event(text=text, n_tokens=1, logprobs=lps.get(j))
             if x.prompt_lp is not None:

@@ -19,7 +19,9 @@ lists): choice ``i * n + j`` is answer j of prompt i; with a ``seed``, answer j 
 seed + j, so ``n=3, seed=s`` gives the answers of three requests seeded s, s+1, s+2.
 Log-probabilities: chat ``logprobs: true`` + ``top_logprobs`` (0..20); completions
 ``logprobs`` (0..5 alternatives) and ``echo`` (the prompt's tokens and their
-log-probabilities come first).
+log-probabilities come first). ``response_format`` json_object / json_schema is compiled
+by the server's :class:`.grammar.Grammars` (a schema keyword it cannot enforce is a 400
+naming it) and constrains every answer's tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 from ..fields import MAX_SEED
 from .chat_prompt import encode_raw_prompt
+from .grammar import GrammarError, Grammars
 from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETION
 from .row_options import RowOptions
 from .sampling import SamplingConfig
@@ -47,7 +50,7 @@ UNSUPPORTED = {
     "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}), "audio": None, "modalities": (None, ["text"]),
+    "audio": None, "modalities": (None, ["text"]),
     "prediction": None, "reasoning_effort": None, "web_search_options": None,
 }  # fmt: skip
 
@@ -107,13 +110,15 @@ class ServeRequest:
         return out
 
 
-def parse_request(body: Any, kind: str, tokenizer, limits: Limits) -> ServeRequest:
-    """Validate a decoded JSON body for ``kind`` ("chat" or "completion")."""
+def parse_request(body: Any, kind: str, tokenizer, limits: Limits,
+                  grammars: Grammars | None = None) -> ServeRequest:  # fmt: skip
+    """Validate a decoded JSON body for ``kind`` ("chat" or "completion"); ``grammars``
+    compiles a response_format (without it, one that constrains is refused)."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
     prompt_field = "messages" if kind == "chat" else "prompt"
     known = {prompt_field, *_SAMPLING_FIELDS, "model", "stream", "stream_options", "n"}
-    known |= {"max_tokens", "max_completion_tokens", "logprobs"}
+    known |= {"max_tokens", "max_completion_tokens", "logprobs", "response_format"}
     known |= {"top_logprobs"} if kind == "chat" else {"echo"}
     for name, value in body.items():
         if name in UNSUPPORTED:
@@ -155,9 +160,25 @@ def parse_request(body: Any, kind: str, tokenizer, limits: Limits) -> ServeReque
         raise RequestError(f"{len(prompts)} prompts x n={n} answers is more than "
                            f"{MAX_PROMPTS} in one request", param="n")  # fmt: skip
     options, echo = _logprob_options(body, kind)
+    options = replace(options, grammar=_grammar(body.get("response_format"), grammars))
     return ServeRequest(kind, prompts[0], _sampling(body, limits), stream, include_usage, n=n,
                         options=options, prompts=prompts, prompt_texts=texts,
                         bos_added=bos_added, echo=echo)  # fmt: skip
+
+
+def _grammar(response_format: Any, grammars: Grammars | None):
+    """The compiled grammar of a response_format, None for none or text."""
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    if grammars is None:
+        raise RequestError("response_format is not available on this server (it needs "
+                           "xgrammar)", param="response_format",
+                           code="unsupported_parameter")  # fmt: skip
+    try:
+        return grammars.compile(response_format)
+    except GrammarError as e:
+        raise RequestError(str(e), param=e.param, code="unsupported_schema"
+                           if "unsupported" in str(e) else None) from None  # fmt: skip
 
 
 def _logprob_options(body: dict, kind: str) -> tuple[RowOptions, bool]:
