@@ -10,17 +10,15 @@ import json
 
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
 from tritonlm.engine.data import token_cache as tc
 from tritonlm.engine.lora.adapter_checkpoint import base_ref, load_model
 from tritonlm.engine.lora.layers import add_lora, lora_layers, merge_lora, trainable_parameters
 from tritonlm.engine.lora.lora_config import LoraConfig, LoraConfigError
-from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.stop import StopRequest
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import loop as tr
 from tritonlm.engine.train.loop import train
 from tritonlm.engine.train.train_config import TrainConfig
@@ -43,14 +41,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=280))
+    return tiny_tokenizer(TEXTS, vocab_size=280)
 
 
 def base_model(tok, shape="gqa-tied", seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, d_ff=64,
-                      max_seq_len=16, **SHAPES[shape])  # fmt: skip
-    return Transformer(cfg, backend="torch")
+    return tiny_model(tok, seed=seed, backend="torch", d_ff=64, **SHAPES[shape])
 
 
 def saved_base(tok, path, shape="gqa-tied"):

@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import transformers
+from factories import run_cli, tiny_model, tiny_tokenizer
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from tritonlm.cli import export as export_cli
@@ -25,10 +26,6 @@ from tritonlm.engine.inference.generate import generate
 from tritonlm.engine.inference.sampling import SamplingConfig
 from tritonlm.engine.lora.adapter_checkpoint import is_adapter_checkpoint, load_model
 from tritonlm.engine.lora.layers import lora_layers
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -42,12 +39,11 @@ def base(tmp_path_factory):
     """A tiny grouped-query base checkpoint (untied head) and a chat file."""
     root = tmp_path_factory.mktemp("lora")
     texts = [f"{u} {a}" for u, a in CHATS] * 3
-    tok = BpeTokenizer.train(texts, BpeTokenizerConfig(vocab_size=300))
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
-                      n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=False,
-                      init_std=0.2)  # peaked logits: greedy decoding has no near-ties  # fmt: skip
-    save_checkpoint(root / "base", Transformer(cfg), tok)
+    tok = tiny_tokenizer(texts, vocab_size=300)
+    # grouped-query, untied head; peaked logits (init_std 0.2): greedy decoding has no ties
+    model = tiny_model(tok, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                       tie_embeddings=False, init_std=0.2)  # fmt: skip
+    save_checkpoint(root / "base", model, tok)
     chats = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
              for u, a in CHATS]  # fmt: skip
     (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
@@ -154,12 +150,11 @@ def test_merge_on_save_and_chat_on_an_adapter_checkpoint(base, adapter_run, tmp_
 def test_bad_lora_flags_are_one_line(base, tmp_path, capsys, extra, word):
     argv = ["--init-from", base / "base", "--chat-data", base / "chats.jsonl",
             "--out", tmp_path / "x", "--quiet", *extra]  # fmt: skip
-    assert train_cli.main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert word in err and len(err.splitlines()) == 1
+    rc, _, err = run_cli(train_cli.main, capsys, *argv)
+    assert rc == 2 and word in err and len(err.strip().splitlines()) == 1
 
 
 def test_lora_needs_a_base(base, tmp_path, capsys):
     argv = ["--chat-data", base / "chats.jsonl", "--out", tmp_path / "x", "--lora-rank", "4"]
-    assert train_cli.main([str(a) for a in argv]) == 2
-    assert "--init-from" in capsys.readouterr().err
+    rc, _, err = run_cli(train_cli.main, capsys, *argv)
+    assert rc == 2 and "--init-from" in err
