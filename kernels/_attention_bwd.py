@@ -20,6 +20,13 @@ is shared by GROUP query heads, so its dK and dV are sums over them; the dk/dv p
 adds them in a fixed order (head by head, in fp32) and stores once, instead of
 one program per query head racing to add into the same rows. Head dims that are not a
 power of two run in padded BLOCK_D tiles, as in the forward (`load_tile`, `store_tile`).
+
+Packed rows (HAS_DOCS): DOC_START / DOC_END [B, T] hold the first position of each
+position's document and the position after its last one. The extra mask is
+key >= start[row]. dq visits the key blocks the forward visits (from start[m_lo]). A key
+block [n_lo, n_hi) is seen only by rows before end[n_hi - 1] (rows after it belong to later
+documents), so dk/dv stops there, and its unmasked loop stops at end[n_lo] (rows past it
+start their document after n_lo).
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ if HAS_TRITON:
         stride_dot,
         stride_dod,
         offs_n,
+        start_base,
         L,
         lo,
         hi,
@@ -106,6 +114,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         MASKED: tl.constexpr,
+        DOCS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """Accumulate dk (unscaled) and dv of one key block over query blocks [lo, hi).
@@ -134,6 +143,9 @@ if HAS_TRITON:
             if MASKED:
                 # -inf -> P = 0: keys after the row (as in the forward) and padding rows.
                 keep = (offs_m[None, :] >= offs_n[:, None]) & row_ok[None, :]
+                if DOCS:  # and the row's document starts at or before the key
+                    row_start = tl.load(start_base + offs_m, mask=row_ok, other=0)
+                    keep = keep & (offs_n[:, None] >= row_start[None, :])
                 st = tl.where(keep, st, float("-inf"))
             # The forward's probabilities, recomputed from the row's base-2 logsumexp.
             pt = tl.exp2(st - lse[None, :])
@@ -154,6 +166,8 @@ if HAS_TRITON:
         LSE,
         DELTA,
         LENS,
+        DOC_START,
+        DOC_END,
         stride_qb,
         stride_qh,
         stride_qt,
@@ -184,6 +198,7 @@ if HAS_TRITON:
         qk_scale,
         sm_scale,
         HAS_LENS: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -238,10 +253,19 @@ if HAS_TRITON:
         # at or past L is all padding: m_end = 0 and no loop runs. Keys >= L inside a live
         # block need no mask of their own: only rows >= key >= L could see them, and those
         # padding rows are masked; the store below writes zeros for them anyway.
+        # Packed rows: only rows before end[last key] see the block (m_end), and only rows
+        # before end[n_lo] see all of it (full_end); L still bounds both.
         m_start = (n_lo // BLOCK_M) * BLOCK_M
-        m_end = tl.where(n_lo < L, L, 0)
         diag_end = ((n_lo + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        full_end = (L // BLOCK_M) * BLOCK_M
+        start_base = DOC_START + b64 * T
+        if HAS_DOCS:
+            end_base = DOC_END + b64 * T
+            last_key = tl.maximum(tl.minimum(n_lo + BLOCK_N, L) - 1, 0)
+            m_end = tl.where(n_lo < L, tl.minimum(tl.load(end_base + last_key), L), 0)
+            full_end = (tl.minimum(tl.load(end_base + n_lo), L) // BLOCK_M) * BLOCK_M
+        else:
+            m_end = tl.where(n_lo < L, L, 0)
+            full_end = (L // BLOCK_M) * BLOCK_M
         # The query heads h_kv * GROUP + g of the group, in order: their contributions add
         # into the same fp32 dk/dv tiles, so the sum's order is fixed (deterministic).
         for g in range(0, GROUP):
@@ -252,18 +276,19 @@ if HAS_TRITON:
             delta_base = DELTA + (b64 * H + h64) * T
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-                stride_dot, stride_dod, offs_n, L, m_start, tl.minimum(diag_end, m_end),
-                qk_scale, D, BLOCK_D, BLOCK_M, True, PRECISION,
+                stride_dot, stride_dod, offs_n, start_base, L, m_start,
+                tl.minimum(diag_end, m_end), qk_scale, D, BLOCK_D, BLOCK_M, True, HAS_DOCS,
+                PRECISION,
             )  # fmt: skip
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-                stride_dot, stride_dod, offs_n, L, diag_end, full_end,
-                qk_scale, D, BLOCK_D, BLOCK_M, False, PRECISION,
+                stride_dot, stride_dod, offs_n, start_base, L, diag_end, full_end,
+                qk_scale, D, BLOCK_D, BLOCK_M, False, HAS_DOCS, PRECISION,
             )  # fmt: skip
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-                stride_dot, stride_dod, offs_n, L, tl.maximum(diag_end, full_end), m_end,
-                qk_scale, D, BLOCK_D, BLOCK_M, True, PRECISION,
+                stride_dot, stride_dod, offs_n, start_base, L, tl.maximum(diag_end, full_end),
+                m_end, qk_scale, D, BLOCK_D, BLOCK_M, True, HAS_DOCS, PRECISION,
             )  # fmt: skip
 
         # S = scale * Q K^T, so dK = scale * dS^T Q: the scale is applied once, here.
@@ -291,6 +316,7 @@ if HAS_TRITON:
         stride_vt,
         stride_vd,
         offs_m,
+        row_start,
         L,
         lo,
         hi,
@@ -299,6 +325,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
+        DOCS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """Accumulate dq (unscaled) of one query block over key blocks [lo, hi).
@@ -319,6 +346,8 @@ if HAS_TRITON:
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             if MASKED:
                 keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
+                if DOCS:
+                    keep = keep & (offs_n[None, :] >= row_start[:, None])
                 s = tl.where(keep, s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -336,6 +365,7 @@ if HAS_TRITON:
         LSE,
         DELTA,
         LENS,
+        DOC_START,
         stride_qb,
         stride_qh,
         stride_qt,
@@ -362,6 +392,7 @@ if HAS_TRITON:
         qk_scale,
         sm_scale,
         HAS_LENS: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -407,16 +438,35 @@ if HAS_TRITON:
         #   [full_hi, hi)  key blocks overlapping the diagonal (some key after some row:
         #                  that score must be -inf) and the length tail -> masked
         # A query block at or past L is padding: no loop runs and its dq rows are zero.
+        # Packed rows: key blocks [lo, full_lo) are masked too, as in the forward.
         live = m_lo < L
+        last_row = tl.maximum(tl.minimum(m_lo + BLOCK_M, L) - 1, 0)
         hi = tl.where(live, tl.minimum(m_lo + BLOCK_M, L), 0)
         full_hi = tl.where(live, (tl.minimum(m_lo, L) // BLOCK_N) * BLOCK_N, 0)
+        if HAS_DOCS:
+            doc_base = DOC_START + b64 * T
+            row_start = tl.load(doc_base + offs_m, mask=row_in, other=0)
+            lo = tl.where(live, (tl.load(doc_base + m_lo) // BLOCK_N) * BLOCK_N, 0)
+            full_lo = ((tl.load(doc_base + last_row) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+            full_lo = tl.minimum(full_lo, full_hi)
+        else:
+            row_start = offs_m * 0
+            lo = 0
+            full_lo = 0
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
-            stride_vd, offs_m, L, 0, full_hi, qk_scale, D, BLOCK_D, BLOCK_N, False, PRECISION,
+            stride_vd, offs_m, row_start, L, lo, full_lo, qk_scale, D, BLOCK_D, BLOCK_N, True,
+            HAS_DOCS, PRECISION,
         )  # fmt: skip
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
-            stride_vd, offs_m, L, full_hi, hi, qk_scale, D, BLOCK_D, BLOCK_N, True, PRECISION,
+            stride_vd, offs_m, row_start, L, full_lo, full_hi, qk_scale, D, BLOCK_D, BLOCK_N,
+            False, HAS_DOCS, PRECISION,
+        )  # fmt: skip
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
+            stride_vd, offs_m, row_start, L, full_hi, hi, qk_scale, D, BLOCK_D, BLOCK_N, True,
+            HAS_DOCS, PRECISION,
         )  # fmt: skip
 
         dq = tl.where((offs_m < L)[:, None], dq * sm_scale, 0.0)  # dQ = scale * dS K

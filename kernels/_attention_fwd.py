@@ -18,6 +18,19 @@ Key blocks visited by the query block [m_lo, m_lo + BLOCK_M) of a sequence of le
     [full_hi, hi)  the diagonal block(s) and the length tail: causal and length mask
     [hi, T)        above the diagonal or past L: never loaded
 A query block that starts at or past L (padding) visits nothing and stores zeros.
+
+Packed rows (HAS_DOCS): DOC_START [B, T] holds, for each position, the first position of
+its document (a run of equal document ids), so row r sees keys [start[r], r]. Starts never
+decrease along a row, so a query block's documents occupy keys [start[m_lo], last row]:
+key blocks below start[m_lo] hold no key of them and are never loaded (the loop starts at
+lo = start[m_lo] rounded down to a key block). Key blocks entirely in
+[start[last row], m_lo) are seen by every row of the block: no mask. So
+    [lo, full_lo)    masked (some row's document starts inside or after them)
+    [full_lo, full_hi) unmasked
+    [full_hi, hi)    masked (the diagonal and the length tail)
+where full_lo is start[last row] rounded up. With many short documents in one query
+block, a masked key block can leave a row with no visible key yet; the running max of such
+a row stays -inf and the update is made finite (`m_use`) so no NaN appears.
 """
 
 from __future__ import annotations
@@ -65,6 +78,7 @@ if HAS_TRITON:
         stride_vt,
         stride_vd,
         offs_m,
+        row_start,
         L,
         lo,
         hi,
@@ -73,9 +87,11 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
+        DOCS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """Online softmax over key blocks [lo, hi); MASKED adds the causal/length mask."""
+        """Online softmax over key blocks [lo, hi); MASKED adds the causal/length mask and,
+        when DOCS, the document mask (key >= the row's document start)."""
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         pad = BLOCK_D != D
@@ -89,11 +105,19 @@ if HAS_TRITON:
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             if MASKED:
                 keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
+                if DOCS:
+                    keep = keep & (offs_n[None, :] >= row_start[:, None])
                 s = tl.where(keep, s, float("-inf"))
-            # Every row sees key 0 in the first block it visits, so m_new is finite.
+            # Without documents every row sees key 0 in the first block it visits, so m_new
+            # is finite. With them a row may see nothing yet: subtract 0 instead of -inf
+            # (p and alpha are then exactly 0, l and acc stay 0).
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            if DOCS and MASKED:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_use = m_new
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -108,6 +132,7 @@ if HAS_TRITON:
         O,
         LSE,
         LENS,
+        DOC_START,
         stride_qb,
         stride_qh,
         stride_qt,
@@ -129,6 +154,7 @@ if HAS_TRITON:
         GROUP,
         qk_scale,
         HAS_LENS: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -158,18 +184,36 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Keys [0, full_hi): below the diagonal for every row of the block and < L.
-        # Keys [full_hi, hi): the diagonal / length tail, masked. Blocks past L: no work.
+        # Keys [lo, full_lo) and [full_hi, hi): masked; [full_lo, full_hi): every row of the
+        # block sees every key (module docstring). Blocks past L: no work.
         live = m_lo < L
+        last_row = tl.maximum(tl.minimum(m_lo + BLOCK_M, L) - 1, 0)
         hi = tl.where(live, tl.minimum(m_lo + BLOCK_M, L), 0)
         full_hi = tl.where(live, (tl.minimum(m_lo, L) // BLOCK_N) * BLOCK_N, 0)
+        if HAS_DOCS:
+            doc_base = DOC_START + b.to(tl.int64) * T
+            row_start = tl.load(doc_base + offs_m, mask=offs_m < T, other=0)
+            lo = tl.where(live, (tl.load(doc_base + m_lo) // BLOCK_N) * BLOCK_N, 0)
+            full_lo = ((tl.load(doc_base + last_row) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+            full_lo = tl.minimum(full_lo, full_hi)
+        else:
+            row_start = offs_m * 0
+            lo = 0
+            full_lo = 0
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-            offs_m, L, 0, full_hi, qk_scale, D, BLOCK_D, BLOCK_N, False, PRECISION,
+            offs_m, row_start, L, lo, full_lo, qk_scale, D, BLOCK_D, BLOCK_N, True, HAS_DOCS,
+            PRECISION,
         )  # fmt: skip
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-            offs_m, L, full_hi, hi, qk_scale, D, BLOCK_D, BLOCK_N, True, PRECISION,
+            offs_m, row_start, L, full_lo, full_hi, qk_scale, D, BLOCK_D, BLOCK_N, False,
+            HAS_DOCS, PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            offs_m, row_start, L, full_hi, hi, qk_scale, D, BLOCK_D, BLOCK_N, True, HAS_DOCS,
+            PRECISION,
         )  # fmt: skip
 
         has_mass = l_i > 0.0

@@ -26,6 +26,14 @@ both recomputing the probabilities from lse; no atomics, so deterministic.
 Worked example of the masks, T = 4, lengths = [2]: query row 1 sees keys {0, 1}; row 0 sees
 {0}; rows 2 and 3 are padding, their outputs are 0 and their gradients are 0; keys 2 and 3
 receive zero dk/dv.
+
+Packed rows: optional `document_ids` [B, T] (integers) splits each row into documents, a
+document being a run of equal consecutive ids (FlashAttention's `cu_seqlens`, written per
+position). A query sees only the keys at or before it in its own document. Example:
+document_ids = [[7, 7, 3, 3, 3]]: row 1 sees keys {0, 1}, row 2 sees {2}, row 4 sees
+{2, 3, 4}. The kernels get the ids as per-position document bounds (`document_bounds`) and
+skip every key block that holds no key of a query block's documents. `lengths` still
+applies on top (padding may also be written as a document of its own).
 """
 
 from __future__ import annotations
@@ -59,26 +67,52 @@ def group_size(q: torch.Tensor, k: torch.Tensor) -> int:
     return H // H_kv
 
 
+def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end), int32 [B, T]: the first position of each position's document and the
+    position after its last one; a document is a run of equal consecutive ids.
+    [[7, 7, 3, 3, 3]] -> start [[0, 0, 2, 2, 2]], end [[2, 2, 5, 5, 5]]. Pure tensor ops
+    (no host sync), so it runs inside a compiled graph on the GPU."""
+    B, T = document_ids.shape
+    pos = torch.arange(T, device=document_ids.device).expand(B, T)
+    if T == 0:
+        return (pos.to(torch.int32),) * 2
+    change = document_ids[:, 1:] != document_ids[:, :-1]  # a new document at t + 1
+    first = torch.ones(B, 1, dtype=torch.bool, device=document_ids.device)
+    is_start = torch.cat([first, change], dim=1)
+    is_last = torch.cat([change, first], dim=1)
+    start = torch.where(is_start, pos, 0).cummax(dim=1).values
+    end = torch.where(is_last, pos + 1, T).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     lengths: torch.Tensor | None = None,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The one torch reference (SDPA math, any dtype including float64). Grouped-query
     attention repeats each kv head for the query heads of its group (repeat_interleave),
-    so autograd sums dk/dv over the group."""
+    so autograd sums dk/dv over the group. Documents: an explicit block-diagonal causal
+    mask (key in the query's document and at or before it)."""
     T, D = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = group_size(q, k)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    if lengths is None:
+    if lengths is None and document_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     pos = torch.arange(T, device=q.device)
+    mask = (pos[None, :] <= pos[:, None])[None]  # [1, Tq, Tk]
+    if document_ids is not None:
+        start, _ = document_bounds(document_ids.to(q.device))
+        mask = mask & (pos[None, None, :] >= start[:, :, None])  # key >= its doc's start
+    if lengths is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
     valid = pos[None, :] < lengths.to(q.device)[:, None]  # [B, T]
-    mask = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]  # [B, Tq, Tk]
+    mask = mask & valid[:, None, :]  # [B, Tq, Tk]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
     return out * valid[:, None, :, None].to(out.dtype)
 
@@ -175,10 +209,13 @@ def attention_forward(
     v: torch.Tensor,
     lengths: torch.Tensor | None,
     scale: float | None,
+    doc_start: torch.Tensor | None = None,
+    doc_end: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; return (out [B, H, T, D] in q.dtype, lse [B, H, T] fp32).
 
-    `lengths` is None or int32 [B] on q's device. `out` is a [B, H, T, D] view of a
+    `lengths` is None or int32 [B] on q's device; `doc_start`, `doc_end` None or
+    `document_bounds` (int32 [B, T], contiguous, on q's device; the forward reads start). `out` is a [B, H, T, D] view of a
     [B, T, H, D] buffer, so `out.transpose(1, 2)` is contiguous (merging heads back needs no
     copy). `lse` is base 2 (log2 of the softmax denominator of the scaled scores times
     log2(e)); it is only meant for the backward. k, v may have fewer heads (H // Hkv
@@ -195,9 +232,10 @@ def attention_forward(
     with on_device(q.device):
         _attention_fwd.attn_fwd_kernel[grid](
             q, k, v, out, lse, q if lengths is None else lengths,  # q: an unread dummy
+            q if doc_start is None else doc_start,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, T, group, scale * LOG2E,
-            HAS_LENS=lengths is not None, D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
+            HAS_LENS=lengths is not None, HAS_DOCS=doc_start is not None, D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -213,6 +251,8 @@ def attention_backward(
     lse: torch.Tensor,
     lengths: torch.Tensor | None,
     scale: float | None,
+    doc_start: torch.Tensor | None = None,
+    doc_end: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), contiguous, in q.dtype, shaped like q, k, v, from `do` and
     the forward's (`out`, `lse`). Padding query rows and keys >= length get exactly zero;
@@ -224,6 +264,8 @@ def attention_backward(
     cfg = attention_config(D, q.dtype)
     precision = _precision(q.dtype)
     lens, has_lens = (q, False) if lengths is None else (lengths, True)
+    has_docs = doc_start is not None
+    starts, ends = (doc_start, doc_end) if has_docs else (q, q)  # q: unread dummies
     do = do.to(q.dtype)
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
@@ -238,17 +280,17 @@ def attention_backward(
             num_stages=pre.num_stages,
         )  # fmt: skip
         _attention_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(T, kv.block_n), B * H_kv)](
-            q, k, v, do, dk, dv, lse, delta, lens,
+            q, k, v, do, dk, dv, lse, delta, lens, starts, ends,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, T, group, scale * LOG2E, scale,
-            HAS_LENS=has_lens, D=D, BLOCK_D=bd, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n,
+            HAS_LENS=has_lens, HAS_DOCS=has_docs, D=D, BLOCK_D=bd, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n,
             PRECISION=precision, num_warps=kv.num_warps, num_stages=kv.num_stages,
         )  # fmt: skip
         _attention_bwd.attn_bwd_dq_kernel[(triton.cdiv(T, qc.block_m), B * H)](
-            q, k, v, do, dq, lse, delta, lens,
+            q, k, v, do, dq, lse, delta, lens, starts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, T, group, scale * LOG2E, scale,
-            HAS_LENS=has_lens, D=D, BLOCK_D=bd, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n,
+            HAS_LENS=has_lens, HAS_DOCS=has_docs, D=D, BLOCK_D=bd, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n,
             PRECISION=precision, num_warps=qc.num_warps, num_stages=qc.num_stages,
         )  # fmt: skip
     return dq, dk, dv
@@ -266,27 +308,31 @@ _attention_backward_op = torch.library.custom_op(
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, lengths, scale):
+def _attention_fake(q, k, v, lengths, scale, doc_start=None, doc_end=None):
     return _forward_outputs(q)
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(do, q, k, v, out, lse, lengths, scale):
+def _attention_backward_fake(
+    do, q, k, v, out, lse, lengths, scale, doc_start=None, doc_end=None
+):
     return _gradient_outputs(q, k)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lengths, scale = inputs
+    q, k, v, lengths, scale, doc_start, doc_end = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, lengths)
+    ctx.save_for_backward(q, k, v, out, lse, lengths, doc_start, doc_end)
     ctx.scale = scale
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, out, lse, lengths = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(do, q, k, v, out, lse, lengths, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, lengths, doc_start, doc_end = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(
+        do, q, k, v, out, lse, lengths, ctx.scale, doc_start, doc_end
+    )
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -297,7 +343,7 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, lengths) -> None:
+def _check_inputs(q, k, v, lengths, document_ids=None) -> None:
     if (
         q.dim() != 4
         or k.shape != v.shape
@@ -329,6 +375,15 @@ def _check_inputs(q, k, v, lengths) -> None:
             f"lengths must be an integer tensor [B={q.shape[0]}], got {lengths.dtype} "
             f"{tuple(lengths.shape)}"
         )
+    if document_ids is not None and (
+        tuple(document_ids.shape) != (q.shape[0], q.shape[2])
+        or document_ids.dtype.is_floating_point
+        or document_ids.dtype.is_complex
+    ):
+        raise ValueError(
+            f"document_ids must be an integer tensor [B={q.shape[0]}, T={q.shape[2]}], got "
+            f"{document_ids.dtype} {tuple(document_ids.shape)}"
+        )
 
 
 def attention_triton(
@@ -337,19 +392,25 @@ def attention_triton(
     v: torch.Tensor,
     lengths: torch.Tensor | None = None,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention with the Triton kernels; same contract as `attention_reference`
-    (grouped-query attention included).
+    (grouped-query attention and packed documents included).
 
-    The one place the inputs are checked (a ValueError names what is wrong). `lengths` may
-    be any integer dtype on any device; the kernels get it as int32 on q's device.
+    The one place the inputs are checked (a ValueError names what is wrong). `lengths` and
+    `document_ids` may be any integer dtype on any device; the kernels get int32 on q's
+    device (document ids as `document_bounds`).
     """
     if not HAS_TRITON:
         raise RuntimeError("attention_triton needs the triton package")
-    _check_inputs(q, k, v, lengths)
+    _check_inputs(q, k, v, lengths, document_ids)
     if lengths is not None:
         lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
-    out, _ = _attention_op(q, k, v, lengths, None if scale is None else float(scale))
+    doc_start = doc_end = None
+    if document_ids is not None:
+        doc_start, doc_end = document_bounds(document_ids.to(q.device))
+    scale = None if scale is None else float(scale)
+    out, _ = _attention_op(q, k, v, lengths, scale, doc_start, doc_end)
     return out
 
 
@@ -387,25 +448,27 @@ def _strides(*tensors: str) -> list[str]:
     return [f"stride_{t}{axis}" for t in tensors for axis in "bhtd"]
 
 
-# Build variants of the kernels that take GROUP: "" = multi-head (GROUP the constant 1, as
-# every launch with Hkv == H runs), "_gqa" = grouped-query (GROUP any i32).
-_GROUP_VARIANTS = {"": 1, "_gqa": "i32"}
+# Build variants of the kernels that take GROUP and documents: name suffix -> (GROUP,
+# HAS_DOCS). "" = multi-head (GROUP the constant 1, as every launch with Hkv == H runs),
+# "_gqa" = grouped-query (GROUP any i32), "_docs" / "_docs_gqa" = the same on packed rows.
+_VARIANTS = {"": (1, False), "_gqa": ("i32", False), "_docs": (1, True), "_docs_gqa": ("i32", True)}
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """AotSpecs of every attention kernel (forward, preprocess, dk/dv, dq) for every
     supported head dim, with `attention_config`'s block sizes for inputs of `dtype`, on the
     padded-batch path (HAS_LENS=True, a superset of the unpadded one); forward, dk/dv and
-    dq in both GROUP variants (multi-head and grouped-query)."""
+    dq in every `_VARIANTS` entry (multi-head or grouped-query, with or without documents)."""
     t = triton_type(dtype)
     precision = _precision(dtype)
     specs = []
     for D in SUPPORTED_HEAD_DIMS:
         cfg = attention_config(D, dtype)
 
-        def tiles(c, D=D):
+        def tiles(c, docs, D=D):
             return {
                 "HAS_LENS": True,
+                "HAS_DOCS": docs,
                 "D": D,
                 "BLOCK_D": block_d(D),
                 "BLOCK_M": c.block_m,
@@ -420,24 +483,27 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
             {"D": D, "BLOCK_D": block_d(D), "BLOCK_M": cfg.preprocess.block_m},
             cfg.preprocess,
         ))  # fmt: skip
-        for variant, group in _GROUP_VARIANTS.items():
+        for variant, (group, docs) in _VARIANTS.items():
             ints = {"H": "i32", "T": "i32", "GROUP": group}
             specs.append(_spec(
                 f"attention_fwd{variant}_d{D}_{t}", _attention_fwd.attn_fwd_kernel,
                 {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32",
-                 "LENS": "*i32"},
-                _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles(cfg.fwd), cfg.fwd,
+                 "LENS": "*i32", "DOC_START": "*i32"},
+                _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles(cfg.fwd, docs),
+                cfg.fwd,
             ))  # fmt: skip
-            for kernel, fn, c, outs in (
-                ("dkdv", _attention_bwd.attn_bwd_dkdv_kernel, cfg.dkdv, ["DK", "DV"]),
-                ("dq", _attention_bwd.attn_bwd_dq_kernel, cfg.dq, ["DQ"]),
-            ):
+            for kernel, fn, c, outs, bounds in (
+                ("dkdv", _attention_bwd.attn_bwd_dkdv_kernel, cfg.dkdv, ["DK", "DV"],
+                 ["DOC_START", "DOC_END"]),
+                ("dq", _attention_bwd.attn_bwd_dq_kernel, cfg.dq, ["DQ"], ["DOC_START"]),
+            ):  # fmt: skip
                 names = ["Q", "K", "V", "DO", *outs]
                 pointers = {n: f"*{t}" for n in names}
                 pointers |= {"LSE": "*fp32", "DELTA": "*fp32", "LENS": "*i32"}
+                pointers |= {n: "*i32" for n in bounds}
                 strides = _strides(*(n.lower() for n in names))
                 specs.append(_spec(
                     f"attention_bwd_{kernel}{variant}_d{D}_{t}", fn, pointers, strides, ints,
-                    ["qk_scale", "sm_scale"], tiles(c), c,
+                    ["qk_scale", "sm_scale"], tiles(c, docs), c,
                 ))  # fmt: skip
     return specs

@@ -55,9 +55,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
     return _rmsnorm.rms_norm_reference(x, weight, eps)
 
 
-def attention(q, k, v, lengths=None, scale=None, backend: str = "auto"):
+def attention(q, k, v, lengths=None, scale=None, backend: str = "auto", document_ids=None):
     """Causal attention: q [B, H, T, D], k and v [B, Hkv, T, D] with H a multiple of Hkv
     (grouped-query attention; Hkv == H is multi-head); see :mod:`tritonlm.kernels.attention`.
+    `document_ids` [B, T] (packed rows): a query sees only earlier keys of its own document.
 
     ``auto`` keeps head dims the kernels were not built for on the reference path, so any
     model config trains on a GPU; an explicit ``triton`` raises for them instead.
@@ -66,8 +67,8 @@ def attention(q, k, v, lengths=None, scale=None, backend: str = "auto"):
     if backend == "auto" and q.shape[-1] not in _attention.SUPPORTED_HEAD_DIMS:
         chosen = "torch"
     if chosen == "triton":
-        return _attention.attention_triton(q, k, v, lengths, scale)
-    return _attention.attention_reference(q, k, v, lengths, scale)
+        return _attention.attention_triton(q, k, v, lengths, scale, document_ids)
+    return _attention.attention_reference(q, k, v, lengths, scale, document_ids)
 
 
 def cross_entropy(logits, targets, ignore_index: int = -100, backend: str = "auto"):

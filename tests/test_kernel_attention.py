@@ -270,10 +270,10 @@ def test_aot_specs_cover_every_kernel_with_launcher_block_sizes(dtype):
     for D in attn.SUPPORTED_HEAD_DIMS:
         cfg = attn.attention_config(D, dtype)
         for kernel, kc, variants in (
-            ("fwd", cfg.fwd, ("", "_gqa")),
+            ("fwd", cfg.fwd, ("", "_gqa", "_docs", "_docs_gqa")),
             ("bwd_preprocess", cfg.preprocess, ("",)),
-            ("bwd_dkdv", cfg.dkdv, ("", "_gqa")),
-            ("bwd_dq", cfg.dq, ("", "_gqa")),
+            ("bwd_dkdv", cfg.dkdv, ("", "_gqa", "_docs", "_docs_gqa")),
+            ("bwd_dq", cfg.dq, ("", "_gqa", "_docs", "_docs_gqa")),
         ):
             for variant in variants:
                 spec = by_name[f"attention_{kernel}{variant}_d{D}_{t}"]
@@ -285,10 +285,11 @@ def test_aot_specs_cover_every_kernel_with_launcher_block_sizes(dtype):
                     assert spec.constexprs["BLOCK_N"] == kc.block_n
                     assert min(kc.block_m, kc.block_n, D) >= 16
                     group = spec.constexprs.get("GROUP", spec.signature["GROUP"])
-                    assert group == (1 if variant == "" else "i32")
+                    assert group == ("i32" if variant.endswith("gqa") else 1)
+                    assert spec.constexprs["HAS_DOCS"] == variant.startswith("_docs")
                 # every kernel argument is typed, in the kernel's own order
                 assert list(spec.signature) == list(spec.fn.arg_names)
                 assert all(spec.signature[c] == "constexpr" for c in spec.constexprs)
                 assert any(v.startswith(f"*{t}") for v in spec.signature.values())
-    assert len(specs) == 7 * len(attn.SUPPORTED_HEAD_DIMS)
+    assert len(specs) == 13 * len(attn.SUPPORTED_HEAD_DIMS)
     assert attn.SUPPORTED_HEAD_DIMS == (32, 64, 96, 128)

@@ -1,6 +1,6 @@
 """Real-hardware build gate: every kernel, with the block sizes its launchers use, must
 compile ahead of time to a cubin for sm_80 and sm_90, in fp16 and bf16 (attention: head
-dims 32/64/96/128, multi-head and grouped-query variants).
+dims 32/64/96/128, multi-head and grouped-query variants, with and without documents).
 
 The interpreter accepts programs a GPU compiler rejects; this test is what catches them.
 One subprocess (TRITON_INTERPRET unset) compiles everything once per test session.
@@ -57,13 +57,14 @@ def test_kernels_compile_to_cubin(builds, mod_name, dt_name, cc):
 
 @pytest.mark.parametrize("dt_name", list(DTYPES))
 def test_attention_builds_include_grouped_query_and_head_dim_96(builds, dt_name):
-    """The grouped-query variants (GROUP any i32) and the padded head dim 96 are built for
-    sm_90 next to the multi-head ones, for every attention kernel that has them."""
+    """The grouped-query variants (GROUP any i32), the packed-row variants (HAS_DOCS) and
+    the padded head dim 96 are built for sm_90 next to the multi-head ones, for every
+    attention kernel that has them."""
     names = {r.name for r in builds[("attention", dt_name, 90)]}
     for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
         for D in (32, 64, 96, 128):
-            assert f"attention_{kernel}_gqa_d{D}_{dt_name}" in names
-            assert f"attention_{kernel}_d{D}_{dt_name}" in names
+            for variant in ("", "_gqa", "_docs", "_docs_gqa"):
+                assert f"attention_{kernel}{variant}_d{D}_{dt_name}" in names
     assert f"attention_bwd_preprocess_d96_{dt_name}" in names
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from tritonlm.kernels import attention as attention_mod
 from tritonlm.kernels import dispatch
 
 ops = torch.ops.tritonlm  # registered when tritonlm.kernels.dispatch is imported
@@ -37,12 +38,18 @@ def _rms_norm_backward_args():
     return (_randn(2, 3, 7, seed=2), x, w, rstd)
 
 
-def _attention_backward_args(H_kv=2, D=32):
+def _attention_backward_args(H_kv=2, D=32, docs=False):
     q = _randn(2, 2, 5, D)
     k, v = (_randn(2, H_kv, 5, D, seed=s) for s in (1, 2))
     lengths = torch.tensor([5, 3], dtype=torch.int32)
-    out, lse = ops.attention(q, k, v, lengths, None)
-    return (_randn(2, 2, 5, D, seed=3), q, k, v, out, lse, lengths, None)
+    bounds = _doc_bounds() if docs else (None, None)
+    out, lse = ops.attention(q, k, v, lengths, None, *bounds)
+    return (_randn(2, 2, 5, D, seed=3), q, k, v, out, lse, lengths, None, *bounds)
+
+
+def _doc_bounds():
+    """Document bounds of two rows of T = 5: [0, 0, 1, 1, 1] and [4, 5, 5, 6, 6]."""
+    return attention_mod.document_bounds(torch.tensor([[0, 0, 1, 1, 1], [4, 5, 5, 6, 6]]))
 
 
 def _attention_args(B, T, lengths=None, scale=None, H_kv=2, D=32):
@@ -72,6 +79,11 @@ OPCHECK_CASES = {
         _attention_args(2, 5, torch.tensor([5, 3], dtype=torch.int32), H_kv=1, D=96),
     ),
     "attention_backward_gqa": lambda: ("attention_backward", _attention_backward_args(H_kv=1)),
+    "attention_docs": lambda: ("attention", (*_attention_args(2, 5, H_kv=1), *_doc_bounds())),
+    "attention_backward_docs": lambda: (
+        "attention_backward",
+        _attention_backward_args(docs=True),
+    ),
     "cross_entropy": lambda: ("cross_entropy", (_randn(5, 11, grad=True), _targets(), -100, True)),
     "cross_entropy_no_grad": lambda: ("cross_entropy", (_randn(5, 11), _targets(), -100, False)),
     "linear_cross_entropy": lambda: ("linear_cross_entropy", _linear_args(True, True, 2, "triton")),
@@ -102,8 +114,8 @@ def _rms_norm_loss(x, w):
     return dispatch.rms_norm(x, w, 1e-5, backend="triton").square().sum()
 
 
-def _attention_loss(q, k, v, lengths):
-    out = dispatch.attention(q, k, v, lengths=lengths, backend="triton")
+def _attention_loss(q, k, v, lengths, document_ids=None):
+    out = dispatch.attention(q, k, v, lengths, backend="triton", document_ids=document_ids)
     return (out * torch.linspace(-1.0, 1.0, out.shape[-1])).sum()
 
 
@@ -127,6 +139,14 @@ COMPILE_CASES = {
             _randn(2, 4, 5, 32, grad=True),
             *(_randn(2, 2, 5, 32, grad=True, seed=s) for s in (1, 2)),
             torch.tensor([5, 2]),
+        ),
+    ),
+    "attention_docs": lambda: (  # packed rows: document bounds are computed in the graph
+        _attention_loss,
+        (
+            *(_randn(2, 1, 5, 32, grad=True, seed=s) for s in range(3)),
+            torch.tensor([5, 4]),
+            torch.tensor([[0, 0, 1, 1, 1], [3, 4, 4, 4, 9]]),
         ),
     ),
     "cross_entropy": lambda: (_cross_entropy_loss, (_randn(5, 11, grad=True), _targets())),

@@ -13,7 +13,8 @@ Two ways to run the model:
 
 - ``forward(idx, lengths=None)`` / ``loss(...)``: training and scoring. ``lengths`` marks
   the valid prefix of each row of a right-padded batch; valid positions then equal running
-  each sequence alone.
+  each sequence alone. ``document_ids`` marks the documents of packed rows, with the same
+  guarantee per document.
 - ``forward_cached(idx, cache)``: generation with a :class:`KVCache`. Prefill the prompt in
   one call, then feed one token per step. Batches of prompts of different lengths are
   LEFT-padded (see :func:`left_pad`); ``cache.pad[b]`` pad slots are skipped so that each
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tritonlm.kernels import dispatch
+from tritonlm.kernels.attention import document_bounds
 
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -93,7 +95,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.backend = "auto"
 
-    def forward(self, x, cos, sin, lengths=None, mask=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, lengths=None, mask=None, cache=None, layer=0, docs=None):
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split((H * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
@@ -101,7 +103,9 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, Hkv, Dh).transpose(1, 2), cos, sin)  # [B, Hkv, T, Dh]
         v = v.view(B, T, Hkv, Dh).transpose(1, 2)
         if mask is None and cache is None:  # training / scoring path: the kernel seam
-            y = dispatch.attention(q, k, v, lengths=lengths, backend=self.backend)
+            y = dispatch.attention(
+                q, k, v, lengths=lengths, backend=self.backend, document_ids=docs
+            )
         else:  # generation / left-padded path: explicit mask, optional cache
             if cache is not None:  # the cache may hold another dtype (e.g. under autocast)
                 k, v = cache.update(layer, k, v)
@@ -136,8 +140,9 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, lengths=None, mask=None, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, lengths, mask, cache, layer))
+    def forward(self, x, cos, sin, lengths=None, mask=None, cache=None, layer=0, docs=None):
+        h = self.attn(self.attn_norm(x), cos, sin, lengths, mask, cache, layer, docs)
+        x = x + self.drop(h)
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -255,27 +260,40 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         lengths: torch.Tensor | None = None,
         pad: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, d].
 
         ``lengths`` [B]: right padding (valid prefix per row), via the kernel seam.
         ``pad`` [B]: left padding (pad slots per row), via the masked-SDPA path of generation.
+        ``document_ids`` [B, T]: packed rows (runs of equal ids are documents); attention
+        stays inside each document and RoPE positions restart at 0 for each, so every
+        document gets the hidden states it would get alone.
         """
         self._check_idx(idx)
         T = idx.shape[1]
         if pad is not None:
-            if lengths is not None:
-                raise ValueError("give either lengths (right padding) or pad (left padding)")
+            if lengths is not None or document_ids is not None:
+                raise ValueError("left padding (pad) takes neither lengths nor document_ids")
             pad = torch.as_tensor(pad, dtype=torch.long, device=idx.device)
             return self._run_masked(idx, pad, start=0, cache=None)
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.tok_emb(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if document_ids is not None:
+            document_ids = torch.as_tensor(document_ids, device=idx.device)
+            if document_ids.shape != idx.shape:
+                raise ValueError(
+                    f"document_ids shape {tuple(document_ids.shape)} != idx {tuple(idx.shape)}"
+                )
+            start, _ = document_bounds(document_ids)
+            positions = torch.arange(T, device=idx.device) - start  # [B, T], 0 at each start
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=idx.device)
         for block in self.blocks:
-            x = block(x, cos, sin, lengths=lengths)
+            x = block(x, cos, sin, lengths=lengths, docs=document_ids)
         return self.norm(x)
 
     def forward(
@@ -283,9 +301,12 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         lengths: torch.Tensor | None = None,
         pad: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] for token ids idx [B, T] (see hidden_states for lengths/pad)."""
-        return F.linear(self.hidden_states(idx, lengths, pad), self.output_weight)
+        """Logits [B, T, V] for token ids idx [B, T] (see hidden_states for lengths, pad
+        and document_ids)."""
+        hidden = self.hidden_states(idx, lengths, pad, document_ids)
+        return F.linear(hidden, self.output_weight)
 
     def loss(
         self,
@@ -293,15 +314,17 @@ class Transformer(nn.Module):
         targets: torch.Tensor,
         loss_mask: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over unmasked targets (scalar).
+        """Mean next-token cross-entropy over unmasked targets (scalar); `document_ids` as
+        in `hidden_states` (targets are left as given).
 
         targets [B, T] (already shifted by the caller); entries equal to -100, where
         ``loss_mask`` is 0, or at positions >= ``lengths`` are ignored. Uses
         dispatch.linear_cross_entropy, so the Triton path never materializes all logits.
         All targets ignored -> 0.
         """
-        h = self.hidden_states(idx, lengths)
+        h = self.hidden_states(idx, lengths, document_ids=document_ids)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx {tuple(idx.shape)}")
         targets = targets.to(device=idx.device, dtype=torch.long)
