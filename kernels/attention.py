@@ -215,11 +215,11 @@ def attention_forward(
     """Run the forward kernel; return (out [B, H, T, D] in q.dtype, lse [B, H, T] fp32).
 
     `lengths` is None or int32 [B] on q's device; `doc_start`, `doc_end` None or
-    `document_bounds` (int32 [B, T], contiguous, on q's device; the forward reads start). `out` is a [B, H, T, D] view of a
-    [B, T, H, D] buffer, so `out.transpose(1, 2)` is contiguous (merging heads back needs no
-    copy). `lse` is base 2 (log2 of the softmax denominator of the scaled scores times
-    log2(e)); it is only meant for the backward. k, v may have fewer heads (H // Hkv
-    query heads per kv head).
+    `document_bounds` (int32 [B, T], contiguous, on q's device; the forward reads start).
+    `out` is a [B, H, T, D] view of a [B, T, H, D] buffer, so `out.transpose(1, 2)` is
+    contiguous (merging heads back needs no copy). `lse` is base 2 (log2 of the softmax
+    denominator of the scaled scores times log2(e)); it is only meant for the backward.
+    k, v may have fewer heads (H // Hkv query heads per kv head).
     """
     B, H, T, D = q.shape
     group = H // k.shape[1]
@@ -235,9 +235,9 @@ def attention_forward(
             q if doc_start is None else doc_start,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, T, group, scale * LOG2E,
-            HAS_LENS=lengths is not None, HAS_DOCS=doc_start is not None, D=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            HAS_LENS=lengths is not None, HAS_DOCS=doc_start is not None, D=D,
+            BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return out, lse
 
@@ -283,15 +283,17 @@ def attention_backward(
             q, k, v, do, dk, dv, lse, delta, lens, starts, ends,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, T, group, scale * LOG2E, scale,
-            HAS_LENS=has_lens, HAS_DOCS=has_docs, D=D, BLOCK_D=bd, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n,
-            PRECISION=precision, num_warps=kv.num_warps, num_stages=kv.num_stages,
+            HAS_LENS=has_lens, HAS_DOCS=has_docs, D=D, BLOCK_D=bd, BLOCK_M=kv.block_m,
+            BLOCK_N=kv.block_n, PRECISION=precision, num_warps=kv.num_warps,
+            num_stages=kv.num_stages,
         )  # fmt: skip
         _attention_bwd.attn_bwd_dq_kernel[(triton.cdiv(T, qc.block_m), B * H)](
             q, k, v, do, dq, lse, delta, lens, starts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, T, group, scale * LOG2E, scale,
-            HAS_LENS=has_lens, HAS_DOCS=has_docs, D=D, BLOCK_D=bd, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n,
-            PRECISION=precision, num_warps=qc.num_warps, num_stages=qc.num_stages,
+            HAS_LENS=has_lens, HAS_DOCS=has_docs, D=D, BLOCK_D=bd, BLOCK_M=qc.block_m,
+            BLOCK_N=qc.block_n, PRECISION=precision, num_warps=qc.num_warps,
+            num_stages=qc.num_stages,
         )  # fmt: skip
     return dq, dk, dv
 
@@ -313,9 +315,7 @@ def _attention_fake(q, k, v, lengths, scale, doc_start=None, doc_end=None):
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(
-    do, q, k, v, out, lse, lengths, scale, doc_start=None, doc_end=None
-):
+def _attention_backward_fake(do, q, k, v, out, lse, lengths, scale, doc_start=None, doc_end=None):
     return _gradient_outputs(q, k)
 
 

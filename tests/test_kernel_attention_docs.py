@@ -51,16 +51,24 @@ LAYOUTS = {
     # fp32 tiles are 32 wide: a 70-token document spans 3 key blocks, 19 documents of
     # length 1 at the end, one of length 1 at position 5.
     "fp32_long_and_single_tokens": (
-        [_ids(5, 1, 70, 3, 2, 50, *[1] * 19)], 2, 1, 32, torch.float32, None
+        [_ids(5, 1, 70, 3, 2, 50, *[1] * 19)],
+        2,
+        1,
+        32,
+        torch.float32,
+        None,
     ),
     # 4-token documents: 32 of them in one fp16 forward query block; second row padded.
     "fp16_many_tiny_docs_lengths": (
-        [_ids(*[4] * 50), _ids(*[4] * 50)], 2, 2, 64, torch.float16, [200, 77]
+        [_ids(*[4] * 50), _ids(*[4] * 50)],
+        2,
+        2,
+        64,
+        torch.float16,
+        [200, 77],
     ),
     # padding as a document of its own (id -1) after two documents, group 3, head dim 96.
-    "fp32_pad_as_document_d96_gqa": (
-        [_ids(30, 25) + [-1] * 25], 3, 1, 96, torch.float32, None
-    ),
+    "fp32_pad_as_document_d96_gqa": ([_ids(30, 25) + [-1] * 25], 3, 1, 96, torch.float32, None),
     # wide heads: a document that starts mid key block and runs past the last block.
     "fp16_d128_mid_block_start": ([_ids(1, 99, 30)], 2, 1, 128, torch.float16, None),
     "single_token": ([[4]], 1, 1, 32, torch.float32, None),
