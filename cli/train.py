@@ -182,6 +182,19 @@ def _training_flags(t) -> None:
         help="peak learning rate of the SFT phase (default: --lr)",
     )
     add_config_flags(t, TrainConfig, [n for n in _flag_names(TrainConfig) if n not in RUNTIME])
+    t.add_argument(
+        "--doc-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pretraining: attention stays inside each document and positions restart at "
+        "each (default: on for new runs; a resumed run keeps its own choice)",
+    )
+    t.add_argument(
+        "--pack",
+        action="store_true",
+        help="SFT: pack whole conversations into full rows instead of padding each batch "
+        "(long ones split at turn boundaries)",
+    )
 
 
 def _runtime_flags(r) -> None:
@@ -251,6 +264,10 @@ def _check_args(args) -> None:
         raise UsageError("--pretrain-steps needs --data")
     if args.sft_steps and not args.chat_data:
         raise UsageError("--sft-steps needs --chat-data")
+    if args.pack and not args.chat_data:
+        raise UsageError("--pack needs --chat-data")
+    if args.doc_mask is not None and not args.data:
+        raise UsageError("--doc-mask/--no-doc-mask need --data (they apply to pretraining)")
     if args.min_lr is not None and args.min_lr > min(args.lr, args.sft_lr or args.lr):
         raise UsageError(f"--min-lr {args.min_lr} is larger than the learning rate")
     cores = os.cpu_count() or 1
@@ -276,8 +293,11 @@ def _phase_configs(args, phases, resume_state):
         steps = own or args.steps
         epochs = None if steps is not None else args.epochs
         lr = args.sft_lr if phase == "sft" else None
-        out[phase] = phase_config(phase, values, steps=steps, epochs=epochs, lr=lr,
-                                  resumed=resumed)  # fmt: skip
+        # a new run masks documents unless told not to; a resumed phase keeps its config
+        packing = {"doc_mask": args.doc_mask is not False} if phase == "pretrain" else {
+            "pack": bool(args.pack)}  # fmt: skip
+        out[phase] = phase_config(phase, {**values, **packing}, steps=steps, epochs=epochs,
+                                  lr=lr, resumed=resumed)  # fmt: skip
     return out
 
 
@@ -368,7 +388,11 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
             return EXIT_INTERRUPTED
         val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         early = " (early stop)" if result.status == "early_stopped" else ""
-        summary.append(f"{phase}: {result.step} steps{early}, loss {result.loss:.4f}{val}")
+        pad = "" if result.pad_fraction is None else f", padding {result.pad_fraction:.1%}"
+        summary.append(f"{phase}: {result.step} steps{early}, loss {result.loss:.4f}{val}{pad}")
+        if ctx.is_main:
+            for note in result.notes:  # e.g. how many conversations --pack had to split
+                print(f"{phase}: {note}")
         runs.append((phase, cache, result))
     if ctx.is_main:
         from tritonlm.engine.eval.report import write_train_report

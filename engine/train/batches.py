@@ -21,24 +21,28 @@ import torch
 
 from ..data.token_cache import TokenCache
 from ..model.transformer import IGNORE_INDEX
+from .packing import pack_conversations
 from .train_config import TrainingError
 
 
 @dataclass
 class Batch:
-    """One micro-batch: inputs, shifted targets (-100 = ignored), row lengths."""
+    """One micro-batch: inputs, shifted targets (-100 = ignored), row lengths, and the
+    document of every position (packed rows / document masking; None: one per row)."""
 
     idx: torch.Tensor  # [B, T] int64
     targets: torch.Tensor  # [B, T] int64
     lengths: torch.Tensor | None  # [B] int64 or None (all rows full)
     n_targets: int  # kept targets, counted on the host when the batch is built
+    document_ids: torch.Tensor | None = None  # [B, T] int32
 
     def to(self, device: torch.device) -> Batch:
         if device.type != "cuda":
             return self
         # Pinned host memory lets the copy overlap with the running step.
         move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.idx), move(self.targets), move(self.lengths), self.n_targets)
+        return Batch(move(self.idx), move(self.targets), move(self.lengths), self.n_targets,
+                     move(self.document_ids))  # fmt: skip
 
 
 class EpochSampler:
@@ -82,14 +86,19 @@ class PretrainWindows:
     leaves enough tokens) are the validation split, read as consecutive windows. Training
     windows start at ``shift_e + i * seq_len`` where ``shift_e`` in [0, seq_len) is drawn
     per epoch, so successive epochs see differently cut windows.
+
+    ``doc_mask``: each window carries the document id of every position (from the cache's
+    document offsets), so attention stays inside documents and RoPE restarts at each.
     """
 
     kind = "pretrain"
+    notes: list[str] = []  # nothing to report: every window is full
 
-    def __init__(self, cache: TokenCache, seq_len: int, val_fraction: float, seed: int):
+    def __init__(self, cache: TokenCache, seq_len: int, val_fraction: float, seed: int,
+                 doc_mask: bool = False):  # fmt: skip
         if cache.kind != "pretrain":
             raise TrainingError(f"{cache.path}: expected a pretraining token cache")
-        self.cache, self.T, self.seed = cache, seq_len, seed
+        self.cache, self.T, self.seed, self.doc_mask = cache, seq_len, seed, doc_mask
         n, need = cache.n_tokens, seq_len + 1
         n_val = max(need, int(round(n * val_fraction))) if val_fraction > 0 else 0
         split = n - n_val
@@ -128,11 +137,21 @@ class PretrainWindows:
         tok = self.cache.tokens
         rows = np.stack([np.asarray(tok[s : s + self.T + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(rows)
-        return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous(), None, len(starts) * self.T)
+        docs = None
+        if self.doc_mask:  # document of each input position: the offset at or before it
+            pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.T)
+            ids = np.searchsorted(self.cache.doc_offsets, pos, side="right") - 1
+            docs = torch.from_numpy(ids.astype(np.int32))
+        n = len(starts) * self.T
+        return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous(), None, n, docs)
 
     def counts(self, items: np.ndarray) -> tuple[int, int]:
         """(kept targets, input tokens) of these items: every window is full."""
         return len(items) * self.T, len(items) * self.T
+
+    def positions(self, items: np.ndarray) -> int:
+        """Positions (tokens plus padding) of one micro-batch of these items."""
+        return len(items) * self.T
 
     def train_batch(self, epochs: np.ndarray, items: np.ndarray) -> Batch:
         shifts = np.zeros_like(epochs)
@@ -154,11 +173,16 @@ class PretrainWindows:
 class ChatBatches:
     """Whole conversations (truncated to seq_len + 1 tokens) with the assistant mask,
     right-padded to the longest in the batch. The last ``val_fraction`` of them (at least
-    one, when val_fraction > 0 and there are two or more) are the validation split."""
+    one, when val_fraction > 0 and there are two or more) are the validation split.
+
+    ``pack``: items are rows of seq_len positions packed with whole conversations instead
+    (engine.train.packing; long ones split at turn boundaries, nothing dropped), each row
+    carrying document ids; the splits are made of conversations as above."""
 
     kind = "sft"
 
-    def __init__(self, cache: TokenCache, seq_len: int, val_fraction: float, seed: int, pad_id=0):
+    def __init__(self, cache: TokenCache, seq_len: int, val_fraction: float, seed: int,
+                 pad_id=0, pack: bool = False):  # fmt: skip
         if cache.kind != "sft" or cache.mask is None:
             raise TrainingError(f"{cache.path}: expected a chat (sft) token cache")
         self.cache, self.T, self.seed, self.pad_id = cache, seq_len, seed, pad_id
@@ -169,20 +193,82 @@ class ChatBatches:
         self.n_train, self.n_val = n - n_val, n_val
         if self.n_train < 1:
             raise TrainingError("no conversations to train on")
+        self.pack, self.n_conversations = pack, self.n_train
+        lengths = np.diff(np.asarray(cache.doc_offsets[: self.n_train + 1], dtype=np.int64))
+        long = int(np.count_nonzero(lengths > seq_len + 1))
+        self.notes = [] if pack or not long else [
+            f"{long} of {self.n_train} training conversations cut at seq_len + 1 = "
+            f"{seq_len + 1} tokens (their rest is not trained on; --pack keeps it)"
+        ]  # fmt: skip
+        if pack:
+            offs, mask = cache.doc_offsets, cache.mask
+            train = pack_conversations(offs, mask, range(self.n_train), seq_len, seed)
+            val = pack_conversations(offs, mask, range(self.n_train, n), seq_len, None)
+            self.rows = train.rows + val.rows
+            self.n_train, self.n_val = len(train.rows), len(val.rows)
+            self._row_counts = [self._packed_counts(r) for r in self.rows]
+            if train.n_split:
+                inside = (
+                    f", {train.n_cut_inside} with a turn cut inside" if train.n_cut_inside else ""
+                )
+                self.notes.append(
+                    f"{train.n_split} of {self.n_conversations} training conversations longer "
+                    f"than a row split at turn boundaries into {train.n_pieces} pieces{inside}"
+                )
 
     def _span(self, doc: int) -> tuple[int, int]:
         """Token range of a conversation, cut to seq_len + 1 tokens."""
         a, b = int(self.cache.doc_offsets[doc]), int(self.cache.doc_offsets[doc + 1])
         return a, min(b, a + self.T + 1)
 
+    def _packed_counts(self, spans) -> tuple[int, int]:
+        """(kept targets, input tokens) of one packed row."""
+        m = self.cache.mask
+        targets = sum(int(np.count_nonzero(m[a + 1 : b])) for a, b in spans)
+        return targets, sum(b - a - 1 for a, b in spans)
+
     def counts(self, items: np.ndarray) -> tuple[int, int]:
         """(kept targets, input tokens) of these training items, without building them."""
+        if self.pack:
+            pairs = [self._row_counts[int(r)] for r in items]
+            return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
         targets = tokens = 0
         for d in items:
             a, b = self._span(int(d))
             targets += int(np.count_nonzero(self.cache.mask[a + 1 : b]))
             tokens += b - a - 1
         return targets, tokens
+
+    def positions(self, items: np.ndarray) -> int:
+        """Positions (tokens plus padding) of one micro-batch of these training items."""
+        if self.pack:
+            return len(items) * max(self._row_counts[int(r)][1] for r in items)
+        return len(items) * max(self._span(int(d))[1] - self._span(int(d))[0] - 1 for d in items)
+
+    def _packed(self, rows: np.ndarray) -> Batch:
+        """Packed rows: conversations back to back, each its own document; the row's
+        unused tail is padding (lengths), so the batch is as wide as its fullest row."""
+        c = self.cache
+        used = [self._row_counts[int(r)][1] for r in rows]
+        width = max(used)
+        idx = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        tgt = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        docs = np.full((len(rows), width), -1, dtype=np.int32)  # padding: a document of its own
+        for r, row in enumerate(rows):
+            t = 0
+            for d, (a, b) in enumerate(self.rows[int(row)]):
+                ids = np.asarray(c.tokens[a:b], dtype=np.int64)
+                mask = np.asarray(c.mask[a:b], dtype=bool)
+                n = b - a - 1
+                idx[r, t : t + n] = ids[:-1]
+                tgt[r, t : t + n] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+                docs[r, t : t + n] = d
+                t += n
+        full = all(u == width for u in used)
+        lengths = None if full else torch.tensor(used, dtype=torch.int64)
+        n_targets = int((tgt != IGNORE_INDEX).sum())
+        return Batch(torch.from_numpy(idx), torch.from_numpy(tgt), lengths, n_targets,
+                     torch.from_numpy(docs))  # fmt: skip
 
     def _rows(self, docs: np.ndarray) -> Batch:
         c = self.cache
@@ -204,23 +290,25 @@ class ChatBatches:
         return Batch(torch.from_numpy(idx), torch.from_numpy(tgt), lt, n_targets)
 
     def train_batch(self, epochs: np.ndarray, items: np.ndarray) -> Batch:
-        return self._rows(items)
+        return self._packed(items) if self.pack else self._rows(items)
 
     def val_batch(self, items: np.ndarray) -> Batch:
-        return self._rows(self.n_train + items)
+        return (self._packed if self.pack else self._rows)(self.n_train + items)
 
     def bits_per_byte(self, loss_nats: float) -> float | None:
         return None  # the loss covers assistant tokens only; bytes per token is undefined
 
 
 def batch_source(cache: TokenCache, phase: str, seq_len: int, val_fraction: float, seed: int,
-                 pad_id: int = 0) -> PretrainWindows | ChatBatches:  # fmt: skip
-    """The batch source for a token cache, checked against the phase that trains on it."""
+                 pad_id: int = 0, doc_mask: bool = False,
+                 pack: bool = False) -> PretrainWindows | ChatBatches:  # fmt: skip
+    """The batch source for a token cache, checked against the phase that trains on it
+    (``doc_mask`` applies to pretraining windows, ``pack`` to conversations)."""
     if cache.kind != phase:
         raise TrainingError(f"phase {phase!r} cannot train on a {cache.kind!r} token cache")
     if cache.kind == "pretrain":
-        return PretrainWindows(cache, seq_len, val_fraction, seed)
-    return ChatBatches(cache, seq_len, val_fraction, seed, pad_id)
+        return PretrainWindows(cache, seq_len, val_fraction, seed, doc_mask)
+    return ChatBatches(cache, seq_len, val_fraction, seed, pad_id, pack)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -234,6 +322,7 @@ class StepBatches:
     micro: list[Batch]
     global_targets: int
     global_tokens: int
+    global_positions: int = 0  # tokens plus padding, over all ranks' micro-batches
 
 
 class StepPlanner:
@@ -254,11 +343,14 @@ class StepPlanner:
     def step(self, step: int) -> StepBatches:
         epochs, items = self.sampler.items(step * self.per_step, self.per_step)
         targets, tokens = self.source.counts(items)
+        # every rank's micro-batch of the step: the padding of the whole global step
+        positions = sum(self.source.positions(items[lo : lo + self.b])
+                        for lo in range(0, self.per_step, self.b))  # fmt: skip
         micro = []
         for m in range(self.accum):
             lo = (m * self.world + self.rank) * self.b  # this rank's slice of micro-step m
             micro.append(self.source.train_batch(epochs[lo : lo + self.b], items[lo : lo + self.b]))
-        return StepBatches(micro, targets, tokens)
+        return StepBatches(micro, targets, tokens, positions)
 
 
 class Prefetcher:

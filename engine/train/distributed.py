@@ -338,15 +338,16 @@ def init_distributed(
 
 
 class LossForward(torch.nn.Module):
-    """``forward(idx, targets, lengths) = model.loss(...)``, so DDP sees the loss as its
-    forward (DDP only syncs gradients of computations that run through its forward)."""
+    """``forward(idx, targets, lengths, document_ids) = model.loss(...)``, so DDP sees the
+    loss as its forward (DDP only syncs gradients of computations that run through its
+    forward)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx, targets, lengths=None):
-        return self.model.loss(idx, targets, lengths=lengths)
+    def forward(self, idx, targets, lengths=None, document_ids=None):
+        return self.model.loss(idx, targets, lengths=lengths, document_ids=document_ids)
 
 
 def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:

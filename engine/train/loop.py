@@ -67,6 +67,8 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    pad_fraction: float | None = None  # padding share of the positions this session ran
+    notes: list[str] = field(default_factory=list)  # data facts for the run summary
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -146,6 +148,7 @@ class Trainer:
             per_epoch = data.n_train / self.planner.per_step
             self.total_steps = max(1, math.ceil(config.epochs * per_epoch))
         self.step = self.tokens_seen = self.bad_evals = 0
+        self.positions = [0, 0]  # (input tokens, positions) run in this session: padding
         self.best_val: float | None = None
         self.last_saved_step: int | None = None
         self.log = RunLog(self.out_dir if self.is_main else None, config.phase, replace_metrics)
@@ -235,7 +238,7 @@ class Trainer:
         for i, bt in enumerate(sb.micro):
             with self.dist.no_sync(self.forward, sync=i == len(sb.micro) - 1):
                 with self._autocast():
-                    loss = self.forward(bt.idx, bt.targets, bt.lengths)
+                    loss = self.forward(bt.idx, bt.targets, bt.lengths, bt.document_ids)
                 # DDP averages gradients over W ranks, so weighting by n_i * W / N makes the
                 # update sum_i n_i g_i / N: the token-weighted gradient of the global step.
                 weighted = loss * (bt.n_targets * self.world_size / n_global)
@@ -250,7 +253,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += sb.global_tokens
-        self.pending.append((self.step, loss_sum, norm, lr, self.tokens_seen, time.perf_counter()))
+        pad = 1.0 - sb.global_tokens / max(1, sb.global_positions)
+        self.positions[0] += sb.global_tokens
+        self.positions[1] += sb.global_positions
+        self.pending.append((self.step, loss_sum, norm, lr, self.tokens_seen, time.perf_counter(),
+                             pad))  # fmt: skip
 
     def _flush(self) -> list[dict]:
         """Read the queued steps from the device (one sync), stop on a non-finite value,
@@ -270,8 +277,10 @@ class Trainer:
         tps = window_tokens / max(self.pending[-1][5] - self._window[0], 1e-9)
         records = [
             {"phase": self.config.phase, "step": step, "loss": loss, "lr": lr,
-             "grad_norm": gn, "tokens_per_s": tps, "tokens_seen": seen, "elapsed_s": t - self.t0}
-            for (step, _, _, lr, seen, t), loss, gn in zip(self.pending, *values, strict=True)
+             "grad_norm": gn, "tokens_per_s": tps, "tokens_seen": seen, "elapsed_s": t - self.t0,
+             "pad_fraction": pad}
+            for (step, _, _, lr, seen, t, pad), loss, gn in zip(self.pending, *values,
+                                                                strict=True)
         ]  # fmt: skip
         self.pending.clear()
         return records
@@ -324,7 +333,8 @@ class Trainer:
             bt = self.data.val_batch(np.arange(start, min(n, start + b))).to(self.device)
             if bt.n_targets:
                 with self._autocast():
-                    loss = self.model.loss(bt.idx, bt.targets, lengths=bt.lengths)
+                    loss = self.model.loss(bt.idx, bt.targets, lengths=bt.lengths,
+                                           document_ids=bt.document_ids)  # fmt: skip
                 loss_sum += loss.double() * bt.n_targets
                 count += bt.n_targets
         sums = torch.stack([loss_sum, torch.tensor(float(count), device=self.device).double()])
@@ -447,6 +457,8 @@ class Trainer:
             tokens=self.tokens_seen,
             seconds=time.perf_counter() - self.t0,
             history=self.log.history,
+            pad_fraction=1.0 - self.positions[0] / self.positions[1] if self.positions[1] else None,
+            notes=list(getattr(self.data, "notes", [])),
         )
         self._emit({"event": "done", "start_step": start_step, **result.to_dict()})
         return result
@@ -471,7 +483,8 @@ def train(model: torch.nn.Module, tokenizer, cache: TokenCache, config: TrainCon
         )
     torch.manual_seed(config.seed)
     pad_id = getattr(tokenizer, "pad_id", 0) or 0
-    data = batch_source(cache, config.phase, seq_len, config.val_fraction, config.seed, pad_id)
+    data = batch_source(cache, config.phase, seq_len, config.val_fraction, config.seed, pad_id,
+                        config.doc_mask, config.pack)  # fmt: skip
     trainer = Trainer(model, data, config, out_dir, tokenizer=tokenizer, data_key=cache.key,
                       **options)  # fmt: skip
     return trainer.run()

@@ -117,6 +117,10 @@ class TrainConfig(ConfigMixin):
         choices=DTYPES,
     )
     compile: bool = option(False, boolean, "torch.compile the model (first steps are slower)")
+    # Packed sequences. False is what a saved config without the key means (runs from
+    # before the option resume unchanged); llm-train turns doc_mask on for new runs.
+    doc_mask: bool = option(False, boolean, flag=False)  # pretraining: attend within documents
+    pack: bool = option(False, boolean, flag=False)  # SFT: pack conversations into full rows
     max_shard_size: str = option(
         DEFAULT_MAX_SHARD_SIZE,
         _size,
