@@ -29,8 +29,8 @@ lo = start[m_lo] rounded down to a key block). Key blocks entirely in
     [full_lo, full_hi) unmasked
     [full_hi, hi)    masked (the diagonal and the length tail)
 where full_lo is start[last row] rounded up. With many short documents in one query
-block, a masked key block can leave a row with no visible key yet; the running max of such
-a row stays -inf and the update is made finite (`m_use`) so no NaN appears.
+block, a masked key block can leave a row with no visible key yet; the running max starts
+at a finite -1e30 instead of -inf, so such a row's update is exp2(0) = 1 and p = 0, no NaN.
 """
 
 from __future__ import annotations
@@ -104,20 +104,21 @@ if HAS_TRITON:
             v = load_tile(v_ptrs, key_ok[:, None], d_ok[None, :], MASKED, pad)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             if MASKED:
-                keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
                 if DOCS:
-                    keep = keep & (offs_n[None, :] >= row_start[:, None])
+                    # Keys >= L need no mask of their own here: only padding rows (>= L),
+                    # whose outputs are zeroed, could see them. Fewer live masks: no spill.
+                    keep = (offs_n[None, :] <= offs_m[:, None]) & (
+                        offs_n[None, :] >= row_start[:, None]
+                    )
+                else:
+                    keep = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
                 s = tl.where(keep, s, float("-inf"))
             # Without documents every row sees key 0 in the first block it visits, so m_new
-            # is finite. With them a row may see nothing yet: subtract 0 instead of -inf
-            # (p and alpha are then exactly 0, l and acc stay 0).
+            # is finite. With them a row may see nothing yet; its running max then starts
+            # at a finite -1e30 (see the kernel), so p and alpha stay exact (0 and 1).
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if DOCS and MASKED:
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -181,7 +182,8 @@ if HAS_TRITON:
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
         q = load_tile(q_ptrs, offs_m[:, None] < T, d_ok, True, BLOCK_D != D)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        # Packed rows: a finite start, as a row may see no key in its first blocks.
+        m_i = tl.full([BLOCK_M], -1.0e30 if HAS_DOCS else float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Keys [lo, full_lo) and [full_hi, hi): masked; [full_lo, full_hi): every row of the

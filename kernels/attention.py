@@ -140,7 +140,7 @@ class AttentionConfig:
     dq: KernelConfig
 
 
-def attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
+def attention_config(head_dim: int, dtype: torch.dtype, docs: bool = False) -> AttentionConfig:
     """Block sizes for `head_dim` and `dtype`.
 
     Every tile dimension is >= 16 (tl.dot on tensor cores). Forward and dq hold a
@@ -151,7 +151,8 @@ def attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
     grouped-query dk/dv kernel spills up to 40 bytes (its group loop keeps more live),
     and some fp32 builds (D >= 64) spill, up to ~1.6 KB on sm_90: see
     benchmarks/kernel_report.py. Head dim 96 takes 128's tiles (its tiles are 128
-    columns wide).
+    columns wide). Packed rows (`docs`): the fp16/bf16 forward runs 8 warps at every head
+    dim (with 4, its extra document mask spilled up to 28 bytes on sm_80 at D = 64).
     """
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
@@ -166,7 +167,7 @@ def attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
         dq = KernelConfig(32, 32, wide, 2)
         return AttentionConfig(fwd=fwd, preprocess=preprocess, dkdv=dkdv, dq=dq)
     warps = 4 if head_dim <= 32 else 8
-    fwd = KernelConfig(128, 64, 8 if head_dim == 128 else 4, 3)
+    fwd = KernelConfig(128, 64, 8 if head_dim == 128 or docs else 4, 3)
     dkdv = KernelConfig(32, 64 if head_dim == 128 else 128, warps, 3)
     dq = KernelConfig(64 if head_dim == 128 else 128, 32, warps, 3)
     return AttentionConfig(fwd=fwd, preprocess=preprocess, dkdv=dkdv, dq=dq)
@@ -224,7 +225,7 @@ def attention_forward(
     B, H, T, D = q.shape
     group = H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cfg = attention_config(D, q.dtype).fwd
+    cfg = attention_config(D, q.dtype, docs=doc_start is not None).fwd
     out, lse = _forward_outputs(q)
     if out.numel() == 0:
         return out, lse
@@ -464,6 +465,7 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     specs = []
     for D in SUPPORTED_HEAD_DIMS:
         cfg = attention_config(D, dtype)
+        packed = attention_config(D, dtype, docs=True)
 
         def tiles(c, docs, D=D):
             return {
@@ -485,12 +487,12 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
         ))  # fmt: skip
         for variant, (group, docs) in _VARIANTS.items():
             ints = {"H": "i32", "T": "i32", "GROUP": group}
+            fwd = packed.fwd if docs else cfg.fwd
             specs.append(_spec(
                 f"attention_fwd{variant}_d{D}_{t}", _attention_fwd.attn_fwd_kernel,
                 {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32",
                  "LENS": "*i32", "DOC_START": "*i32"},
-                _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles(cfg.fwd, docs),
-                cfg.fwd,
+                _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles(fwd, docs), fwd,
             ))  # fmt: skip
             for kernel, fn, c, outs, bounds in (
                 ("dkdv", _attention_bwd.attn_bwd_dkdv_kernel, cfg.dkdv, ["DK", "DV"],
