@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup setup-bench test demo bench lint format clean browser gpu-check
+.PHONY: setup setup-bench test demo bench lint format clean browser gpu-check gpu-check-prep
 
 setup: $(STAMP) browser
 
@@ -52,6 +52,13 @@ bench: setup-bench
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Run where a package index is reachable, before carrying the checkout to the GPU machine:
+# the Liger-Kernel wheel (a same-run peer) into benchmarks/peer_wheels/ (gitignored).
+PEER_WHEELS := benchmarks/peer_wheels
+gpu-check-prep:
+	mkdir -p $(PEER_WHEELS)
+	$(GPU_PY) -m pip download -q --no-deps --dest $(PEER_WHEELS) liger-kernel
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -289,7 +289,7 @@ def _memory_child(variant: str, rows: int, vocab: int, dim: int) -> None:
 def cpu_linear_ce_memory(rows: int, vocab: int, dim: int) -> list[dict]:
     """Peak memory of the unfused reference vs the chunked algorithm (torch CE step)."""
     f32 = 4
-    chunk = ce_mod.chunk_rows(rows, vocab)
+    chunk = ce_mod.default_chunk_rows(rows, vocab, torch.float32, torch.device("cpu"))
     analytic = {
         # logits, their log-softmax and the logits' gradient coexist in the backward
         "reference": 3 * rows * vocab * f32,

@@ -5,12 +5,14 @@
     TRITON_INTERPRET=1 python3 benchmarks/gpu_check.py --quick   # CPU: tiny shapes, same code
 
 Work runs in priority order (ceilings, bf16 correctness, end to end, attention speed,
-training throughput, the other dtypes, RMSNorm and fused-loss speed, the full shapes,
-torch.compile peers); an item whose estimate no longer fits the budget is recorded as
-"skipped: budget". The JSON (benchmarks/results/gpu_check.json, and $OUT/gpu_check.json
-when $OUT or --out is set) is rewritten after every item, so a run cut short keeps what it
-measured. A short table is printed last. Exit status 1 when a correctness or end-to-end
-check failed. Installs nothing: without an installed tritonlm the package is mapped from
+training throughput, a torch.profiler table of one gpt2 step, the other dtypes, RMSNorm
+and fused-loss speed (next to Liger-Kernel when its wheel was brought along: `make
+gpu-check-prep`), the full shapes, torch.compile peers); an item whose estimate no longer
+fits the budget is recorded as "skipped: budget". The JSON
+(benchmarks/results/gpu_check.json, and $OUT/gpu_check.json when $OUT or --out is set) is
+rewritten after every item, so a run cut short keeps what it measured. A short table is
+printed last. Exit status 1 when a correctness or end-to-end check failed. Installs
+nothing: without an installed tritonlm the package is mapped from
 this checkout (gpu_check_boot.py).
 """
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(HERE))
 import gpu_check_boot  # noqa: E402
 from gpu_check_table import goals, print_table  # noqa: E402
 
-SECTIONS = ("ceilings", "correctness", "e2e", "attention", "train", "rmsnorm", "lce")
+SECTIONS = ("ceilings", "correctness", "e2e", "attention", "train", "profile", "rmsnorm", "lce")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,7 +199,7 @@ def build_plan(r: Runner, device: str, args) -> None:
         r.add(2, "e2e", f"small preset {steps} steps", 15.0 + 0.06 * steps,
               lambda: TR.end_to_end("small", 8192, steps, 16, device))  # fmt: skip
     if not cuda and not args.cpu_speed:
-        for s in ("ceilings", "attention", "train", "rmsnorm", "lce"):
+        for s in ("ceilings", "attention", "train", "profile", "rmsnorm", "lce"):
             if s in args.sections.split(","):
                 r.report["results"][s] = [{"item": s, "skipped": "no CUDA device"}]
         return
@@ -226,6 +228,15 @@ def build_plan(r: Runner, device: str, args) -> None:
             r.add(9, "train", f"{preset} ours triton --compile", 60.0,
                   lambda p=preset, V=V, B=B, n=n, w=warm:
                   TR.ours_throughput(p, V, B, n, w, device, "triton", compile=True))  # fmt: skip
+    import gpu_check_profile as PR
+
+    # one profiled gpt2 step (where the MFU gap goes); quick: the tiny model on any device
+    if quick:
+        r.add(4.5, "profile", "tiny triton step", 20.0,
+              lambda: PR.profile_step("seed", 256, 2, 1, device, tiny, top=10))  # fmt: skip
+    else:
+        r.add(4.5, "profile", "gpt2 triton step", 25.0,
+              lambda: PR.profile_step("gpt2", 50257, 16, 3, device))  # fmt: skip
     copy = lambda: _copy_bw(r.report)  # noqa: E731 - read once the ceilings have run
     for i, d in enumerate((4096, 2048, 768) if not quick else (768,)):
         N = (1024 if cuda else 64) if quick else 16384
@@ -273,6 +284,10 @@ def main(argv=None) -> int:
         )
         return 2
     how = gpu_check_boot.ensure_importable()
+    gpu_check_boot.add_peer_wheels()
+    liger = gpu_check_boot.peer_status("liger_kernel", "liger_kernel")
+    if liger.startswith("missing"):
+        print(f"gpu_check: Liger-Kernel peer {liger}", flush=True)
     report = {"args": vars(args), "env": environment(device, how), "results": {}}
     runner = Runner(args, report)
     build_plan(runner, device, args)

@@ -14,6 +14,11 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Wheels of same-run peers (Liger-Kernel), fetched by `make gpu-check-prep` on a machine
+# with a package index and carried along (gitignored): the device machine reaches none.
+PEER_WHEELS = ROOT / "benchmarks" / "peer_wheels"
+PEER_HINT = ("run `make gpu-check-prep` where a package index is reachable and carry "
+             "benchmarks/peer_wheels/ to the GPU machine")  # fmt: skip
 
 
 def _package_dirs() -> dict[str, str]:
@@ -60,3 +65,31 @@ def ensure_importable() -> str:
         return "installed"
     register_from_checkout()
     return "checkout"
+
+
+def add_peer_wheels(folder: Path = PEER_WHEELS) -> list[str]:
+    """Unpack each ``*.whl`` in `folder` (a wheel is a zip of importable files) into
+    ``folder/_unpacked/<wheel name>/`` once and put that on sys.path; return the wheel
+    names added. Installs nothing anywhere else."""
+    import zipfile
+
+    added = []
+    for wheel in sorted(folder.glob("*.whl")):
+        target = folder / "_unpacked" / wheel.stem
+        if not (target / ".done").exists():
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(target)
+            (target / ".done").write_text(wheel.name)
+        if str(target) not in sys.path:
+            sys.path.append(str(target))
+        added.append(wheel.name)
+    return added
+
+
+def peer_status(module: str, wheel_prefix: str, folder: Path = PEER_WHEELS) -> str:
+    """One line on an optional peer: where it came from, or why it is missing."""
+    if importlib.util.find_spec(module) is None:
+        shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+        return f"missing: no {wheel_prefix} wheel in {shown}/ and none installed; {PEER_HINT}"
+    wheels = sorted(folder.glob(f"{wheel_prefix}-*.whl"))
+    return f"present ({wheels[-1].name})" if wheels else "present (installed)"

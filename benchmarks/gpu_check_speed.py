@@ -18,6 +18,7 @@ import time
 
 import torch
 import triton.testing
+from gpu_check_boot import peer_status
 from tritonlm.kernels import attention as attn
 from tritonlm.kernels import cross_entropy as ce
 from tritonlm.kernels import rmsnorm as rms
@@ -190,6 +191,21 @@ def _liger_rmsnorm():
     return lambda a, b: LigerRMSNormFunction.apply(a, b, 1e-6)  # pragma: no cover
 
 
+def _liger_linear_ce():
+    """Liger-Kernel's fused linear cross-entropy (its functional API), or None."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers.functional import (  # pragma: no cover
+        liger_fused_linear_cross_entropy,
+    )
+
+    def run(h, w, t):  # pragma: no cover
+        out = liger_fused_linear_cross_entropy(h, w, t, ignore_index=-100)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
 def linear_ce_speed(N: int, d: int, V: int) -> dict:
     """Fused linear cross-entropy vs eager (logits materialized): peak memory and time."""
     device, dtype = _device_dtype()
@@ -201,7 +217,11 @@ def linear_ce_speed(N: int, d: int, V: int) -> dict:
         "ours": lambda: ce.linear_cross_entropy_triton(h, w, t, -100),
         "eager": lambda: ce.linear_cross_entropy_reference(h, w, t, -100),
     }
-    rec = {"N": N, "d": d, "V": V}
+    liger = _liger_linear_ce() if torch.cuda.is_available() else None
+    if liger is not None:
+        impls["liger"] = lambda: liger(h, w, t)  # pragma: no cover
+    rows = ce.default_chunk_rows(N, V, dtype, torch.device(device))
+    rec = {"N": N, "d": d, "V": V, "chunk_rows": rows}
     for name, fn in impls.items():
         fn().backward()  # warm-up (compile) before measuring memory
         h.grad = w.grad = None
@@ -214,15 +234,16 @@ def linear_ce_speed(N: int, d: int, V: int) -> dict:
     eager_peak = rec["eager"]["peak_extra_gib"]
     rec["mem_ratio"] = rec["ours"]["peak_extra_gib"] / eager_peak if eager_peak else None
     rec["time_ratio"] = rec["ours"]["fwd_bwd_ms"] / rec["eager"]["fwd_bwd_ms"]
+    if "liger" in rec:  # pragma: no cover - needs the wheel and a GPU
+        rec["time_ratio_vs_liger"] = rec["ours"]["fwd_bwd_ms"] / rec["liger"]["fwd_bwd_ms"]
     return rec
 
 
 def optional_peers() -> dict:
     """Which optional peers this machine has (nothing is installed by the script)."""
-    has_liger = importlib.util.find_spec("liger_kernel") is not None
     has_tut = importlib.util.find_spec("triton.tutorials") is not None
     return {
-        "liger_kernel": "present" if has_liger else "skipped: liger_kernel is not installed here",
+        "liger_kernel": peer_status("liger_kernel", "liger_kernel"),
         "triton_tutorial_attention": "present (not wired)"
         if has_tut
         else ("skipped: the triton wheel ships no tutorials package"),

@@ -21,18 +21,21 @@ outputs later. The saved buffer is freed with the graph after the backward.
 Fused linear + cross-entropy processes tokens in chunks: per chunk, logits = h @ W.T, the
 CE step writes the gradient into those chunk logits in place, then grad_h[chunk] = g @ W
 and grad_W += g.T @ h (fp32 accumulator). All of that happens in the forward pass; the
-backward scales the saved gradients (out of place, as above). Chunk rows =
-LOGITS_CHUNK_ELEMENTS // V (so one chunk's logits hold at most 2**25 elements: 64 MiB in
-bf16, 128 MiB in fp32), at least 1, rounded down to a multiple of 16 when larger than 16.
+backward scales the saved gradients (out of place, as above). The chunk rule
+(:func:`chunk_rows`) takes the fewest chunks whose logits fit the config table's
+``chunk_elements`` (2**27 on a GPU by default: 256 MiB in bf16), then spreads the rows
+evenly over them: every grad_W update reads and writes the whole fp32 accumulator, so
+few fat chunks beat many skinny ones (Liger's rule gives 256-row chunks at V=128256).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import configs
 from ._triton import HAS_TRITON, tl, triton
 from .aot_spec import AotSpec
-from .launch import FLOAT_DTYPES, on_device, triton_type
+from .launch import FLOAT_DTYPES, arch, on_device, triton_type
 
 
 def cross_entropy_reference(
@@ -54,10 +57,9 @@ def linear_cross_entropy_reference(
     return cross_entropy_reference(hidden @ weight.t(), targets, ignore_index)
 
 
-# Widest vocabulary block one program streams at a time.
-MAX_BLOCK_V = 4096
-# Largest number of logits one chunk of the fused linear cross-entropy holds.
-LOGITS_CHUNK_ELEMENTS = 2**25
+# Largest number of logits one chunk of the fused linear cross-entropy holds when the
+# config table says nothing (the table's value is used: see configs.DEFAULTS).
+LOGITS_CHUNK_ELEMENTS = configs.DEFAULTS["linear_cross_entropy"]["chunk_elements"]
 
 if HAS_TRITON:
 
@@ -117,10 +119,16 @@ if HAS_TRITON:
 # functions validate them once).
 
 
-def block_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of `n_cols`: 100 -> (128, 4); 50257 -> (4096, 8)."""
-    block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK_V)
-    return block, (4 if block <= 1024 else 8)
+def launch_config(n_cols: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """{"block_v", "num_warps"} for a vocabulary of `n_cols`, from the config table; the
+    block is never wider than the vocabulary rounded up to a power of two.
+
+    Example (shipped table): 100 -> block_v 128, 4 warps; 50257 -> block_v 4096, 8 warps.
+    """
+    cfg = configs.lookup("cross_entropy", arch(device), dtype,
+                         configs.cross_entropy_class(n_cols))  # fmt: skip
+    block = min(triton.next_power_of_2(max(n_cols, 1)), cfg["block_v"])
+    return {"block_v": block, "num_warps": cfg["num_warps"]}
 
 
 def count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -141,6 +149,7 @@ def cross_entropy_rows(
     ignore_index: int,
     n_valid: torch.Tensor,
     grad: torch.Tensor | None,
+    cfg: dict | None = None,
 ) -> torch.Tensor:
     """Launch the kernel: per-row losses [N] fp32 (0 where ignored). If `grad` is given
     ([N, V], may be `logits` itself) it receives (softmax - onehot) / n_valid. `logits` and
@@ -149,13 +158,14 @@ def cross_entropy_rows(
     losses = torch.empty((n_rows,), dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return losses
-    block, num_warps = block_config(n_cols)
+    cfg = cfg or launch_config(n_cols, logits.dtype, logits.device)
     write_grad = grad is not None
     g = grad if write_grad else logits  # never written when WRITE_GRAD is False
     with on_device(logits.device):
         _cross_entropy_fwd_kernel[(n_rows,)](
             logits, g, targets.contiguous(), losses, n_valid, logits.stride(0), g.stride(0),
-            n_cols, ignore_index, BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=num_warps,
+            n_cols, ignore_index, BLOCK_V=cfg["block_v"], WRITE_GRAD=write_grad,
+            num_warps=cfg["num_warps"],
         )  # fmt: skip
     return losses
 
@@ -175,15 +185,29 @@ def cross_entropy_forward(
     return losses.sum() / n_valid, _no_grad_placeholder(logits) if grad is None else grad
 
 
-def chunk_rows(n_rows: int, vocab: int, budget: int = LOGITS_CHUNK_ELEMENTS) -> int:
-    """Rows per chunk so a chunk's logits hold at most `budget` elements.
+def chunk_rows(
+    n_rows: int, vocab: int, budget: int = LOGITS_CHUNK_ELEMENTS, min_rows: int = 1
+) -> int:
+    """Rows per chunk: the fewest chunks whose logits hold at most `budget` elements (but
+    at least `min_rows` rows), the rows spread evenly over them and rounded up to a
+    multiple of 16 where that stays within the budget.
 
-    Example: chunk_rows(16384, 32000) -> 1040; chunk_rows(16384, 128256) -> 256.
+    Example (budget 2**27): chunk_rows(8192, 128256) -> 1024 (8 chunks);
+    chunk_rows(16384, 50257) -> 2352 (7 chunks); chunk_rows(100, 32000) -> 100.
     """
-    rows = max(1, budget // max(vocab, 1))
-    if rows > 16:
-        rows -= rows % 16
-    return max(1, min(rows, n_rows))
+    cap = max(1, min_rows, budget // max(vocab, 1))
+    if cap >= n_rows:
+        return max(1, n_rows)
+    chunks = -(-n_rows // cap)
+    rows = -(-n_rows // chunks)
+    rounded = -(-rows // 16) * 16
+    return rounded if rounded <= cap else rows
+
+
+def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """:func:`chunk_rows` with the config table's budget for this device and dtype."""
+    cfg = configs.lookup("linear_cross_entropy", arch(device), dtype, "any")
+    return chunk_rows(n_rows, vocab, cfg["chunk_elements"], cfg["min_chunk_rows"])
 
 
 def ce_step_triton(
@@ -230,7 +254,10 @@ def linear_cross_entropy_forward(
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     hidden = hidden.contiguous()
     n_valid = count_valid(targets, ignore_index)
-    chunk = chunk_rows(n_rows, vocab) if chunk_size is None else chunk_size
+    if chunk_size is None:
+        chunk = default_chunk_rows(n_rows, vocab, hidden.dtype, hidden.device)
+    else:
+        chunk = chunk_size
     grad_hidden = _no_grad_placeholder(hidden)
     if need_hidden_grad:
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -397,7 +424,7 @@ def linear_cross_entropy_triton(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Fused linear + cross-entropy with the Triton CE kernel; the full [N, V] logits never
-    exist. `chunk_size` rows per chunk (default :func:`chunk_rows`)."""
+    exist. `chunk_size` rows per chunk (default :func:`default_chunk_rows`)."""
     if not HAS_TRITON:
         raise RuntimeError("linear_cross_entropy_triton needs the triton package")
     return _linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_size, "triton")
@@ -421,22 +448,36 @@ def linear_cross_entropy_chunked_torch(
 AOT_VOCAB_SIZES = (1000, 32000, 50257, 128256)
 
 
-def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
-    """Kernel builds the launchers use for `dtype` logits (with and without gradient)."""
+def _spec(dtype: torch.dtype, block_v: int, num_warps: int, write_grad: bool) -> AotSpec:
     t = triton_type(dtype)
     signature = {"LOGITS": f"*{t}", "GRAD": f"*{t}", "TARGETS": "*i64", "LOSS": "*fp32",
                  "N_VALID": "*fp32", "stride_logits": "i32", "stride_grad": "i32",
                  "n_cols": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr",
                  "WRITE_GRAD": "constexpr"}  # fmt: skip
-    specs, seen = [], set()
+    name = f"cross_entropy_fwd_B{block_v}_w{num_warps}{'_grad' if write_grad else ''}_{t}"
+    constexprs = {"BLOCK_V": block_v, "WRITE_GRAD": write_grad}
+    return AotSpec(name, _cross_entropy_fwd_kernel, signature, constexprs, num_warps)
+
+
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """Kernel builds of the table's configs for `dtype` logits at AOT_VOCAB_SIZES, for
+    every arch in the table, with and without the gradient."""
+    specs = {}
     for vocab in AOT_VOCAB_SIZES:
-        block, num_warps = block_config(vocab)
-        for write_grad in (True, False):
-            if (block, write_grad) in seen:
-                continue
-            seen.add((block, write_grad))
-            name = f"cross_entropy_fwd_B{block}{'_grad' if write_grad else ''}"
-            constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad}
-            specs.append(AotSpec(name, _cross_entropy_fwd_kernel, signature, constexprs,
-                                 num_warps))  # fmt: skip
-    return specs
+        for arch_key in configs.table_archs():
+            cfg = configs.lookup("cross_entropy", arch_key, dtype,
+                                 configs.cross_entropy_class(vocab))  # fmt: skip
+            block = min(triton.next_power_of_2(vocab), cfg["block_v"])
+            for write_grad in (True, False):
+                spec = _spec(dtype, block, cfg["num_warps"], write_grad)
+                specs[spec.name] = spec
+    return list(specs.values())
+
+
+def sweep_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """Kernel builds of every point of the autotune sweep space (large vocabularies)."""
+    return [
+        _spec(dtype, cfg["block_v"], cfg["num_warps"], write_grad)
+        for cfg in configs.sweep("cross_entropy")
+        for write_grad in (True, False)
+    ]

@@ -10,9 +10,13 @@ Math, per row x of length n (r = 1 / sqrt(mean(x^2) + eps), x_hat = x * r):
     y  = x_hat * w
     dx = r * (dy * w) - r^3 / n * x * sum(x * dy * w)
     dw = sum over rows of dy * x_hat
-The forward saves r per row (fp32). The backward gives each program a contiguous block of
-rows; it accumulates that block's dw in fp32 and writes one partial row, so the only extra
-buffer is [programs, n] fp32 (never rows x n); the partials are then summed in fp32.
+Bandwidth (the op reads and writes each element once or twice and computes little): the
+forward normalizes BLOCK_M rows per program as one [BLOCK_M, BLOCK_N] tile, so a program
+keeps several rows' loads in flight; the backward runs a persistent grid of a few programs
+per SM, each walking a contiguous run of row tiles, accumulating its share of dw in fp32
+registers and writing one partial row: the only extra buffer is [programs, n] fp32 (never
+rows x n), summed afterwards in a fixed order (no atomics, so bitwise deterministic).
+Rows per tile, warps and programs per SM come from the config table (:mod:`.configs`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import math
 
 import torch
 
+from . import configs
 from ._triton import HAS_TRITON, tl, triton
 from .aot_spec import AotSpec
-from .launch import FLOAT_DTYPES, as_rows, num_sms, on_device, triton_type
+from .launch import FLOAT_DTYPES, arch, as_rows, num_sms, on_device, triton_type
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -47,36 +52,47 @@ if HAS_TRITON:
         RSTD,
         stride_x,
         stride_y,
+        n_rows,
         n_cols,
         eps,
+        BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         ONE_PASS: tl.constexpr,
     ):
-        """One row per program. ONE_PASS: the whole row fits one block (kept in registers)."""
-        row = tl.program_id(0).to(tl.int64)
-        x_row = X + row * stride_x
-        y_row = Y + row * stride_y
+        """BLOCK_M rows per program as one [BLOCK_M, BLOCK_N] tile (contiguous columns,
+        so the compiler issues 16-byte loads). ONE_PASS: a whole row fits one block and
+        stays in registers; otherwise two passes over column blocks (sum of squares, then
+        the output)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        rows64 = rows.to(tl.int64)  # row * stride may exceed 2**31
+        x_rows = X + rows64[:, None] * stride_x
+        y_rows = Y + rows64[:, None] * stride_y
         cols = tl.arange(0, BLOCK_N)
         if ONE_PASS:
-            mask = cols < n_cols
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+            col_mask = cols < n_cols
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = x * rstd[:, None] * w[None, :]
+            tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
         else:
-            sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
-                x = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
+                mask = row_mask[:, None] & (c < n_cols)[None, :]
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 sq += x * x
-            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / n_cols + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / n_cols + eps)
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
-                mask = c < n_cols
-                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-                tl.store(y_row + c, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
-        tl.store(RSTD + row, rstd)
+                mask = row_mask[:, None] & (c < n_cols)[None, :]
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + c, mask=c < n_cols, other=0.0).to(tl.float32)
+                y = x * rstd[:, None] * w[None, :]
+                tl.store(y_rows + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows64, rstd, mask=row_mask)
 
     @triton.jit
     def _rms_norm_bwd_kernel(
@@ -91,79 +107,100 @@ if HAS_TRITON:
         stride_dx,
         n_rows,
         n_cols,
-        rows_per_program,
+        tiles_per_program,
+        BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         ONE_PASS: tl.constexpr,
     ):
-        """Rows [pid * rows_per_program, ...) -> their dx, and one fp32 partial dw row."""
+        """Persistent grid: program p walks the row tiles [p * tiles_per_program, ...)
+        (BLOCK_M rows each), writes their dx, and keeps its share of dw in fp32 (in
+        registers for ONE_PASS, else in its own row of DW_PARTIAL); it writes one partial
+        dw row, which the launcher sums over programs (fixed order: deterministic)."""
         pid = tl.program_id(0)
-        row_start = pid.to(tl.int64) * rows_per_program  # int64: row * stride may be > 2**31
-        row_end = tl.minimum(row_start + rows_per_program, n_rows)
         cols = tl.arange(0, BLOCK_N)
         dw_row = DW_PARTIAL + pid.to(tl.int64) * n_cols
+        tile_start = pid * tiles_per_program
         if ONE_PASS:
-            mask = cols < n_cols
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for row in range(row_start, row_end):
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + row)
-                x_hat = x * rstd
-                wdy = w * dy
-                c = tl.sum(x_hat * wdy, axis=0) / n_cols
-                dx = (wdy - x_hat * c) * rstd
-                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-                dw += dy * x_hat
-            tl.store(dw_row + cols, dw, mask=mask)
+            col_mask = cols < n_cols
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for tile in range(tile_start, tile_start + tiles_per_program):
+                rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_mask = rows < n_rows
+                rows64 = rows.to(tl.int64)
+                mask = row_mask[:, None] & col_mask[None, :]
+                x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+                dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+                rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
+                x_hat = x.to(tl.float32) * rstd[:, None]
+                wdy = w[None, :] * dy.to(tl.float32)
+                c = tl.sum(x_hat * wdy, axis=1) / n_cols
+                dx = (wdy - x_hat * c[:, None]) * rstd[:, None]
+                dx_ptrs = DX + rows64[:, None] * stride_dx + cols[None, :]
+                tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+                dw += dy.to(tl.float32) * x_hat  # masked rows and columns add 0
+            tl.store(dw_row + cols, tl.sum(dw, axis=0), mask=col_mask)
         else:
-            # Wide rows: dw partial lives in this program's own row of DW_PARTIAL.
+            # Wide rows: the dw partial lives in this program's own row of DW_PARTIAL.
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
                 tl.store(dw_row + c, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c < n_cols)
-            for row in range(row_start, row_end):
-                rstd = tl.load(RSTD + row)
-                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for tile in range(tile_start, tile_start + tiles_per_program):
+                rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_mask = rows < n_rows
+                rows64 = rows.to(tl.int64)
+                rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for start in range(0, n_cols, BLOCK_N):
                     c = start + cols
-                    mask = c < n_cols
-                    x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
-                    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-                    acc += x * w * dy
-                dot = tl.sum(acc, axis=0) * rstd / n_cols
+                    mask = row_mask[:, None] & (c < n_cols)[None, :]
+                    x = tl.load(X + rows64[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+                    dy = tl.load(
+                        DY + rows64[:, None] * stride_dy + c[None, :], mask=mask, other=0.0
+                    )
+                    w = tl.load(W + c, mask=c < n_cols, other=0.0).to(tl.float32)
+                    acc += x.to(tl.float32) * w[None, :] * dy.to(tl.float32)
+                dot = tl.sum(acc, axis=1) * rstd / n_cols
                 for start in range(0, n_cols, BLOCK_N):
                     c = start + cols
-                    mask = c < n_cols
-                    x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
-                    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-                    x_hat = x * rstd
-                    dx = (w * dy - x_hat * dot) * rstd
-                    tl.store(DX + row * stride_dx + c, dx.to(DX.dtype.element_ty), mask=mask)
-                    dw = tl.load(dw_row + c, mask=mask, other=0.0)
-                    tl.store(dw_row + c, dw + dy * x_hat, mask=mask)
+                    mask = row_mask[:, None] & (c < n_cols)[None, :]
+                    x = tl.load(X + rows64[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+                    dy = tl.load(
+                        DY + rows64[:, None] * stride_dy + c[None, :], mask=mask, other=0.0
+                    ).to(tl.float32)
+                    w = tl.load(W + c, mask=c < n_cols, other=0.0).to(tl.float32)
+                    x_hat = x.to(tl.float32) * rstd[:, None]
+                    dx = (w[None, :] * dy - x_hat * dot[:, None]) * rstd[:, None]
+                    dx_ptrs = DX + rows64[:, None] * stride_dx + c[None, :]
+                    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+                    dw = tl.load(dw_row + c, mask=c < n_cols, other=0.0)
+                    tl.store(dw_row + c, dw + tl.sum(dy * x_hat, axis=0), mask=c < n_cols)
 
 
 # ---------------------------------------------------------------------------- launchers
-# Plain Python: allocate, pick block sizes, launch. They trust their inputs (the public
-# rms_norm_triton validates them once).
+# Plain Python: allocate, look the launch config up, launch. They trust their inputs (the
+# public rms_norm_triton validates them once).
 
 
-def block_config(n_cols: int) -> tuple[int, bool, int]:
-    """(BLOCK_N, ONE_PASS, num_warps) for rows of `n_cols` elements.
+def block_config(n_cols: int) -> tuple[int, bool]:
+    """(BLOCK_N, ONE_PASS) for rows of `n_cols` elements: the column block is the row
+    rounded up to a power of two, at most MAX_BLOCK_N.
 
-    Example: 768 -> (1024, True, 4); 4096 -> (4096, True, 8); 10000 -> (8192, False, 16).
+    Example: 768 -> (1024, True); 4096 -> (4096, True); 10000 -> (8192, False).
     """
     block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK_N)
-    num_warps = 4 if block <= 2048 else (8 if block <= 4096 else 16)
-    return block, n_cols <= block, num_warps
+    return block, n_cols <= block
 
 
-def _num_programs_bwd(n_rows: int, device: torch.device) -> int:
-    """Programs in the backward: 4 per SM on a GPU (memory-level parallelism), 4 on the CPU."""
-    target = 4 * num_sms(device) if device.type == "cuda" else 4
-    return max(1, min(n_rows, target))
+def launch_config(
+    direction: str, n_cols: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, int]:
+    """The table's config for the "fwd" or "bwd" kernel at this hidden size, with the
+    column block: {"block_m", "num_warps", ["programs_per_sm"], "block_n", "one_pass"}."""
+    block, one_pass = block_config(n_cols)
+    cfg = configs.lookup(f"rmsnorm_{direction}", arch(device), dtype,
+                         configs.rmsnorm_class(block, one_pass))  # fmt: skip
+    return {**cfg, "block_n": block, "one_pass": one_pass}
 
 
 def _forward_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,25 +214,58 @@ def _forward_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: returns (y with x's shape and dtype, rstd [rows] fp32)."""
+    """Launch the forward kernel with the table's config: returns (y with x's shape and
+    dtype, rstd [rows] fp32)."""
+    return run_forward(x, weight, eps, launch_config("fwd", x.shape[-1], x.dtype, x.device))
+
+
+def run_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, cfg: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launch with an explicit config (:func:`launch_config`'s keys); the
+    autotune sweep and the tests call it with configs of their own."""
     n_cols = x.shape[-1]
     x2 = as_rows(x)
     y, rstd = _forward_outputs(x)
     y2 = y.view(-1, n_cols)
-    if y2.shape[0] > 0:
-        block, one_pass, num_warps = block_config(n_cols)
+    n_rows = y2.shape[0]
+    if n_rows > 0:
+        grid = (triton.cdiv(n_rows, cfg["block_m"]),)
         with on_device(x.device):
-            _rms_norm_fwd_kernel[(y2.shape[0],)](
-                x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), n_cols, eps,
-                BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
+            _rms_norm_fwd_kernel[grid](
+                x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), n_rows, n_cols,
+                eps, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ONE_PASS=cfg["one_pass"],
+                num_warps=cfg["num_warps"],
             )  # fmt: skip
     return y, rstd
+
+
+def backward_grid(n_rows: int, block_m: int, programs_per_sm: int, device) -> tuple[int, int]:
+    """(programs, tiles per program) of the persistent backward: at most programs_per_sm
+    programs per SM (4 "SMs" on the CPU), each walking a contiguous run of row tiles.
+
+    Example on 132 SMs, 16384 rows, block_m 1, 4 per SM: 528 programs would need 31.03
+    tiles each, so 32 tiles each and 512 programs.
+    """
+    tiles = triton.cdiv(n_rows, block_m)
+    programs = max(1, min(tiles, programs_per_sm * num_sms(device)))
+    per_program = triton.cdiv(tiles, programs)
+    return triton.cdiv(tiles, per_program), per_program
 
 
 def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns (dx like x but contiguous, dw like weight)."""
+    """Launch the backward kernel with the table's config: returns (dx like x but
+    contiguous, dw like weight)."""
+    cfg = launch_config("bwd", x.shape[-1], x.dtype, x.device)
+    return run_backward(dy, x, weight, rstd, cfg)
+
+
+def run_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, cfg: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward launch with an explicit config (see :func:`run_forward`)."""
     n_cols = x.shape[-1]
     x2 = as_rows(x)
     dy2 = as_rows(dy)
@@ -203,17 +273,16 @@ def rms_norm_backward(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return dx, torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    programs = _num_programs_bwd(n_rows, x.device)
-    rows_per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, rows_per_program)
+    programs, per_program = backward_grid(n_rows, cfg["block_m"], cfg["programs_per_sm"],
+                                          x.device)  # fmt: skip
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     dx2 = dx.view(-1, n_cols)
-    block, one_pass, num_warps = block_config(n_cols)
     with on_device(x.device):
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight.contiguous(), rstd, dx2, dw_partial,
-            dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
-            BLOCK_N=block, ONE_PASS=one_pass, num_warps=num_warps,
+            dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, per_program,
+            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ONE_PASS=cfg["one_pass"],
+            num_warps=cfg["num_warps"],
         )  # fmt: skip
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
@@ -285,32 +354,64 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) ->
 
 # ------------------------------------------------------------------- ahead-of-time specs
 
-# Hidden sizes whose launch configs the build gate compiles: the benchmark sizes plus one
+# Hidden sizes whose column blocks the build gate compiles: the benchmark sizes plus one
 # wider than MAX_BLOCK_N (the looping path).
 AOT_HIDDEN_SIZES = (768, 2048, 4096, 3 * MAX_BLOCK_N // 2)
 
+_FWD_SIG = ("X", "W", "Y", "RSTD", "stride_x", "stride_y", "n_rows", "n_cols", "eps")
+_BWD_SIG = ("DY", "X", "W", "RSTD", "DX", "DW_PARTIAL", "stride_dy", "stride_x", "stride_dx",
+            "n_rows", "n_cols", "tiles_per_program")  # fmt: skip
+
+
+def _signature(names: tuple[str, ...], t: str) -> dict[str, str]:
+    sig = {}
+    for name in names:
+        if name in ("RSTD", "DW_PARTIAL"):
+            sig[name] = "*fp32"
+        elif name == "eps":
+            sig[name] = "fp32"
+        elif name.isupper():
+            sig[name] = f"*{t}"
+        else:
+            sig[name] = "i32"
+    return {**sig, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"}
+
+
+def _spec(direction: str, dtype: torch.dtype, block_n: int, one_pass: bool, cfg: dict) -> AotSpec:
+    t = triton_type(dtype)
+    fn, names = (_rms_norm_fwd_kernel, _FWD_SIG) if direction == "fwd" else (
+        _rms_norm_bwd_kernel, _BWD_SIG)  # fmt: skip
+    tag = f"n{block_n}{'' if one_pass else '_loop'}_m{cfg['block_m']}_w{cfg['num_warps']}"
+    constexprs = {"BLOCK_M": cfg["block_m"], "BLOCK_N": block_n, "ONE_PASS": one_pass}
+    return AotSpec(f"rms_norm_{direction}_{tag}_{t}", fn, _signature(names, t), constexprs,
+                   cfg["num_warps"])  # fmt: skip
+
+
+def _aot_blocks() -> list[tuple[int, bool]]:
+    return sorted({block_config(n) for n in AOT_HIDDEN_SIZES})
+
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
-    """Kernel builds the launchers use for `dtype` inputs (weight of the same dtype)."""
-    t = triton_type(dtype)
-    specs, seen = [], set()
-    for n_cols in AOT_HIDDEN_SIZES:
-        block, one_pass, num_warps = block_config(n_cols)
-        if (block, one_pass) in seen:
-            continue
-        seen.add((block, one_pass))
-        constexprs = {"BLOCK_N": block, "ONE_PASS": one_pass}
-        tag = f"B{block}{'' if one_pass else '_loop'}"
-        fwd_sig = {"X": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "RSTD": "*fp32",
-                   "stride_x": "i32", "stride_y": "i32", "n_cols": "i32", "eps": "fp32",
-                   "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"}  # fmt: skip
-        bwd_sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{t}", "RSTD": "*fp32", "DX": f"*{t}",
-                   "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
-                   "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
-                   "rows_per_program": "i32", "BLOCK_N": "constexpr",
-                   "ONE_PASS": "constexpr"}  # fmt: skip
-        specs.append(AotSpec(f"rms_norm_fwd_{tag}", _rms_norm_fwd_kernel, fwd_sig, constexprs,
-                             num_warps))  # fmt: skip
-        specs.append(AotSpec(f"rms_norm_bwd_{tag}", _rms_norm_bwd_kernel, bwd_sig, constexprs,
-                             num_warps))  # fmt: skip
-    return specs
+    """Kernel builds of every config the table holds for `dtype` inputs (weight of the same
+    dtype), at the column blocks of AOT_HIDDEN_SIZES, for every arch in the table."""
+    specs = {}
+    for block_n, one_pass in _aot_blocks():
+        cls = configs.rmsnorm_class(block_n, one_pass)
+        for arch_key in configs.table_archs():
+            for direction in ("fwd", "bwd"):
+                cfg = configs.lookup(f"rmsnorm_{direction}", arch_key, dtype, cls)
+                spec = _spec(direction, dtype, block_n, one_pass, cfg)
+                specs[spec.name] = spec
+    return list(specs.values())
+
+
+def sweep_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """Kernel builds of every point of the autotune sweep space (configs.SWEEP_SPACE) at
+    the column blocks of AOT_HIDDEN_SIZES; programs_per_sm changes no build."""
+    specs = {}
+    for block_n, one_pass in _aot_blocks():
+        for direction in ("fwd", "bwd"):
+            for cfg in configs.sweep(f"rmsnorm_{direction}", block_n):
+                spec = _spec(direction, dtype, block_n, one_pass, cfg)
+                specs[spec.name] = spec
+    return list(specs.values())

@@ -47,3 +47,35 @@ def test_bench_generate_quick_records_cached_and_uncached(tmp_path):
         assert row["new_tokens"] == row["L"] // 2 and row["ours_cached_decode_tok_s"] > 0
         assert row["ours_uncached_total_s"] > 0 and row["peer_decode_tok_s"] is None
     assert len(data["growth"]) == 2
+
+
+def test_autotune_refuses_without_cuda_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "autotune_kernels.py"), "--out", str(tmp_path / "t.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_autotune_merge_replaces_only_its_arch():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import autotune_kernels
+    finally:
+        sys.path.remove(str(BENCH))
+    old = {"_about": "x", "default": {"rmsnorm_fwd": {}}, "sm90": {"cross_entropy": {}}}
+    entries = [("rmsnorm_fwd", "bf16", "n1024", {"block_m": 2, "num_warps": 4}),
+               ("rmsnorm_fwd", "bf16", "n2048", {"block_m": 1, "num_warps": 8})]  # fmt: skip
+    new = autotune_kernels.merge(old, "sm90", entries)
+    assert new["default"] == old["default"] and new["_about"] == "x"
+    assert new["sm90"] == {
+        "rmsnorm_fwd": {
+            "bf16": {
+                "n1024": {"block_m": 2, "num_warps": 4},
+                "n2048": {"block_m": 1, "num_warps": 8},
+            }
+        }
+    }
+    assert old["sm90"] == {"cross_entropy": {}}  # the input is not modified

@@ -48,8 +48,14 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     (e2e,) = res["e2e"]
     assert e2e["ok"] and len(e2e["losses"]["triton"]) == e2e["steps"]
     assert e2e["greedy_same_weights_match_fp32"] == e2e["greedy_tokens"]
-    for section in ("ceilings", "attention", "train", "rmsnorm", "lce"):
+    for section in ("ceilings", "attention", "train", "profile", "rmsnorm", "lce"):
         assert res[section] and all("error" not in r for r in res[section]), res[section]
+    (prof,) = res["profile"]
+    assert prof["time_kind"] == "cpu operator" and prof["step_ms"] > 0
+    assert 0 < len(prof["top"]) <= 10 and prof["top"][0]["ms"] >= prof["top"][-1]["ms"]
+    assert sum(r["share_of_busy"] for r in prof["top"]) <= 1.0 + 1e-9
+    assert "profile seed triton one step" in proc.stdout
+    assert res["lce"][0]["chunk_rows"] >= 1
     att = res["attention"][0]
     assert att["ours"]["fwd_bwd_ms"] > 0 and att["ours"]["fwd_bwd_tflops"] > 0
     train = {r["item"]: r for r in res["train"]}
@@ -139,3 +145,57 @@ def test_package_imports_from_a_bare_checkout():
     assert proc.returncode == 0, proc.stderr[-2000:]
     how, path = proc.stdout.split()
     assert how == "checkout" and Path(path) == ROOT / "engine" / "model" / "transformer.py"
+
+
+@pytest.fixture
+def boot():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    saved = list(sys.path)
+    try:
+        import gpu_check_boot
+
+        yield gpu_check_boot
+    finally:
+        sys.path[:] = [p for p in saved if p != str(ROOT / "benchmarks")]
+        sys.modules.pop("fakepeer", None)
+
+
+def test_missing_peer_wheel_is_one_clear_line(boot, tmp_path):
+    line = boot.peer_status("no_such_peer_module", "no_such_peer", tmp_path)
+    assert line.startswith("missing: no no_such_peer wheel in ")
+    assert "make gpu-check-prep" in line and "\n" not in line
+
+
+def test_a_carried_peer_wheel_is_unpacked_and_importable(boot, tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "fakepeer-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fakepeer/__init__.py", "VALUE = 3\n")
+    assert boot.add_peer_wheels(tmp_path) == [wheel.name]
+    import fakepeer
+
+    assert fakepeer.VALUE == 3
+    assert boot.peer_status("fakepeer", "fakepeer", tmp_path) == f"present ({wheel.name})"
+    assert boot.add_peer_wheels(tmp_path) == [wheel.name]  # unpacked once, added once
+
+
+def test_profile_table_lines():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_check_table import profile_lines
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rec = {"preset": "gpt2", "backend": "triton", "step_ms": 100.0, "busy_ms": 80.0,
+           "time_kind": "cuda kernel", "top": [
+               {"name": "sm90_gemm_" + "x" * 100, "calls": 24, "ms": 20.0,
+                "share_of_step": 0.2, "share_of_busy": 0.25},
+               {"name": "attn_bwd_dkdv", "calls": 12, "ms": 8.0, "share_of_step": 0.08,
+                "share_of_busy": 0.1}]}  # fmt: skip
+    lines = profile_lines(rec, width=30)
+    assert lines[0] == (
+        "profile gpt2 triton one step: 100.00 ms, 80.00 ms cuda kernel time; top 2:"
+    )
+    assert "20.00 ms" in lines[1] and "24 calls" in lines[1] and "20.0% step" in lines[1]
+    assert "25.0% busy" in lines[1] and lines[1].endswith("x...") and len(lines[1]) < 100
+    assert lines[2].endswith("attn_bwd_dkdv")

@@ -76,13 +76,52 @@ def test_resource_usage_reports_registers_spills_shared(builds):
     assert usage["shared"] >= 0
 
 
-def test_specs_use_the_launchers_block_sizes():
-    blocks = {s.constexprs["BLOCK_N"] for s in rmsnorm.aot_specs(torch.float16)}
+def test_specs_use_the_launchers_configs():
+    """The table's configs, as the launchers resolve them on each arch, are built."""
+    cpu = torch.device("cpu")
+    built = {(s.fn, tuple(sorted(s.constexprs.items())), s.num_warps)
+             for s in rmsnorm.aot_specs(torch.float16)}  # fmt: skip
     for n in rmsnorm.AOT_HIDDEN_SIZES:
-        assert rmsnorm.block_config(n)[0] in blocks
-    blocks = {s.constexprs["BLOCK_V"] for s in cross_entropy.aot_specs(torch.bfloat16)}
+        for direction, fn in (("fwd", rmsnorm._rms_norm_fwd_kernel),
+                              ("bwd", rmsnorm._rms_norm_bwd_kernel)):  # fmt: skip
+            cfg = rmsnorm.launch_config(direction, n, torch.float16, cpu)
+            key = {"BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"],
+                   "ONE_PASS": cfg["one_pass"]}  # fmt: skip
+            assert (fn, tuple(sorted(key.items())), cfg["num_warps"]) in built, (n, direction)
+    built = {
+        (s.constexprs["BLOCK_V"], s.num_warps) for s in cross_entropy.aot_specs(torch.bfloat16)
+    }
     for v in cross_entropy.AOT_VOCAB_SIZES:
-        assert cross_entropy.block_config(v)[0] in blocks
+        cfg = cross_entropy.launch_config(v, torch.bfloat16, cpu)
+        assert (cfg["block_v"], cfg["num_warps"]) in built, v
+
+
+@pytest.fixture(scope="module")
+def sweep_builds():
+    """The autotune sweep space (bf16, what training runs in), built for both targets."""
+    specs = rmsnorm.sweep_specs(torch.bfloat16) + cross_entropy.sweep_specs(torch.bfloat16)
+    return specs, aot.compile_specs(specs, aot.TARGET_CCS)
+
+
+def _spills(result) -> int:
+    usage = aot.resource_usage(result)
+    return usage["spill_stores"] + usage["spill_loads"] + usage.get("local", 0)
+
+
+def test_sweep_space_compiles_without_spills(sweep_builds):
+    specs, results = sweep_builds
+    assert len(results) == len(specs) * len(aot.TARGET_CCS)
+    assert {r.cc for r in results} == set(aot.TARGET_CCS)
+    spilled = [f"{r.name} sm_{r.cc}" for r in results if _spills(r)]
+    assert not spilled, f"register spills: {spilled}"
+    assert all(r.cubin[:4] == b"\x7fELF" for r in results)
+
+
+@pytest.mark.parametrize("mod_name", ["rmsnorm", "cross_entropy"])
+def test_table_configs_compile_without_spills(builds, mod_name):
+    results = [r for dt in DTYPES for cc in aot.TARGET_CCS for r in builds[(mod_name, dt, cc)]]
+    spilled = [f"{r.name} sm_{r.cc}" for r in results if _spills(r)]
+    assert not spilled, f"register spills: {spilled}"
 
 
 @triton.jit

@@ -216,10 +216,17 @@ def test_dispatch_triton_backend_linear_cross_entropy():
     assert_close64(loss, ce.linear_cross_entropy_reference(h.double(), w.double(), t), 1e-5, 1e-5)
 
 
-def test_chunk_rows_bounds_chunk_logits():
-    assert ce.chunk_rows(16384, 32000) == 1040
-    assert ce.chunk_rows(16384, 128256) == 256
+def test_chunk_rows_takes_the_fewest_even_chunks_within_the_budget():
+    assert ce.chunk_rows(8192, 128256, 2**27) == 1024  # 8 chunks (Liger's rule: 32 of 256)
+    assert ce.chunk_rows(16384, 50257, 2**27) == 2352  # 7 chunks, the last 2272 rows
     assert ce.chunk_rows(10, 32000) == 10
-    assert ce.chunk_rows(16384, 2**26) == 1
-    for vocab in (1, 100, 32000, 50257, 128256, 10**6):
-        assert ce.chunk_rows(10**6, vocab) * vocab <= max(ce.LOGITS_CHUNK_ELEMENTS, vocab)
+    assert ce.chunk_rows(16384, 2**28, 2**27) == 1
+    assert ce.chunk_rows(100, 1000, 1000, min_rows=8) == 8  # min_rows beats the budget
+    for n in (1, 37, 8192, 100_000):
+        for vocab in (1, 100, 32000, 50257, 128256, 10**6):
+            for budget in (2**20, 2**25, 2**27):
+                rows = ce.chunk_rows(n, vocab, budget)
+                assert 1 <= rows <= n
+                assert rows * vocab <= max(budget, vocab)
+                fewest = -(-n // max(1, budget // vocab))
+                assert -(-n // rows) == fewest, (n, vocab, budget, rows)

@@ -83,7 +83,50 @@ def test_rmsnorm_rejects_bad_inputs():
 
 
 def test_block_config_masks_non_powers_of_two():
-    assert rmsnorm.block_config(768)[:2] == (1024, True)
-    assert rmsnorm.block_config(1)[:2] == (1, True)
-    block, one_pass, _ = rmsnorm.block_config(rmsnorm.MAX_BLOCK_N + 1)
+    assert rmsnorm.block_config(768) == (1024, True)
+    assert rmsnorm.block_config(1) == (1, True)
+    block, one_pass = rmsnorm.block_config(rmsnorm.MAX_BLOCK_N + 1)
     assert block == rmsnorm.MAX_BLOCK_N and not one_pass
+
+
+# (rows, hidden, forward config, backward config): rows that do not fill the last tile,
+# the looping path at a small column block (3 blocks, the last partial), several rows per
+# tile there too, and a persistent grid of 1 and of 8 programs (4 "SMs" on the CPU).
+EXPLICIT = [
+    (11, 37, dict(block_m=4, block_n=64, one_pass=True, num_warps=4),
+     dict(block_m=4, block_n=64, one_pass=True, num_warps=4, programs_per_sm=1)),
+    (7, 37, dict(block_m=2, block_n=16, one_pass=False, num_warps=4),
+     dict(block_m=2, block_n=16, one_pass=False, num_warps=4, programs_per_sm=2)),
+    (9, 20, dict(block_m=8, block_n=32, one_pass=True, num_warps=4),
+     dict(block_m=1, block_n=32, one_pass=True, num_warps=4, programs_per_sm=2)),
+    (5, 50, dict(block_m=1, block_n=16, one_pass=False, num_warps=4),
+     dict(block_m=4, block_n=16, one_pass=False, num_warps=4, programs_per_sm=1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,hidden,fwd,bwd", EXPLICIT)
+def test_rmsnorm_launch_configs_match_float64(rows, hidden, fwd, bwd, dtype):
+    """Every tiling the table or the sweep may pick gives the reference's y, dx and dw."""
+    g = torch.Generator().manual_seed(rows * 100 + hidden)
+    x = (torch.randn(rows, hidden, generator=g) * 2 + 0.5).to(dtype)
+    w = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    dy = torch.randn(rows, hidden, generator=g).to(dtype)
+    with poisoned_allocations(rmsnorm):
+        y, rstd = rmsnorm.run_forward(x, w, 1e-6, fwd)
+        dx, dw = rmsnorm.run_backward(dy, x, w, rstd, bwd)
+    y64, (dx64, dw64) = float64_run(lambda a, b: rmsnorm.rms_norm_reference(a, b), [x, w], dy)
+    atol, rtol = tolerance(dtype)
+    assert_close64(y, y64, atol, rtol, "y")
+    assert_close64(dx, dx64, atol, rtol, "dx")
+    assert_close64(dw, dw64, *tolerance(dtype, 4.0), "dw")
+    again = rmsnorm.run_backward(dy, x, w, rstd, bwd)  # same grid: bitwise the same sums
+    assert torch.equal(again[0], dx) and torch.equal(again[1], dw)
+
+
+def test_backward_grid_covers_every_tile_once():
+    for rows, block_m, per_sm in [(1, 1, 4), (16384, 1, 4), (11, 4, 1), (1000, 2, 8)]:
+        programs, per_program = rmsnorm.backward_grid(rows, block_m, per_sm, torch.device("cpu"))
+        tiles = -(-rows // block_m)
+        assert 1 <= programs <= max(1, per_sm * 4)
+        assert (programs - 1) * per_program < tiles <= programs * per_program

@@ -28,3 +28,4 @@ def test_the_wheel_holds_every_module(tmp_path):
     missing = sorted(expected - names)
     assert not missing, f"modules missing from the wheel: {missing}"
     assert "tritonlm/cli/static/chat.html" in names  # llm-serve's page is package data
+    assert "tritonlm/kernels/kernel_configs.json" in names  # the launchers read it

@@ -1,0 +1,205 @@
+"""Opt-in autotune: measure every point of the sweep space and write a new config table.
+
+    python benchmarks/autotune_kernels.py                      # on a GPU: this arch's entries
+    python benchmarks/autotune_kernels.py --out /tmp/t.json    # write elsewhere
+    TRITON_INTERPRET=1 python benchmarks/autotune_kernels.py --quick   # CPU: the code runs
+
+For each op (RMSNorm forward and backward per hidden-size class, cross-entropy over large
+vocabularies, the fused linear cross-entropy's chunk budget) and each dtype, every config
+of ``kernels/configs.py``'s SWEEP_SPACE is first checked against the torch reference (a
+wrong config is dropped, never chosen), then timed (triton.testing.do_bench, median);
+the fastest becomes that (arch, op, dtype, shape class) entry. The table is the only thing
+launchers read at run time, so the search never happens during training. The existing
+table's other archs are kept; this arch's entries are replaced. Every sweep config is
+built ahead of time for sm_80/sm_90 by tests/test_kernel_build.py, so whatever this picks
+compiles without register spills. On the CPU (the interpreter) the timings mean nothing:
+`--quick` only proves the script runs, and writes to benchmarks/results/ by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import gpu_check_boot  # noqa: E402
+
+gpu_check_boot.ensure_importable()
+
+import torch  # noqa: E402
+from gpu_check_speed import bench_ms  # noqa: E402
+from tritonlm.kernels import configs, launch  # noqa: E402
+from tritonlm.kernels import cross_entropy as ce  # noqa: E402
+from tritonlm.kernels import rmsnorm as rms  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    return bool(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol))
+
+
+def _fastest(timings: list[dict], what: str) -> dict:
+    good = [t for t in timings if t["ok"]]
+    if not good:
+        raise RuntimeError(f"{what}: no config of the sweep matched the reference")
+    return min(good, key=lambda t: t["ms"])
+
+
+def tune_rmsnorm(rows: int, hidden: int, dtype: torch.dtype, device: str) -> dict:
+    """{"fwd": (class, best cfg, timings), "bwd": ...} for one hidden size."""
+    g = torch.Generator(device=device).manual_seed(hidden)
+    x = torch.randn(rows, hidden, device=device, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=device, generator=g)).to(dtype)
+    dy = torch.randn(rows, hidden, device=device, generator=g).to(dtype)
+    ref_y = rms.rms_norm_reference(x, w, 1e-6)
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    rms.rms_norm_reference(xr, wr, 1e-6).backward(dy.float())
+    block_n, one_pass = rms.block_config(hidden)
+    cls = configs.rmsnorm_class(block_n, one_pass)
+    base = {"block_n": block_n, "one_pass": one_pass}
+    out = {}
+    _, rstd = rms.run_forward(x, w, 1e-6, {**base, "block_m": 1, "num_warps": 4})
+    for direction in ("fwd", "bwd"):
+        timings = []
+        for point in configs.sweep(f"rmsnorm_{direction}", block_n):
+            cfg = {**base, **point}
+            if direction == "fwd":
+                run = lambda cfg=cfg: rms.run_forward(x, w, 1e-6, cfg)  # noqa: E731
+                ok = _close(run()[0], ref_y, dtype)
+            else:
+                run = lambda cfg=cfg: rms.run_backward(dy, x, w, rstd, cfg)  # noqa: E731
+                dx, dw = run()
+                ok = _close(dx, xr.grad, dtype) and _close(dw, wr.grad, dtype)
+            timings.append({**point, "ok": ok, "ms": bench_ms(run) if ok else None})
+        best = _fastest(timings, f"rmsnorm_{direction} d{hidden}")
+        out[direction] = (cls, {k: best[k] for k in configs.SWEEP_SPACE[f"rmsnorm_{direction}"]},
+                          timings)  # fmt: skip
+    return out
+
+
+def tune_cross_entropy(rows: int, vocabs: list[int], dtype: torch.dtype, device: str) -> tuple:
+    """(best cfg for the "large" class by total time over `vocabs`, timings)."""
+    cases = []
+    for vocab in vocabs:
+        g = torch.Generator(device=device).manual_seed(vocab)
+        logits = (torch.randn(rows, vocab, device=device, generator=g) * 2).to(dtype)
+        targets = torch.randint(0, vocab, (rows,), device=device, generator=g)
+        ref = ce.cross_entropy_reference(logits, targets)
+        cases.append((logits, targets, ref))
+    timings = []
+    for point in configs.sweep("cross_entropy"):
+        total, ok = 0.0, True
+        for logits, targets, ref in cases:
+            n_valid = ce.count_valid(targets, -100)
+
+            def run(point=point, logits=logits, targets=targets, n_valid=n_valid):
+                return ce.cross_entropy_rows(logits, targets, -100, n_valid, None, point)
+
+            ok = ok and _close(run().sum() / n_valid, ref, torch.float32)
+            total += bench_ms(run) if ok else 0.0
+        timings.append({**point, "ok": ok, "ms": total if ok else None})
+    best = _fastest(timings, "cross_entropy")
+    return {k: best[k] for k in configs.SWEEP_SPACE["cross_entropy"]}, timings
+
+
+def tune_linear_ce(n: int, d: int, vocab: int, dtype: torch.dtype, device: str) -> tuple:
+    """(best chunk budget by fwd+bwd time, timings) at one (N, d, V)."""
+    g = torch.Generator(device=device).manual_seed(vocab)
+    h = torch.randn(n, d, device=device, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, d, device=device, generator=g) * d**-0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, vocab, (n,), device=device, generator=g)
+    timings = []
+    for point in configs.sweep("linear_cross_entropy"):
+        rows = ce.chunk_rows(n, vocab, point["chunk_elements"], point["min_chunk_rows"])
+
+        def run(rows=rows):
+            ce.linear_cross_entropy_triton(h, w, t, chunk_size=rows).backward()
+
+        timings.append({**point, "chunk_rows": rows, "ok": True,
+                        "ms": bench_ms(run, grad_to_none=[h, w])})  # fmt: skip
+    best = min(timings, key=lambda r: r["ms"])
+    return {k: best[k] for k in configs.SWEEP_SPACE["linear_cross_entropy"]}, timings
+
+
+def merge(table: dict, arch: str, entries: list[tuple[str, str, str, dict]]) -> dict:
+    """A copy of `table` whose `arch` holds exactly `entries` (op, dtype, class, cfg)."""
+    out = {k: v for k, v in table.items() if k != arch}
+    mine: dict = {}
+    for op, dt, cls, cfg in entries:
+        mine.setdefault(op, {}).setdefault(dt, {})[cls] = dict(cfg)
+    out[arch] = mine
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes (the interpreter)")
+    p.add_argument("--dtypes", default="bf16", help="comma list of bf16,fp16,fp32")
+    p.add_argument("--out", default=None, help="table to write (default: the shipped table "
+                   "on CUDA, benchmarks/results/kernel_configs_<arch>.json otherwise)")  # fmt: skip
+    p.add_argument("--json", default=None, help="all timings (default: benchmarks/results/"
+                   "autotune_<arch>.json)")  # fmt: skip
+    args = p.parse_args(argv)
+    bad = set(args.dtypes.split(",")) - set(DTYPES)
+    if bad:
+        p.error(f"unknown dtype(s) {', '.join(sorted(bad))}; choose from bf16, fp16, fp32")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.quick:
+        print("autotune_kernels: no CUDA device; timings here would mean nothing "
+              "(use --quick to smoke-test the script)", file=sys.stderr)  # fmt: skip
+        return 2
+    device = "cuda" if cuda else "cpu"
+    arch = launch.arch(torch.device(device))
+    if args.quick:
+        hidden, rows, vocabs, lce = [20, 100], 8, [300], (16, 32, 300)
+    else:
+        hidden, rows, vocabs, lce = [768, 2048, 4096, 8192, 12288], 16384, [32000, 128256], (
+            8192, 2048, 128256)  # fmt: skip
+    entries, report = [], {"arch": arch, "device": device, "quick": args.quick, "ops": []}
+    t0 = time.perf_counter()
+    for dt_name in args.dtypes.split(","):
+        dtype = DTYPES[dt_name]
+        for d in hidden:
+            for direction, (cls, cfg, timings) in tune_rmsnorm(rows, d, dtype, device).items():
+                entries.append((f"rmsnorm_{direction}", dt_name, cls, cfg))
+                report["ops"].append({"op": f"rmsnorm_{direction}", "dtype": dt_name, "d": d,
+                                      "class": cls, "best": cfg, "timings": timings})  # fmt: skip
+                print(f"rmsnorm_{direction} {dt_name} d{d} ({cls}): {cfg}", flush=True)
+        cfg, timings = tune_cross_entropy(rows // 2 or 1, vocabs, dtype, device)
+        entries.append(("cross_entropy", dt_name, "large", cfg))
+        report["ops"].append({"op": "cross_entropy", "dtype": dt_name, "class": "large",
+                              "vocabs": vocabs, "best": cfg, "timings": timings})  # fmt: skip
+        print(f"cross_entropy {dt_name} large: {cfg}", flush=True)
+        if dtype != torch.float32:
+            cfg, timings = tune_linear_ce(*lce, dtype, device)
+            entries.append(("linear_cross_entropy", dt_name, "any", cfg))
+            report["ops"].append({"op": "linear_cross_entropy", "dtype": dt_name,
+                                  "shape": lce, "best": cfg, "timings": timings})  # fmt: skip
+            print(f"linear_cross_entropy {dt_name}: {cfg}", flush=True)
+    report["seconds"] = time.perf_counter() - t0
+    default_out = configs.TABLE_PATH if cuda else HERE / "results" / f"kernel_configs_{arch}.json"
+    out = Path(args.out) if args.out else default_out
+    table = merge(configs.table(), arch, entries)
+    table[f"_{arch}_measured"] = (f"by benchmarks/autotune_kernels.py on "
+                                  f"{time.strftime('%Y-%m-%d')}, dtypes {args.dtypes}")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    timings_path = Path(args.json) if args.json else HERE / "results" / f"autotune_{arch}.json"
+    timings_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"table written to {out}; timings in {timings_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Launch configs per (arch, op, dtype, shape class), read by the launchers from one table.
+
+Why a table: the right rows-per-program or warp count depends on the GPU and the shape,
+and the only trustworthy way to pick it is to measure (``benchmarks/autotune_kernels.py``
+does, on a GPU, and writes a new table). At run time the launchers only look the config
+up: no timing, no first-call search, so two runs of the same shapes launch the same
+programs and sum in the same order (deterministic results).
+
+The table (``kernel_configs.json`` next to this file) maps::
+
+    {"arch": {"op": {"dtype": {"shape class": {"param": value, ...}}}}}
+
+arch is ``launch.arch(device)`` ("sm90", "sm80", "cpu"). A lookup starts from the op's
+:data:`DEFAULTS`, then applies the "default" arch's entries, then the device arch's; at
+each level the "any" dtype and "any" shape class first, the exact ones last.
+
+Ops and their parameters:
+
+- ``rmsnorm_fwd``: block_m (rows per program), num_warps
+- ``rmsnorm_bwd``: block_m (rows per tile), num_warps, programs_per_sm (persistent grid)
+- ``cross_entropy``: block_v (vocabulary columns per step), num_warps
+- ``linear_cross_entropy``: chunk_elements (logits one chunk may hold), min_chunk_rows
+
+Every config in the table and in :data:`SWEEP_SPACE` must compile for sm_80 and sm_90
+without register spills: ``tests/test_kernel_build.py`` builds them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .launch import triton_type
+
+TABLE_PATH = Path(__file__).with_name("kernel_configs.json")
+
+DEFAULTS: dict[str, dict[str, int]] = {
+    "rmsnorm_fwd": {"block_m": 1, "num_warps": 4},
+    "rmsnorm_bwd": {"block_m": 1, "num_warps": 4, "programs_per_sm": 4},
+    "cross_entropy": {"block_v": 4096, "num_warps": 8},
+    "linear_cross_entropy": {"chunk_elements": 2**27, "min_chunk_rows": 1},
+}
+
+# Largest tile (rows x columns) one RMSNorm program holds in registers: 8192 fp32 values
+# spread over 4-16 warps stays well under 255 registers per thread.
+MAX_TILE = 8192
+
+# What the autotune sweep tries (per arch, dtype and shape class); each point must also
+# satisfy :func:`valid`.
+SWEEP_SPACE: dict[str, dict[str, tuple[int, ...]]] = {
+    "rmsnorm_fwd": {"block_m": (1, 2, 4, 8), "num_warps": (4, 8, 16)},
+    "rmsnorm_bwd": {"block_m": (1, 2, 4), "num_warps": (4, 8, 16), "programs_per_sm": (2, 4, 8)},
+    "cross_entropy": {"block_v": (2048, 4096, 8192), "num_warps": (4, 8, 16)},
+    "linear_cross_entropy": {"chunk_elements": (2**25, 2**26, 2**27), "min_chunk_rows": (1,)},
+}
+
+
+def rmsnorm_class(block_n: int, one_pass: bool) -> str:
+    """Shape class of a hidden size, from the column block the launcher uses:
+    (1024, True) -> "n1024"; a row wider than one block -> "loop"."""
+    return f"n{block_n}" if one_pass else "loop"
+
+
+def cross_entropy_class(vocab: int) -> str:
+    """Vocabularies up to 4096 fit one block ("small"); larger ones stream ("large")."""
+    return "small" if vocab <= 4096 else "large"
+
+
+def valid(op: str, cfg: dict[str, int], block_n: int = 0) -> bool:
+    """Whether a config is allowed for a shape with column block `block_n` (RMSNorm): the
+    tile fits :data:`MAX_TILE`, and beyond 4 warps every thread holds at least 8 elements
+    (one 16-byte load of bf16; more warps would only idle). The backward keeps three
+    tiles live, so it allows at most 32 elements per thread (the sm_80/sm_90 builds of
+    64 spill registers).
+
+    Example: rmsnorm_fwd {"block_m": 2, "num_warps": 8} at block_n 1024 -> True (2048
+    elements, 8 per thread); {"block_m": 1, "num_warps": 8} -> False (4 per thread).
+    """
+    if op.startswith("rmsnorm"):
+        tile, threads = cfg["block_m"] * block_n, 32 * cfg["num_warps"]
+        if op == "rmsnorm_bwd" and tile > 32 * threads:
+            return False  # x, dy and the dw accumulator: > 32 each per thread spills
+        return tile <= MAX_TILE and (cfg["num_warps"] <= 4 or tile >= 8 * threads)
+    if op == "cross_entropy":
+        return cfg["num_warps"] <= 4 or cfg["block_v"] >= 8 * 32 * cfg["num_warps"]
+    return True
+
+
+def sweep(op: str, block_n: int = 0) -> list[dict[str, int]]:
+    """Every valid point of the sweep space of `op` (for RMSNorm: at column block
+    `block_n`), in a fixed order."""
+    space = SWEEP_SPACE[op]
+    combos = itertools.product(*space.values())
+    points = [dict(zip(space, values, strict=True)) for values in combos]
+    return [p for p in points if valid(op, p, block_n)]
+
+
+@functools.cache
+def _table(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def table(path: Path | None = None) -> dict[str, Any]:
+    """The parsed table (cached per path)."""
+    return _table(str(path or TABLE_PATH))
+
+
+def lookup(
+    op: str, arch: str, dtype: torch.dtype, shape_class: str, path: Path | None = None
+) -> dict[str, int]:
+    """The config for one launch: DEFAULTS[op] updated by the table's most specific entry.
+
+    Example: lookup("rmsnorm_fwd", "sm90", torch.bfloat16, "n1024") -> {"block_m": 4,
+    "num_warps": 4} with the shipped table.
+    """
+    tab = table(path)
+    cfg = dict(DEFAULTS[op])
+    for arch_key in ("default", arch):  # most general first, each later level overrides
+        by_dtype = tab.get(arch_key, {}).get(op, {})
+        for key in ("any", triton_type(dtype)):
+            classes = by_dtype.get(key, {})
+            for cls in ("any", shape_class):
+                cfg.update(classes.get(cls, {}))
+    return cfg
+
+
+def table_archs(path: Path | None = None) -> list[str]:
+    """The arch keys of the table ("default" first): the archs a launch can resolve to."""
+    archs = [a for a in table(path) if not a.startswith("_")]
+    return sorted(archs, key=lambda a: (a != "default", a))
+
+
+def table_entries(path: Path | None = None):
+    """Yield (arch, op, dtype key, shape class, config) for every entry of the table, the
+    config completed with DEFAULTS (what the AOT build gate compiles)."""
+    for arch, ops in table(path).items():
+        if arch.startswith("_"):  # "_about" and other notes
+            continue
+        for op, dtypes in ops.items():
+            for dt, classes in dtypes.items():
+                for cls, entry in classes.items():
+                    yield arch, op, dt, cls, {**DEFAULTS[op], **entry}
