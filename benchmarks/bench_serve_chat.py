@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_serve import LLM_SERVE, Server, _whole_chars, machine_info  # noqa: E402
+from bench_serve import LLM_SERVE, Server, machine_info  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -75,11 +75,19 @@ def build_checkpoint(out: Path) -> Path:
     special = set(tok.special_tokens.values())
     with torch.no_grad():
         for tid in range(tok.vocab_size):
-            if tid in special or not _whole_chars(tok.token_bytes(tid)):
+            if tid in special or not whole_utf8(tok.token_bytes(tid)):
                 model.tok_emb.weight[tid] = 0.0  # tied: these never win an argmax
     path = out / "chat"
     save_checkpoint(path, model, tok, train_config={"steps": 0, "note": "random init"})
     return path
+
+
+def whole_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class ChatServer(Server):

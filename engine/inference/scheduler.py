@@ -17,8 +17,8 @@ The stop rules, UTF-8 safe text and stop strings are those of :mod:`.generate`.
 Requests joining in one step with the same prompt (the ``n`` answers of one request,
 :meth:`Scheduler.submit_many`) share one prefill: the row is copied. A row may ask for
 log-probabilities (:class:`.row_options.RowOptions`), delivered with its events. With a
-:class:`.prefix_cache.PrefixCache`, a prompt that starts with tokens whose K/V a finished
-(or joined) row left there copies them into its row and prefills only the rest.
+:class:`.prefix_cache.PrefixCache`, a prompt that starts with tokens whose K/V a row left
+there when it finished copies them into its row and prefills only the rest.
 
     >>> sched = Scheduler(model, tokenizer, max_batch=8, max_queue=32).start()
     >>> handle = sched.submit(prompt_ids, SamplingConfig(temperature=0))   # doctest: +SKIP
