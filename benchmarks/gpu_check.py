@@ -33,7 +33,17 @@ sys.path.insert(0, str(HERE))
 import gpu_check_boot  # noqa: E402
 from gpu_check_table import goals, print_table  # noqa: E402
 
-SECTIONS = ("ceilings", "correctness", "e2e", "attention", "train", "profile", "rmsnorm", "lce")
+SECTIONS = (
+    "ceilings",
+    "correctness",
+    "e2e",
+    "attention",
+    "train",
+    "profile",
+    "rmsnorm",
+    "lce",
+    "decode",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -198,6 +208,22 @@ def build_plan(r: Runner, device: str, args) -> None:
     else:
         r.add(2, "e2e", f"small preset {steps} steps", 15.0 + 0.06 * steps,
               lambda: TR.end_to_end("small", 8192, steps, 16, device))  # fmt: skip
+    import gpu_check_decode as DEC
+
+    if quick:  # on the CPU the graphs fall back to eager: the fallback is what is checked
+        r.add(2.5, "decode", "tiny one stream", 10.0,
+              lambda: DEC.one_stream("seed", 256, 8, device, tiny))  # fmt: skip
+        r.add(2.5, "decode", "tiny scheduler 4 streams", 10.0,
+              lambda: DEC.scheduler_aggregate("seed", 256, 4, 6, device, tiny))  # fmt: skip
+    else:
+        for preset, V in (("small", 8192), ("gpt2", 50257)):
+            r.add(3, "decode", f"{preset} one stream", 30.0,
+                  lambda p=preset, V=V: DEC.one_stream(p, V, 128, device))  # fmt: skip
+            if not args.no_compile and cuda:
+                r.add(9, "decode", f"{preset} transformers static cache + compile", 120.0,
+                      lambda p=preset, V=V: DEC.hf_static_compiled(p, V, 128, device))  # fmt: skip
+        r.add(4, "decode", "small scheduler 16 streams", 40.0,
+              lambda: DEC.scheduler_aggregate("small", 8192, 16, 64, device))  # fmt: skip
     if not cuda and not args.cpu_speed:
         for s in ("ceilings", "attention", "train", "profile", "rmsnorm", "lce"):
             if s in args.sections.split(","):

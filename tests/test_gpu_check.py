@@ -60,6 +60,9 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     assert att["ours"]["fwd_bwd_ms"] > 0 and att["ours"]["fwd_bwd_tflops"] > 0
     train = {r["item"]: r for r in res["train"]}
     assert train["small ours triton"]["tokens_per_s"] > 0
+    one, sched = res["decode"]  # no CUDA: the graphs fall back to eager, same tokens
+    assert one["tokens_match"] and one["graphs_fallback"].startswith("CUDA graph capture failed")
+    assert sched["streams"] == 4 and sched["eager_tok_s"] > 0 and sched["graphs_tok_s"] > 0
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
