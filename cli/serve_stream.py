@@ -113,6 +113,11 @@ class Shape:
         choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": lp}
         return {**self._head("text_completion"), "choices": [choice]}
 
+    def has_logprobs(self, event: Event) -> bool:
+        """Whether the event carries entries this request reports (not a chat's <|end|>)."""
+        entries = self._content_only(event.logprobs or [], event.result)
+        return bool(entries or event.prompt_logprobs)
+
     def unsent_echo(self, index: int) -> bool:
         return self.req.echo and index not in self._offsets
 
@@ -187,7 +192,7 @@ async def sse(events: asyncio.Queue, handles, shape: Shape, req: ServeRequest):
             if event.error is not None:
                 yield sse_line(engine_error(event.error).body())
                 break
-            if event.text or event.logprobs or event.prompt_logprobs or shape.unsent_echo(index):
+            if event.text or shape.has_logprobs(event) or shape.unsent_echo(index):
                 yield sse_line(shape.chunk(index, event))
             if event.done:
                 left -= 1

@@ -86,12 +86,10 @@ def test_echo_scores_like_llm_eval(client, loaded):
 def test_streamed_logprobs_equal_whole(client):
     kw = dict(model="ckpt", messages=MSG, temperature=0, logprobs=True, top_logprobs=2)
     whole = client.chat.completions.create(**kw).choices[0].logprobs.content
-    streamed = [
-        t
-        for c in client.chat.completions.create(stream=True, **kw)
-        if c.choices and c.choices[0].logprobs
-        for t in c.choices[0].logprobs.content
-    ]
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    # No chunk for the closing <|end|>: every chunk with logprobs has content.
+    assert all(c.choices[0].logprobs.content for c in chunks if c.choices[0].logprobs)
     assert [t.token for t in streamed] == [t.token for t in whole]
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in whole], abs=1e-5)
     ckw = dict(model="ckpt", prompt="the", max_tokens=5, temperature=0, logprobs=1, echo=True)
