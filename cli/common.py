@@ -112,8 +112,15 @@ def add_config_flags(group, cls, names: Iterable[str] | None = None, *,
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         help_text = meta.get("help") or ""
-        if kind is bool:
-            group.add_argument(flag, action="store_true", default=None, help=help_text)
+        if kind is bool:  # a field on by default gets --no-<name>
+            off = f.default is True
+            group.add_argument(
+                "--no-" + flag[2:] if off else flag,
+                dest=f.name,
+                default=None,
+                action="store_false" if off else "store_true",
+                help=help_text,
+            )
             continue
         default = f.default if defaults else None
         if defaults and f.default is not None:

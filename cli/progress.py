@@ -26,6 +26,9 @@ class TrainingBar:
         self.interval, self.last_line = interval, 0.0
 
     def __call__(self, ev: dict) -> None:
+        if ev["event"].startswith("guard_"):  # shown even with --quiet: the run changed course
+            self._guard(ev)
+            return
         if not self.enabled:
             return
         if self.plain:
@@ -41,7 +44,7 @@ class TrainingBar:
         elif kind == "step" and self.bar is not None:
             if "val_loss" in ev:
                 self.val = f"{ev['val_loss']:.3f}"
-            post = {"loss": f"{ev['loss']:.3f}", "tok/s": f"{ev['tokens_per_s']:.0f}"}
+            post = {"loss": _num(ev["loss"]), "tok/s": f"{ev['tokens_per_s']:.0f}"}
             if self.val:
                 post["val"] = self.val
             self.bar.set_postfix(post, refresh=False)
@@ -62,7 +65,7 @@ class TrainingBar:
             rate = done / max(now - self.t0, 1e-9)
             eta = (self.total - ev["step"]) / rate if rate > 0 else 0.0
             val = f" val {self.val}" if self.val else ""
-            text = (f"{ev['phase']}: step {ev['step']}/{self.total} loss {ev['loss']:.3f}{val} "
+            text = (f"{ev['phase']}: step {ev['step']}/{self.total} loss {_num(ev['loss'])}{val} "
                     f"{ev['tokens_per_s']:.0f} tok/s eta {eta:.0f}s")  # fmt: skip
         elif kind == "done":
             text = f"{ev['phase']}: {ev['status']} at step {ev['step']}/{ev['total_steps']}"
@@ -72,8 +75,28 @@ class TrainingBar:
         self.last_line = now
         print(text, file=self.file, flush=True)
 
+    def _guard(self, ev: dict) -> None:
+        """One line per guard event (a skipped update, a rollback)."""
+        if ev["event"] == "guard_skip":
+            text = (f"{ev['phase']}: guard: skipped the update of step {ev['step']} "
+                    f"({ev['reason']}: loss {_num(ev['step_loss'])}, "
+                    f"grad norm {_num(ev['grad_norm'])})")  # fmt: skip
+        else:
+            lo, hi = ev["skipped_batches"]
+            text = (f"{ev['phase']}: guard: rolled back from step {ev['step']} to step "
+                    f"{ev['to_step']}, skipping the batches of data steps {lo}..{hi - 1}, "
+                    f"re-warming the learning rate over {ev['rewarmup']} steps")  # fmt: skip
+        if self.bar is not None:
+            self.bar.write(text, file=self.file)
+        else:
+            print(text, file=self.file, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         self.val = None
+
+
+def _num(x: float | None) -> str:
+    return "nan" if x is None else f"{x:.3f}"

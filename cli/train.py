@@ -389,7 +389,12 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
         val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         early = " (early stop)" if result.status == "early_stopped" else ""
         pad = "" if result.pad_fraction is None else f", padding {result.pad_fraction:.1%}"
-        summary.append(f"{phase}: {result.step} steps{early}, loss {result.loss:.4f}{val}{pad}")
+        guard = ""
+        if result.guard and any(result.guard.values()):
+            guard = (f", guard: {result.guard['skipped']} skipped updates, "
+                     f"{result.guard['rollbacks']} rollbacks")  # fmt: skip
+        summary.append(f"{phase}: {result.step} steps{early}, loss {result.loss:.4f}{val}{pad}"
+                       f"{guard}")  # fmt: skip
         if ctx.is_main:
             for note in result.notes:  # e.g. how many conversations --pack had to split
                 print(f"{phase}: {note}")

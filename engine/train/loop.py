@@ -43,6 +43,7 @@ from ..lora.layers import lora_info
 from ..stop import StopRequest
 from .batches import Prefetcher, StepBatches, StepPlanner, batch_source
 from .distributed import DistContext, LossForward, gather_rng_states, rank_seed
+from .guard import Guard
 from .run_log import RunLog, plot_losses
 from .train_config import TrainConfig, TrainingError, lr_at
 from .trainer_state import TRAINER_STATE_VERSION, check_trainer_state, rng_state, set_rng_state
@@ -69,6 +70,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     pad_fraction: float | None = None  # padding share of the positions this session ran
     notes: list[str] = field(default_factory=list)  # data facts for the run summary
+    guard: dict | None = None  # {"skipped": n, "rollbacks": m} with the guard on
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -165,8 +167,11 @@ class Trainer:
         self.forward = self.dist.wrap(LossForward(self.model))
         if config.compile:
             self.forward = torch.compile(self.forward)
+        self.guard = Guard(config, self.device) if config.guard else None
         if resume is not None:
             self._load_state(resume)
+        elif self.guard is not None:
+            self.guard.snapshot(self)  # the starting state is a good one
 
     # -- state ---------------------------------------------------------------------------
 
@@ -186,6 +191,7 @@ class Trainer:
             "rng": rng_state(),
             "train_config": self.config.to_dict(),
             "extra": self.extra_state,
+            **({"guard": self.guard.state_dict()} if self.guard is not None else {}),
         }
 
     def _load_state(self, resume) -> None:
@@ -216,6 +222,9 @@ class Trainer:
         own = ranks[self.dist.rank] if ranks and len(ranks) == self.world_size else st["rng"]
         set_rng_state(own)
         self.last_saved_step = self.step
+        if self.guard is not None and isinstance(st.get("guard"), dict):
+            self.guard.load_state_dict(st["guard"], where)
+            self.guard.load_snapshots(resume.path, self.step, st["guard"])
         self.log.adopt(resume.path)
         self.log.drop_after(self.step)
 
@@ -230,6 +239,8 @@ class Trainer:
         """Forward/backward over this rank's micro-batches, clip, AdamW. No host sync:
         the step's loss and grad norm are queued as device tensors for ``_flush``."""
         lr = lr_at(self.step, self.total_steps, self.config)
+        if self.guard is not None:
+            lr *= self.guard.lr_scale(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
@@ -244,11 +255,15 @@ class Trainer:
                 weighted = loss * (bt.n_targets * self.world_size / n_global)
                 self.dist.run("the gradient all-reduce", weighted.backward)
             loss_sum += loss.detach().double() * (bt.n_targets / n_global)
+        loss_sum = self.dist.all_reduce_tensor(loss_sum)  # the global loss, on every rank
         params = self.model.parameters()
         if self.config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        bad = None
+        if self.guard is not None:  # a bad step's update is skipped inside the fused AdamW
+            bad = self.optimizer.found_inf = self.guard.check(loss_sum, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -257,21 +272,25 @@ class Trainer:
         self.positions[0] += sb.global_tokens
         self.positions[1] += sb.global_positions
         self.pending.append((self.step, loss_sum, norm, lr, self.tokens_seen, time.perf_counter(),
-                             pad))  # fmt: skip
+                             pad, bad))  # fmt: skip
 
     def _flush(self) -> list[dict]:
-        """Read the queued steps from the device (one sync), stop on a non-finite value,
-        and return their metrics records."""
+        """Read the queued steps from the device (one sync), stop on a non-finite value
+        (without the guard), and return their metrics records (with the guard: and one
+        record per skipped step)."""
         if not self.pending:
             return []
-        losses = self.dist.all_reduce_tensor(torch.stack([p[1] for p in self.pending]))
-        norms = torch.stack([p[2].double() for p in self.pending])
-        values = torch.stack([losses, norms.to(losses.device)]).cpu().tolist()  # the sync
+        losses = torch.stack([p[1] for p in self.pending])
+        norms = torch.stack([p[2].double() for p in self.pending]).to(losses.device)
+        flags = [torch.zeros_like(p[1]) if p[7] is None else p[7] for p in self.pending]
+        rows = torch.stack([losses, norms, torch.stack(flags).double().to(losses.device)])
+        values = rows.cpu().tolist()  # the sync
+        skipped = values.pop()
         bad = next(
             (i for i, v in enumerate(zip(*values, strict=True)) if not all(map(math.isfinite, v))),
             None,
         )
-        if self.dist.any_flag(bad is not None):
+        if self.guard is None and self.dist.any_flag(bad is not None):
             raise self._nonfinite(values, bad)
         window_tokens = self.pending[-1][4] - self._window[1]
         tps = window_tokens / max(self.pending[-1][5] - self._window[0], 1e-9)
@@ -279,11 +298,21 @@ class Trainer:
             {"phase": self.config.phase, "step": step, "loss": loss, "lr": lr,
              "grad_norm": gn, "tokens_per_s": tps, "tokens_seen": seen, "elapsed_s": t - self.t0,
              "pad_fraction": pad}
-            for (step, _, _, lr, seen, t, pad), loss, gn in zip(self.pending, *values,
+            for (step, _, _, lr, seen, t, pad, _), loss, gn in zip(self.pending, *values,
                                                                 strict=True)
         ]  # fmt: skip
         self.pending.clear()
-        return records
+        if self.guard is None:
+            return records
+        for r, s in zip(records, skipped, strict=True):
+            if s:
+                r["skipped"] = True
+                for k in ("loss", "grad_norm"):  # metrics.jsonl stays valid JSON
+                    r[k] = r[k] if math.isfinite(r[k]) else None
+        events = self.guard.observe(records)
+        for ev in events:
+            self._emit(ev)
+        return records + events
 
     def _nonfinite(self, values, bad: int | None) -> TrainingError:
         self.optimizer.zero_grad(set_to_none=True)
@@ -375,6 +404,8 @@ class Trainer:
                 save_checkpoint(self.out_dir, self.model, self.tokenizer, train_config,
                                 optimizer=self.optimizer, trainer_state=state,
                                 max_shard_size=self.config.max_shard_size)  # fmt: skip
+            if self.guard is not None:
+                self.guard.save_snapshots(self.out_dir, self.step)
         self.dist.barrier()
         self.last_saved_step = self.step
         self._emit({"event": "save", "step": self.step, "path": str(self.out_dir)})
@@ -396,6 +427,13 @@ class Trainer:
         if not (evaluating or saving or last or s % cfg.log_every == 0):
             return None
         records = self._flush()
+        if self.guard is not None and (ev := self.guard.decide(s, self)) is not None:
+            self._emit(ev)  # rolled back: this boundary's eval and save come later
+            self.log.append([*records, ev])
+            self._window = (time.perf_counter(), self.tokens_seen)
+            return None
+        events = [r for r in records if "event" in r]  # the guard's skips
+        records = [r for r in records if "event" not in r]
         status = None
         if evaluating and (ev := self.evaluate()) is not None:
             records[-1].update(ev)
@@ -407,7 +445,7 @@ class Trainer:
             if self.dist.broadcast_flag(stop):  # rank 0 decides; nobody waits alone
                 status = "early_stopped"
             self._emit({"event": "eval", **records[-1]})
-        self.log.append(records)
+        self.log.append(records + events)
         self._emit({"event": "step", "total_steps": self.total_steps, **records[-1]})
         if saving and status is None:
             self.save()
@@ -426,8 +464,11 @@ class Trainer:
                     status = "interrupted"
                     break
                 ahead = self.step + 1 if self.step + 1 < self.total_steps else None
+                data = self.guard.data_step if self.guard is not None else int
                 try:
-                    self.train_step(batches.get(self.step, ahead))
+                    self.train_step(
+                        batches.get(data(self.step), None if ahead is None else data(ahead))
+                    )
                 except (MemoryError, RuntimeError) as e:  # CUDA OOM is a RuntimeError too
                     if not _is_oom(e):
                         raise
@@ -459,6 +500,7 @@ class Trainer:
             history=self.log.history,
             pad_fraction=1.0 - self.positions[0] / self.positions[1] if self.positions[1] else None,
             notes=list(getattr(self.data, "notes", [])),
+            guard=self.guard.counts() if self.guard is not None else None,
         )
         self._emit({"event": "done", "start_step": start_step, **result.to_dict()})
         return result

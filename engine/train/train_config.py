@@ -121,6 +121,24 @@ class TrainConfig(ConfigMixin):
     # before the option resume unchanged); llm-train turns doc_mask on for new runs.
     doc_mask: bool = option(False, boolean, flag=False)  # pretraining: attend within documents
     pack: bool = option(False, boolean, flag=False)  # SFT: pack conversations into full rows
+    guard: bool = option(
+        True,
+        boolean,
+        "turn off the guard (skip spiking or non-finite steps, roll back after too many)",
+    )
+    guard_spike: float = option(
+        3.0,
+        number(lo=1, lo_open=True),
+        "a step loss above K x the recent median is a spike",
+        metavar="K",
+    )
+    guard_skips: int = option(
+        3, at_least(1), "roll back after N skipped steps within --guard-window", metavar="N"
+    )
+    guard_window: int = option(50, at_least(1), "steps the guard counts skips over", metavar="N")
+    guard_rewarmup: int = option(
+        20, at_least(0), "steps of learning-rate re-warmup after a rollback", metavar="N"
+    )
     max_shard_size: str = option(
         DEFAULT_MAX_SHARD_SIZE,
         _size,
