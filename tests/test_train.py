@@ -358,7 +358,7 @@ def test_resume_refuses_other_data(tok, tmp_path):
 # ----------------------------------------------------------------------------- failure modes
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path, monkeypatch):
+def test_nan_loss_without_guard_stops_and_keeps_last_good_checkpoint(tok, tmp_path, monkeypatch):
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path / "cache")
     model = tiny_model(tok, SHAPE)
     real = model.loss
@@ -371,7 +371,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path, monkeypatc
 
     monkeypatch.setattr(model, "loss", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*step 4"):
-        train(model, tok, cache, quick(steps=8, save_every=2), tmp_path / "run")
+        train(model, tok, cache, quick(steps=8, save_every=2, guard=False), tmp_path / "run")
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.trainer_state["step"] == 4
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
