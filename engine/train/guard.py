@@ -139,12 +139,13 @@ class Guard:
     def snapshot(self, trainer) -> None:
         from .trainer_state import rng_state
 
+        self.snapshots = self.snapshots[-1:]  # never three copies at once
         model = {
             k: p.detach().clone() for k, p in trainer.model.named_parameters() if p.requires_grad
         }  # a frozen base (LoRA) never changes
         snap = Snapshot(trainer.step, model, _opt_copy(trainer.optimizer),
                         self.history.clone(), rng_state())  # fmt: skip
-        self.snapshots = [*self.snapshots, snap][-2:]
+        self.snapshots.append(snap)
 
     def _rollback(self, step: int, trainer) -> dict:
         from .trainer_state import set_rng_state
