@@ -69,6 +69,10 @@ def build_parser() -> Parser:
     add_lora_flags(p.add_argument_group("LoRA (parameter-efficient fine-tuning)"))
     _training_flags(p.add_argument_group("training"))
     _runtime_flags(p.add_argument_group("runtime"))
+    for action in p._actions:  # --batch-size also takes "auto"
+        if action.dest == "batch_size":
+            action.type, action.metavar = _batch_size(action.type), "N|auto"
+            action.help += "; auto: the largest that fits, same global batch (16 x --grad-accum)"
     return p
 
 
@@ -209,6 +213,13 @@ def _runtime_flags(r) -> None:
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the run needs (memory by part, the micro-batch that fits, "
+        "FLOPs, time from a 3-step probe, checkpoint size) and exit; see README",
+    )
+    r.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    r.add_argument(
         "--dist-timeout",
         type=_positive_float,
         default=300.0,
@@ -226,6 +237,13 @@ def _positive(text: str) -> int:
     if not text.strip().lstrip("+").isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _batch_size(number):
+    def parse(text: str):
+        return "auto" if text.strip().lower() == "auto" else number(text)
+
+    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -254,6 +272,8 @@ def _check_args(args) -> None:
         raise UsageError("--out DIR is required (where the checkpoint goes)")
     if not args.data and not args.chat_data:
         raise UsageError("nothing to train on: give --data PATH... and/or --chat-data PATH...")
+    if args.json and not args.plan:
+        raise UsageError("--json goes with --plan")
     if args.resume and args.init_from:
         raise UsageError("give either --resume or --init-from, not both")
     if args.init_from and (args.tokenizer or args.vocab_size):
@@ -310,6 +330,11 @@ def run(args, stop) -> int:
     from tritonlm.kernels.dispatch import check_backend
 
     _check_args(args)
+    from .train_plan import AUTO_GLOBAL_BATCH
+
+    args.auto_batch = args.batch_size == "auto"
+    if args.auto_batch:  # resolved once the model is known; a stand-in for the checks
+        args.batch_size = AUTO_GLOBAL_BATCH
     lora_config(args)  # bad LoRA flags fail before any loading
     with naming(f"--out {args.out}"):
         out = check_run_dir(args.out)
@@ -356,13 +381,16 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
     configs = _phase_configs(args, phases, resume_state)
     device = ctx.device or torch.device("cuda" if args.device != "cpu" and
                                         torch.cuda.is_available() else "cpu")  # fmt: skip
+    if args.auto_batch and resume_state is None:
+        configs = _auto_batch(args, phases, model, configs, device, ctx)
     for cfg in configs.values():  # refuse what cannot fit before tokenizing anything
-        check_memory(model.config, cfg.batch_size, cfg.seq_len or model.config.max_seq_len,
-                     device)  # fmt: skip
+        if not args.plan:  # a plan says what fits instead
+            check_memory(model.config, cfg.batch_size, cfg.seq_len or model.config.max_seq_len,
+                         device)  # fmt: skip
     fresh_over_old = resume_state is None and is_checkpoint(out) and ctx.is_main
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent / ".cache"
     bar = TrainingBar(enabled=not args.quiet and ctx.is_main)
-    summary, runs = [], []  # runs: (phase, cache, result) for the report card
+    summary, runs, plans = [], [], []  # runs: (phase, cache, result) for the report card
     for phase in phases:
         with naming(f"--cache-dir {cache_dir}"):
             if phase == "pretrain":
@@ -370,6 +398,12 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
             else:
                 cache = build_chat_cache(chats, tokenizer, cache_dir)
         ctx.check_same(cache.key, f"the tokenized {phase} data (or the tokenizer)")
+        if args.plan:
+            from tritonlm.engine.train.plan import plan_run
+
+            plans.append(plan_run(model, tokenizer, cache, configs[phase], device=device,
+                                  world_size=ctx.world_size))  # fmt: skip
+            continue
         resuming = resume_state is not None and resume_state.get("phase") == phase
         try:
             with stop.deferred():  # from here a signal stops at the next step boundary
@@ -399,6 +433,12 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
             for note in result.notes:  # e.g. how many conversations --pack had to split
                 print(f"{phase}: {note}")
         runs.append((phase, cache, result))
+    if args.plan:
+        if ctx.is_main:
+            from .train_plan import print_plans
+
+            print_plans(plans, args.json)
+        return EXIT_OK
     if ctx.is_main:
         from tritonlm.engine.eval.report import write_train_report
 
@@ -409,6 +449,21 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
         print("; ".join(summary))
         print(f"checkpoint: {out}")
     return EXIT_OK
+
+
+def _auto_batch(args, phases, model, configs, device, ctx):
+    """--batch-size auto: the micro-batch and grad-accum the plan picks for the first phase
+    (every phase then uses them)."""
+    from .train_plan import auto_batch
+
+    first = configs[phases[0]]
+    seq_len = first.seq_len or model.config.max_seq_len
+    args.batch_size, args.grad_accum = auto_batch(model.config, first, device, seq_len,
+                                                  args.grad_accum)  # fmt: skip
+    if ctx.is_main and not args.quiet and not args.plan:
+        print(f"batch size auto: --batch-size {args.batch_size} --grad-accum {args.grad_accum}",
+              flush=True)  # fmt: skip
+    return _phase_configs(args, phases, None)
 
 
 # ----------------------------------------------------------------------------- main
