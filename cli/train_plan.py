@@ -33,7 +33,7 @@ def format_plan(p: dict) -> str:
         f"examples of {p['seq_len']} tokens",
         f"  steps             {p['steps']:,} x {p['tokens_per_step']:,} tokens = "
         f"{p['epochs']:.2f} epochs",
-        f"  memory per micro-batch of {fit['micro_batch'] or 1} x {p['seq_len']} tokens:",
+        f"  memory per micro-batch of {p['batch_size']} x {p['seq_len']} tokens:",
     ]
     for part in ("weights", "grads", "optimizer", "guard", "activations", "ce"):
         name = {"ce": "cross-entropy", "guard": "guard snapshots"}.get(part, part)
@@ -60,12 +60,16 @@ def format_plan(p: dict) -> str:
         pr = p["probe"]
         steps = ", ".join(f"{t:.2f}" for t in pr["step_seconds"])
         lines.append(
-            f"  probe             {len(pr['step_seconds'])} steps ({steps} s): "
+            f"  probe             {len(pr['step_seconds'])} steps of {pr['micro_batch']} x "
+            f"{p['seq_len']} tokens ({steps} s): "
             f"{pr['tokens_per_second']:,.0f} tokens/s, "
             f"{pr['flops_per_second'] / 1e9:,.1f} GFLOP/s, measured peak "
             f"{_gib(pr['measured_peak_bytes'])}"
         )
-        lines.append(f"  expected time     {_duration(pr['expected_seconds'])}")
+        lines.append(
+            f"  expected time     {_duration(pr['expected_seconds'])} for {p['steps']:,} steps "
+            f"of {pr['grad_accum']} micro-batches"
+        )
     ck = p["checkpoint_bytes"]
     guard = f" + {_gib(ck['guard_file'])} guard snapshots" if ck["guard_file"] else ""
     lines.append(

@@ -129,8 +129,11 @@ def plan_run(model, tokenizer, cache, config: TrainConfig, *, device: torch.devi
     per_step = config.batch_size * config.grad_accum * world_size  # sequences per step
     steps = config.steps or max(1, -(-int(config.epochs * data.n_train) // per_step))
     fit = fit_batch(cfg, config, device, seq_len, resident)
-    micro = fit["micro_batch"] or 1
-    memory = memory_at(cfg, config, device, micro, seq_len, resident)
+    # the run as given when its micro-batch fits, else the one the plan suggests
+    fits = config.batch_size <= fit["max_micro_batch"]
+    micro, accum = (config.batch_size, config.grad_accum) if fits else (
+        fit["micro_batch"], fit["grad_accum"])  # fmt: skip
+    memory = memory_at(cfg, config, device, config.batch_size, seq_len, resident)
     flops_token = model.flops_per_token(seq_len)
     tokens_step = per_step * seq_len
     plan: dict[str, Any] = {
@@ -142,6 +145,8 @@ def plan_run(model, tokenizer, cache, config: TrainConfig, *, device: torch.devi
         "guard": config.guard,
         "parameters": n,
         "seq_len": seq_len,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
         "data_tokens": int(cache.n_tokens),
         "train_examples": int(data.n_train),
         "steps": steps,
@@ -158,10 +163,11 @@ def plan_run(model, tokenizer, cache, config: TrainConfig, *, device: torch.devi
         },  # fmt: skip
         "peak_bytes": memory["peak_bytes"],
     }
-    if probe and fit["micro_batch"]:
+    if probe and micro:
         p = _probe(model, data, config, device, micro)
+        p["micro_batch"], p["grad_accum"] = micro, accum
         # every process runs its grad_accum micro-batches per step, all at once
-        p["expected_seconds"] = p["seconds_per_micro_batch"] * steps * fit["grad_accum"]
+        p["expected_seconds"] = p["seconds_per_micro_batch"] * steps * accum
         p["tokens_per_second"] = micro * seq_len / p["seconds_per_micro_batch"]
         p["flops_per_second"] = p["tokens_per_second"] * flops_token
         plan["probe"] = p
