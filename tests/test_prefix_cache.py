@@ -81,3 +81,24 @@ def test_greedy_answers_identical_with_and_without(model):
     # Every turn after the first reused its conversation's history.
     assert cache.stats.hits == 2 * 4 and cache.stats.hit_tokens > 2 * 4 * 6
     assert len(cache) == 2  # one entry per conversation: each turn replaced the last
+
+
+def test_a_running_prompt_serves_a_later_request(model):
+    """A prompt is kept when it joins: a request that arrives while the first still runs
+    reuses the shared preamble and answers as it would alone."""
+    cache = PrefixCache(max_tokens=4096, min_match=4)
+    sched = Scheduler(model, None, max_batch=2, max_queue=2, prefix_cache=cache)
+    preamble = [(7 * i + 3) % 250 + 20 for i in range(30)]
+    cfg = SamplingConfig(temperature=0, max_new_tokens=20)
+    first = sched.submit(preamble + [5, 6], cfg)
+    sched.step()
+    second = sched.submit(preamble + [9], SamplingConfig(temperature=0, max_new_tokens=8))
+    while sched.load()["active"] or sched.load()["waiting"]:
+        sched.step()
+    assert cache.stats.hits == 1 and cache.stats.hit_tokens == 30
+    alone = Scheduler(model, None, max_batch=1, max_queue=0)
+    h = alone.submit(preamble + [9], SamplingConfig(temperature=0, max_new_tokens=8))
+    while alone.load()["active"] or alone.load()["waiting"]:
+        alone.step()
+    assert list(second)[-1].result.token_ids == list(h)[-1].result.token_ids
+    assert list(first)[-1].result.new_tokens == 20

@@ -18,7 +18,8 @@ Requests joining in one step with the same prompt (the ``n`` answers of one requ
 :meth:`Scheduler.submit_many`) share one prefill: the row is copied. A row may ask for
 log-probabilities (:class:`.row_options.RowOptions`), delivered with its events. With a
 :class:`.prefix_cache.PrefixCache`, a prompt that starts with tokens whose K/V a row left
-there when it finished copies them into its row and prefills only the rest.
+there (its prompt when it joined, prompt and answer when it left) copies them into its row
+and prefills only the rest.
 
     >>> sched = Scheduler(model, tokenizer, max_batch=8, max_queue=32).start()
     >>> handle = sched.submit(prompt_ids, SamplingConfig(temperature=0))   # doctest: +SKIP
@@ -320,8 +321,10 @@ class Scheduler:
             for live in joining:
                 self._fail(live, str(e))
             return
-        for live in joining:
+        for j, live in enumerate(joining):
             live.length = len(live.row.prompt)
+            if j < len(uniques):  # a prompt now in the cache helps requests that come later
+                self._remember(base + j, live)
         self._live.extend(joining)
         self._take(joining, logits)
 
