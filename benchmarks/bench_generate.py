@@ -55,6 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument(
+        "--decode",
+        choices=("eager", "compile"),
+        default="eager",
+        help="our decode step (compile: torch.compile, once per preset)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="our block matrices (int8: weight-only, as llm-chat --weights)",
+    )
+    p.add_argument(
         "--out", default=str(HERE / "results" / "bench_generate.json"), help="JSON output"
     )
     args = p.parse_args(argv)
@@ -113,14 +125,15 @@ def build_peer(cfg, device):
     return model.to(device).eval()
 
 
-def time_ours(model, prompt, n_new, use_cache, device) -> dict:
+def time_ours(model, prompt, n_new, use_cache, device, decoder=None) -> dict:
     from tritonlm.engine.inference.generate import generate
     from tritonlm.engine.inference.sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=0, max_new_tokens=n_new)
     sync(device)
     t0 = time.perf_counter()
-    r = generate(model, None, prompt, cfg, use_cache=use_cache, stop_token_ids=[])
+    r = generate(model, None, prompt, cfg, use_cache=use_cache, stop_token_ids=[],
+                 decoder=decoder)  # fmt: skip
     sync(device)
     total = time.perf_counter() - t0
     assert r.new_tokens == n_new, (r.new_tokens, r.stop_reason)
@@ -192,10 +205,19 @@ def main(argv=None) -> int:
         model, cfg = build_ours(preset, args.vocab, max(lengths), device)
         peer = None if args.no_peer else build_peer(cfg, device)
         params = model.num_parameters()
+        decoder = None
+        if args.weights == "int8":
+            from tritonlm.engine.model.int8 import quantize_int8
+
+            quantize_int8(model)
+        if args.decode != "eager":  # one step over one cache for every L: compiled once
+            from tritonlm.engine.model.decode_step import DecodeStep
+
+            decoder = DecodeStep(model, model.new_cache(1, max_len=max(lengths)), args.decode)
         for L in lengths:
             n_prompt = n_new = L // 2
             prompt = torch.randint(0, args.vocab, (n_prompt,), generator=gen).tolist()
-            contenders = {"ours": partial(time_ours, model, prompt, n_new, True, device)}
+            contenders = {"ours": partial(time_ours, model, prompt, n_new, True, device, decoder)}
             if peer is not None:
                 contenders["peer"] = partial(time_peer, peer, prompt, n_new, device)
             best = best_runs(contenders, args.repeats)
@@ -290,6 +312,9 @@ def main(argv=None) -> int:
             "repeats": args.repeats,
             "uncached_max": args.uncached_max,
             "quick": args.quick,
+            "decode": args.decode,
+            "weights": args.weights,
+            "loadavg": os.getloadavg(),
         },
         "rows": rows,
         "growth": growth,

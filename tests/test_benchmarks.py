@@ -49,6 +49,17 @@ def test_bench_generate_quick_records_cached_and_uncached(tmp_path):
     assert len(data["growth"]) == 2
 
 
+def test_bench_decode_records_each_variant_and_token_parity(tmp_path):
+    out = tmp_path / "decode.json"
+    args = ["--presets", "seed", "--vocab", "256", "--parts", "step", "--modes", "eager",
+            "--new-tokens", "4", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    run_script("bench_decode.py", *args)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["weights"]) for r in rows] == [("eager", "fp32"), ("eager", "int8")]
+    assert all(r["decode_tok_s"] > 0 for r in rows)
+    assert rows[0]["same_tokens_as_eager_fp32"] is True
+
+
 def test_autotune_refuses_without_cuda_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH / "autotune_kernels.py"), "--out", str(tmp_path / "t.json")],
