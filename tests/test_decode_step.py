@@ -95,3 +95,21 @@ def test_compiled_step_traces_whole_and_gives_the_same_tokens(model):
     decoder = DecodeStep(model, model.new_cache(2, max_len=CTX + 8), "compile", "eager")
     got = generate_batch(model, None, prompts, cfg, stop_token_ids=[], decoder=decoder)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_compiled_step_does_not_compile_per_batch_size(model):
+    """The server's batch size changes every few steps: torch.compile must not compile a
+    step per size (one static compile, then one with a symbolic batch dimension)."""
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(len(example_inputs))
+        return graph_module.forward
+
+    step = DecodeStep(model, model.new_cache(8, max_len=CTX), "compile", counting_backend)
+    with torch.inference_mode():
+        for n in (1, 3, 5, 8, 2, 7):
+            logits = step(torch.ones(n, dtype=torch.long), torch.full((n,), 4),
+                          torch.zeros(n, dtype=torch.long), window=5)  # fmt: skip
+            assert logits.shape == (n, model.config.vocab_size)
+    assert len(compiles) == 2

@@ -96,8 +96,10 @@ class DecodeStep:
     """The decode step over the first rows of one preallocated ``cache``.
 
     ``mode``: "eager" (the smallest key window, run as plain PyTorch) or "compile"
-    (``torch.compile`` of the whole step over the whole cache: fixed shapes, fused
-    elementwise ops; the first call of each batch size compiles).
+    (``torch.compile`` of the whole step over the whole cache: a fixed key window, fused
+    elementwise ops; the first call compiles for its batch size, and a second batch size
+    recompiles once with the batch dimension symbolic, torch's automatic dynamic shapes, so
+    a server whose batch varies does not compile per size).
     """
 
     def __init__(self, model, cache: KVCache, mode: str = "eager", compiler: str = "inductor"):
@@ -106,7 +108,7 @@ class DecodeStep:
         self.model, self.cache, self.mode = model, cache, mode
         self._compiled = None
         if mode == "compile":  # compiler: torch.compile's backend ("eager" only traces)
-            self._compiled = torch.compile(decode_logits, dynamic=False, backend=compiler)
+            self._compiled = torch.compile(decode_logits, backend=compiler)
 
     @property
     def max_rows(self) -> int:
