@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODES = {"full": None, "lora-r8": 8, "lora-r64": 64}
+BF16 = "lora-r8-bf16"  # cost part only: rank 8 with the frozen weights in bfloat16
 # preset -> (vocab, batch, seq_len, steps) of the cost part; quick runs use "seed"
 COST = {"seed": (512, 4, 64, 4), "small": (4096, 4, 256, 4), "gpt2": (8192, 1, 512, 3)}
 
@@ -57,6 +58,7 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab, batch, seq_len, steps = COST[args.preset]
+    seq_len = args.seq_len or seq_len
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # imports the rest of torch.optim
     if device == "cuda":
@@ -65,9 +67,11 @@ def worker(args) -> None:
     cfg = ModelConfig.preset(args.preset, vocab, max_seq_len=seq_len)
     torch.manual_seed(0)
     model = Transformer(cfg)
-    rank = MODES[args.mode]
+    rank = 8 if args.mode == BF16 else MODES[args.mode]
     if rank is not None:
-        add_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank), BaseRef("random", "-"))
+        dtype = "bfloat16" if args.mode == BF16 else "float32"
+        lora = LoraConfig(rank=rank, alpha=2.0 * rank, base_dtype=dtype)
+        add_lora(model, lora, BaseRef("random", "-"))
     n_tok = (steps + 4) * batch * (seq_len + 1) * 2
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokens.bin"
@@ -94,8 +98,10 @@ def worker(args) -> None:
     }))  # fmt: skip
 
 
-def _cost(preset: str, mode: str, threads: int | None) -> dict:
+def _cost(preset: str, mode: str, threads: int | None, seq_len: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--preset", preset, "--mode", mode]
+    if seq_len:
+        cmd += ["--seq-len", str(seq_len)]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -149,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="seed preset only, short runs")
     p.add_argument("--skip-quality", action="store_true", help="only the cost part")
     p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument("--presets", default="small,gpt2", help="cost part (default: small,gpt2)")
+    p.add_argument("--seq-len", type=int, help="cost part: override the presets' lengths")
+    p.add_argument("--quality-preset", default="small", help="quality part (default: small)")
     p.add_argument("--out", default=str(HERE / "results" / "bench_lora.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -157,16 +166,17 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    presets = ["seed"] if args.quick else ["small", "gpt2"]
-    cost = [_cost(preset, mode, args.threads) for preset in presets for mode in MODES]
-    print(f"{'preset':7s} {'mode':9s} {'trainable':>12s} {'step s':>8s} {'vs full':>8s} "
+    presets = ["seed"] if args.quick else args.presets.split(",")
+    modes = [*MODES, BF16]
+    cost = [_cost(p, m, args.threads, args.seq_len) for p in presets for m in modes]
+    print(f"{'preset':7s} {'mode':12s} {'trainable':>12s} {'step s':>8s} {'vs full':>8s} "
           f"{'peak MB':>9s} {'vs full':>8s}")  # fmt: skip
     for r in cost:
         full = next(f for f in cost if f["preset"] == r["preset"] and f["mode"] == "full")
         r["step_vs_full"] = r["median_step_s"] / full["median_step_s"]
         r["mem_vs_full"] = r["peak_mem_mb"] / full["peak_mem_mb"]
         step, mem = r["median_step_s"], r["peak_mem_mb"]
-        print(f"{r['preset']:7s} {r['mode']:9s} {r['trainable']:12,d} {step:8.3f} "
+        print(f"{r['preset']:7s} {r['mode']:12s} {r['trainable']:12,d} {step:8.3f} "
               f"{r['step_vs_full']:7.2f}x {mem:9.1f} {r['mem_vs_full']:7.2f}x")  # fmt: skip
     quality = []
     if not args.skip_quality:
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
         if args.quick:
             quality = _quality("seed", 30, 10, 64, lrs)
         else:
-            quality = _quality("small", 120, 40, 128, lrs)
+            quality = _quality(args.quality_preset, 120, 40, 128, lrs)
         print(f"\n{'preset':7s} {'mode':9s} {'lr':>8s} {'SFT steps':>9s} {'val loss':>9s}")
         for r in quality:
             print(f"{r['preset']:7s} {r['mode']:9s} {r['lr']:8.0e} {r['sft_steps']:9d} "

@@ -135,7 +135,22 @@ def test_merge_on_save_and_chat_on_an_adapter_checkpoint(base, adapter_run, tmp_
     adapted = load_model(adapter_run, backend="torch").model
     for name, t in adapted.state_dict().items():  # the same run, merged at save or at load
         torch.testing.assert_close(merged.state_dict()[name], t, atol=1e-6, rtol=1e-6)
+    # llm-eval and a GGUF export take the adapter checkpoint as they take any other
+    from tritonlm.cli import evaluate as eval_cli
+
     capsys.readouterr()
+    texts = tmp_path / "held_out.json"
+    texts.write_text(json.dumps([f"{u} {a}" for u, a in CHATS[:3]]))
+    rc, out_text, err = run_cli(eval_cli.main, capsys, adapter_run, "--data", texts, "--json",
+                                "--quiet", "--device", "cpu")  # fmt: skip
+    assert rc == 0, err
+    merged_rc, merged_text, _ = run_cli(eval_cli.main, capsys, out, "--data", texts, "--json",
+                                        "--quiet", "--device", "cpu")  # fmt: skip
+    assert rc == merged_rc == 0
+    bpb = [json.loads(t)["text"]["bits_per_byte"] for t in (out_text, merged_text)]
+    assert bpb[0] == pytest.approx(bpb[1], rel=1e-5)
+    rc, _, _ = run_cli(export_cli.main, capsys, adapter_run, tmp_path / "m.gguf", "--dtype", "f32")
+    assert rc == 0 and (tmp_path / "m.gguf").stat().st_size > 0
     rc = chat_cli.main([str(adapter_run), "--prompt", "what is tree?", "--temperature", "0",
                         "--max-new-tokens", "4"])  # fmt: skip
     assert rc == 0 and capsys.readouterr().out.strip()

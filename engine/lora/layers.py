@@ -84,7 +84,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def lora_info(model: nn.Module) -> tuple[LoraConfig, BaseRef] | None:
     """(config, base) of a model with adapters, or None for a plain model."""
-    return getattr(_unwrap(model), "lora", None)
+    return getattr(getattr(model, "_orig_mod", model), "lora", None)
 
 
 def add_lora(model: Transformer, cfg: LoraConfig, base: BaseRef, seed: int = 0) -> Transformer:
