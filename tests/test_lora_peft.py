@@ -173,3 +173,12 @@ def test_lora_needs_a_base(base, tmp_path, capsys):
     argv = ["--chat-data", base / "chats.jsonl", "--out", tmp_path / "x", "--lora-rank", "4"]
     rc, _, err = run_cli(train_cli.main, capsys, *argv)
     assert rc == 2 and "--init-from" in err
+
+
+def test_packed_sft_and_the_loss_guard_train_adapters(base, tmp_path):
+    out = tmp_path / "packed"
+    assert train_lora(base, out, "--pack") == 0  # the loss guard is on by default
+    state = json.loads((out / "trainer_state.json").read_text())["trainer_state"]
+    assert state["train_config"]["pack"] and state["train_config"]["guard"]
+    assert is_adapter_checkpoint(out)
+    assert lora_layers(load_model(out, backend="torch", merge=False).model)
