@@ -44,6 +44,7 @@ bench: setup-bench
 	$(PY) benchmarks/bench_tokenizer.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/kernel_report.py
 

@@ -41,7 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="fp32,int8")
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--out", default=str(HERE / "results" / "bench_decode.json"))
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="seed, 8 tokens, 1 repeat, no compile")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.presets, args.new_tokens, args.repeats, args.modes = "seed", 8, 1, "eager"
+    return args
 
 
 def build(preset, vocab, weights):
