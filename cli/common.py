@@ -28,6 +28,20 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+class Collect(argparse.Action):
+    """A list flag (``nargs="+"``) that may also be repeated: ``--data a --data b`` means
+    ``--data a b``. The first occurrence replaces the default, later ones add to it (plain
+    argparse keeps only the last one). Values a ``type`` returns as tuples (``.md,.py``)
+    are flattened into the list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        for v in values:
+            items.extend(v) if isinstance(v, tuple) else items.append(v)
+        setattr(namespace, self.dest, items)
+
+
 def one_line(message: object) -> str:
     return " ".join(str(message).split())
 

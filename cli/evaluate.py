@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import Parser, UsageError, run_main
+from .common import Collect, Parser, UsageError, run_main
 from .threads_flag import add_threads_flag, apply_threads
 
 PROG = "llm-eval"
@@ -58,6 +58,7 @@ def build_parser() -> Parser:
     t.add_argument(
         "--data",
         nargs="+",
+        action=Collect,
         metavar="PATH",
         help="held-out text: files or folders in any format llm-train reads",
     )
@@ -74,7 +75,8 @@ def build_parser() -> Parser:
         help="tokens between window starts (default: half the window)",
     )
     c = p.add_argument_group("multiple choice")
-    c.add_argument("--task", nargs="+", metavar="FILE", help="task files (.jsonl)")
+    c.add_argument("--task", nargs="+", action=Collect, metavar="FILE",
+                   help="task files (.jsonl; repeatable)")  # fmt: skip
     c.add_argument("--format", choices=FORMATS, help="task format (default: detected)")
     c.add_argument(
         "--fewshot",

@@ -56,6 +56,8 @@ def build_parser() -> Parser:
     p.add_argument("--base-name", metavar="NAME",
                    help="--adapter-only: base_model_name_or_path written into "
                    "adapter_config.json (default: none)")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="gguf: replace OUT even if it is not a GGUF file")  # fmt: skip
     return p
 
 
@@ -97,7 +99,7 @@ def run(args) -> int:
     if fmt == "gguf":
         from tritonlm.engine.interop.gguf_export import export_gguf
 
-        export_gguf(ckpt.model, ckpt.tokenizer, out, dtype)
+        export_gguf(ckpt.model, ckpt.tokenizer, out, dtype, force=args.force)
         print(f"exported {ckpt.path} -> {out} (gguf, {dtype})")
         return 0
     files = export_hf(ckpt.model, ckpt.tokenizer, out, dtype, shard_bytes)

@@ -35,6 +35,11 @@ def build_parser() -> Parser:
     p.add_argument("--adapter", metavar="PEFT_DIR",
                    help="merge this PEFT LoRA adapter (adapter_config.json + "
                    "adapter_model.safetensors) into the imported weights")  # fmt: skip
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT_CKPT if it is a checkpoint (even a resumable run)",
+    )
     return p
 
 
@@ -46,9 +51,9 @@ def run(args) -> int:
     if args.adapter:
         from tritonlm.engine.lora.peft_format import import_hf_with_adapter
 
-        imported = import_hf_with_adapter(args.hf_dir, args.adapter, args.out)
+        imported = import_hf_with_adapter(args.hf_dir, args.adapter, args.out, args.force)
     else:
-        imported = import_hf(args.hf_dir, args.out)
+        imported = import_hf(args.hf_dir, args.out, force=args.force)
     for note in imported.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     cfg = imported.model.config

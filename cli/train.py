@@ -21,6 +21,7 @@ from .common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    Collect,
     Parser,
     UsageError,
     add_config_flags,
@@ -80,6 +81,7 @@ def _data_flags(d) -> None:
     d.add_argument(
         "--data",
         nargs="+",
+        action=Collect,
         metavar="PATH",
         help="pretraining text: files, folders or glob patterns of .txt/.json/.jsonl/.csv/"
         ".parquet, .jsonl.gz/.zst, .txt.gz/.zst, and plain text/source files (--text-ext)",
@@ -87,6 +89,7 @@ def _data_flags(d) -> None:
     d.add_argument(
         "--chat-data",
         nargs="+",
+        action=Collect,
         metavar="PATH",
         help="instruction data: .json "
         "('User: ... Assistant: ...' strings), .jsonl(.gz/.zst) ({'messages': [...]}) or "
@@ -102,7 +105,8 @@ def _corpus_flags(d) -> None:
 
     d.add_argument("--text-field", default="text", metavar="NAME",
                    help="the JSONL key / Parquet column of the text (default: text)")  # fmt: skip
-    d.add_argument("--text-ext", type=_ext_list, default=DEFAULT_TEXT_EXTS, metavar="EXTS",
+    d.add_argument("--text-ext", type=_ext_list, nargs="+", action=Collect,
+                   default=DEFAULT_TEXT_EXTS, metavar="EXTS",
                    help="comma-separated extensions read as plain text besides .txt "
                    "(default: .md,.rst,.py,.c,... ; '' for none)")  # fmt: skip
     d.add_argument("--workers", type=_positive, metavar="N",

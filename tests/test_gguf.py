@@ -364,7 +364,7 @@ def test_refusals_are_one_line_and_write_nothing(tok, tmp_path):
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tok, tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"old")
+    path.write_bytes(b"GGUF old")  # a GGUF (its magic): may be replaced
 
     def boom(self, *a, **k):
         raise OSError("disk full")
@@ -372,7 +372,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tok, tmp_path, monke
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
     with pytest.raises(GGUFExportError, match=f"cannot write {path}: disk full"):
         export_gguf(make_model(tok), tok, path, "f32")
-    assert path.read_bytes() == b"old"
+    assert path.read_bytes() == b"GGUF old"
     assert os.listdir(tmp_path) == ["m.gguf"]
 
 

@@ -169,6 +169,8 @@ def open_regular(file: Path):
         raise DataError(f"{file}: {os_reason(e)}") from None
     try:
         mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # a folder where only a file will do (e.g. --task)
+            raise DataError(f"{file}: is a folder; give a file")
         if not stat.S_ISREG(mode):
             raise _not_regular(file, mode)
         return os.fdopen(fd, "rb")

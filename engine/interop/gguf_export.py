@@ -154,12 +154,14 @@ def _add_hparams(writer, model: Transformer, dtype: str, name: str) -> None:
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
 
 
-def export_gguf(model: Transformer, tokenizer, out_path: str | os.PathLike, dtype: str) -> None:
+def export_gguf(model: Transformer, tokenizer, out_path: str | os.PathLike, dtype: str,
+                force: bool = False) -> None:  # fmt: skip
     """Write ``model`` + ``tokenizer`` to ``out_path`` as GGUF (see the module docstring).
 
     The file appears complete or not at all: it is written to a temporary file in the same
     folder, flushed to disk, then renamed over ``out_path``. Anything llama.cpp could not
     run the same way raises :class:`GGUFExportError` (one line) before a byte is written.
+    An existing file is replaced only if it is a GGUF file (its magic) or ``force``.
     """
     import gguf
 
@@ -170,6 +172,9 @@ def export_gguf(model: Transformer, tokenizer, out_path: str | os.PathLike, dtyp
         raise GGUFExportError(f"{out_path} is a directory; give the .gguf file to write")
     if not out_path.parent.is_dir():
         raise GGUFExportError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
+    if not force and (out_path.exists() or out_path.is_symlink()) and not _is_gguf(out_path):
+        raise GGUFExportError(f"{out_path} exists and is not a GGUF file; refusing to replace "
+                              "it (choose another name, or --force)")  # fmt: skip
     tmp = out_path.with_name(f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
@@ -191,3 +196,14 @@ def export_gguf(model: Transformer, tokenizer, out_path: str | os.PathLike, dtyp
             raise GGUFExportError(f"cannot write {out_path}: {e.strerror or e}") from None
         raise
     fsync_dir(out_path.parent)
+
+
+def _is_gguf(path: Path) -> bool:
+    """A regular file that starts with GGUF's magic (a FIFO or device is never opened)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

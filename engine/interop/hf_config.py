@@ -147,10 +147,13 @@ def _false(hf: dict, field: str, why: str) -> None:
 
 
 def _rope_theta(hf: dict) -> float:
-    """theta of plain RoPE; any scaling scheme (llama3, linear, yarn, ...) is refused."""
+    """theta of plain RoPE; any scaling scheme (llama3, linear, yarn, ...) is refused, and
+    so are two places that give different thetas (which one transformers reads depends on
+    its version)."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
     theta = hf.get("rope_theta")
+    given = {} if theta is None else {"rope_theta": theta}
     for field, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
         if spec is None:
             continue
@@ -160,7 +163,14 @@ def _rope_theta(hf: dict) -> float:
         if kind not in _ROPE_KINDS:
             raise _refuse(field, f"has rope type {kind!r}; only plain RoPE (default) is "
                           "implemented")  # fmt: skip
-        theta = spec.get("rope_theta", theta)
+        if spec.get("rope_theta") is not None:
+            given[f"{field}.rope_theta"] = spec["rope_theta"]
+    values = list(given.items())
+    for field, value in values[1:]:
+        if value != values[0][1]:
+            raise HFFormatError(f"config.json: {values[0][0]} is {values[0][1]!r} but {field} "
+                                f"is {value!r}; they must agree")  # fmt: skip
+    theta = values[-1][1] if values else None
     return _number({"rope_theta": theta}, "rope_theta", 10000.0)
 
 

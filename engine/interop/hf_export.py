@@ -131,6 +131,15 @@ def export_hf(model: Transformer, tokenizer, out: str | os.PathLike, dtype: str 
                             f"vocab_size {tokenizer.vocab_size}")  # fmt: skip
     out = Path(out)
     check_out_dir(out)
+    try:
+        return _write_folder(out, model, tokenizer, dtype, max_shard_bytes)
+    except OSError as e:  # name the folder asked for, never the temporary one
+        raise HFFormatError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _write_folder(out: Path, model: Transformer, tokenizer, dtype: str,
+                  max_shard_bytes: int) -> list[str]:  # fmt: skip
+    """Fill a sibling temporary folder, then swap it in (the old export kept until then)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     aside = out.parent / f".{out.name}.old"

@@ -30,6 +30,7 @@ from tritonlm.engine.interop.hf_tokenizer import import_hf_tokenizer
 from ..checkpoint.checkpoint_store import resolve
 from ..checkpoint.save_load import save_checkpoint
 from ..checkpoint.shards import read_headers, shard_files
+from ..model.memory import build_bytes, too_big
 from ..model.transformer import Transformer, rope_tables
 from ..tokenizer.bpe_tokenizer import BpeTokenizer
 from .hf_config import from_hf_config, hf_shape, weight_table
@@ -156,6 +157,10 @@ def load_hf(folder: str | os.PathLike, backend: str = "auto") -> ImportedModel:
     if not folder.is_dir():
         raise HFFormatError(f"{folder}: not a directory")
     hf_config = _read_config(folder)
+    if isinstance(hf_config, dict) and hf_config.get("format") == "tritonlm-checkpoint":
+        raise HFFormatError(f"{folder}: is a tritonlm checkpoint, not a Hugging Face folder; "
+                            "use it as it is (llm-chat, llm-train --init-from) or export it "
+                            "with llm-export")  # fmt: skip
     imported = import_hf_tokenizer(folder)
     tok, hf_ids = imported.tokenizer, list(imported.hf_ids)
     cfg = from_hf_config(hf_config, tok.vocab_size)
@@ -164,11 +169,19 @@ def load_hf(folder: str | os.PathLike, backend: str = "auto") -> ImportedModel:
     if emb is None:
         raise HFFormatError(f"{folder}: the weights lack model.embed_tokens.weight")
     hf_rows = emb.shape[0]
+    declared = hf_config.get("vocab_size")
+    if declared is not None and declared != hf_rows:
+        raise HFFormatError(f"config.json: vocab_size is {declared!r} but "
+                            f"model.embed_tokens.weight has {hf_rows} rows")  # fmt: skip
     top = max((h for h in hf_ids if h is not None), default=-1)
     if top >= hf_rows:
         raise HFFormatError(f"{folder}: the tokenizer has id {top}, the embedding only "
                             f"{hf_rows} rows")  # fmt: skip
     skip = _check_tensors(folder, cfg, headers, hf_rows)
+    reason = too_big(build_bytes(cfg), torch.device("cpu"))  # weights and RoPE tables
+    if reason:
+        raise HFFormatError(f"config.json: building this model (max_position_embeddings "
+                            f"{cfg.max_seq_len}) {reason}")  # fmt: skip
 
     model = _empty_model(cfg, backend)
     params = dict(model.named_parameters())
@@ -200,29 +213,41 @@ def load_hf(folder: str | os.PathLike, backend: str = "auto") -> ImportedModel:
     return ImportedModel(model.eval(), tok, hf_ids, list(imported.notes))
 
 
-def check_import_target(out: Path, source: Path) -> None:
-    """OUT may be new, empty or one of our checkpoints; never the HF folder itself."""
+def check_import_target(out: Path, source: Path, force: bool = False) -> None:
+    """OUT may be new or empty; one of our checkpoints only with ``force`` (a resumable
+    run's optimizer and trainer state would be lost); never the HF folder itself."""
     if out.exists() and source.exists() and out.resolve() == source.resolve():
         raise HFFormatError(f"{out}: is the folder being imported; choose another OUT")
     if out.exists() and not out.is_dir():
         raise HFFormatError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not _is_checkpoint(out):
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    cfg = _checkpoint_config(out)
+    if cfg is None:
         raise HFFormatError(f"{out}: directory is not empty and not a tritonlm checkpoint; "
                             "choose a new or empty directory")  # fmt: skip
+    if not force:
+        what = ("a resumable training run (its optimizer and trainer state would be lost)"
+                if cfg.get("resumable") else "an existing tritonlm checkpoint")  # fmt: skip
+        raise HFFormatError(f"{out}: is {what}; choose a new directory, or --force to "
+                            "replace it")  # fmt: skip
 
 
-def _is_checkpoint(path: Path) -> bool:
+def _checkpoint_config(path: Path) -> dict | None:
+    """The config.json of our checkpoint at ``path`` (or its fallback), else None."""
     root = resolve(path)
     try:
         cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError, TypeError):
-        return False
-    return isinstance(cfg, dict) and cfg.get("format") == "tritonlm-checkpoint"
+        return None
+    return cfg if isinstance(cfg, dict) and cfg.get("format") == "tritonlm-checkpoint" else None
 
 
-def import_hf(folder: str | os.PathLike, out: str | os.PathLike) -> ImportedModel:
-    """Import the HF folder and save it as our checkpoint ``out`` (written atomically)."""
-    check_import_target(Path(out), Path(folder))
+def import_hf(folder: str | os.PathLike, out: str | os.PathLike,
+              force: bool = False) -> ImportedModel:  # fmt: skip
+    """Import the HF folder and save it as our checkpoint ``out`` (written atomically);
+    an existing checkpoint there is replaced only with ``force``."""
+    check_import_target(Path(out), Path(folder), force)
     imported = load_hf(folder, backend="torch")
     source = {"imported_from": str(Path(folder).resolve()), "notes": imported.notes}
     save_checkpoint(out, imported.model, imported.tokenizer, train_config=source)

@@ -164,13 +164,14 @@ def merge_peft(model: Transformer, folder: str | os.PathLike) -> int:
 
 
 def import_hf_with_adapter(folder: str | os.PathLike, adapter: str | os.PathLike,
-                           out: str | os.PathLike):  # fmt: skip
+                           out: str | os.PathLike, force: bool = False):  # fmt: skip
     """llm-import HF_DIR OUT --adapter PEFT_DIR: the Llama folder with the adapter merged
-    in, saved as our checkpoint ``out``. Returns the ImportedModel."""
+    in, saved as our checkpoint ``out`` (an existing one replaced only with ``force``).
+    Returns the ImportedModel."""
     from ..checkpoint.save_load import save_checkpoint
     from ..interop.hf_import import check_import_target, load_hf
 
-    check_import_target(Path(out), Path(folder))
+    check_import_target(Path(out), Path(folder), force)
     imported = load_hf(folder, backend="torch")
     n = merge_peft(imported.model, adapter)
     imported.notes.append(f"merged the PEFT LoRA adapter {adapter} ({n} modules)")

@@ -28,6 +28,11 @@ def build_bytes(cfg: ModelConfig) -> int:
     return cfg.num_parameters() * 4 * 2 + cfg.max_seq_len * cfg.head_dim * 4 * 8
 
 
+def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, itemsize: int = 4) -> int:
+    """A KV cache of ``batch_size`` rows of ``max_len`` slots: keys and values per layer."""
+    return 2 * cfg.n_layers * batch_size * cfg.n_kv_heads * max_len * cfg.head_dim * itemsize
+
+
 def step_bytes(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
     """A rough lower bound of one training step (float32): weights, gradients and two AdamW
     moments, per-token activations of every block and one chunk of logits. Meant to refuse

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from tritonlm.kernels import dispatch
 from tritonlm.kernels.attention import document_bounds
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache
+from .memory import cache_bytes, too_big
 
 IGNORE_INDEX = -100
 
@@ -366,6 +367,10 @@ class Transformer(nn.Module):
         if max_len is None:
             max_len = self.config.max_seq_len + int(pad.max())
         shape = (batch_size, self.config.n_kv_heads, max_len, self.config.head_dim)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        reason = too_big(cache_bytes(self.config, batch_size, max_len, itemsize), device)
+        if reason:  # e.g. a huge context times the server's rows: refuse, never OOM
+            raise ConfigError(f"a KV cache of {batch_size} rows x {max_len} positions {reason}")
         L = self.config.n_layers
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
