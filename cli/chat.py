@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling (defaults in parentheses)")
     g.add_argument("--temperature", type=float, help="0 = greedy (0.8)")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 = off (0)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (0.95)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1 = off)")
     g.add_argument("--min-p", type=float, help="drop p < min_p * p(best), in [0, 1) (0)")
     g.add_argument("--repetition-penalty", type=float, help="> 0, 1 = off (1)")
     g.add_argument("--frequency-penalty", type=float, help="per repeat in the answer (0)")

@@ -111,14 +111,17 @@ def decoder(session: Session, err):
 def prompt_ids(session: Session, text: str, history: bool) -> tuple[list[int], int, int]:
     """Token ids for one user message (with history when ``history``): (ids, messages
     dropped to fit the context, tokens cut from a message longer than the context)."""
-    from tritonlm.engine.inference.chat_prompt import build_chat_prompt, encode_raw_prompt
+    from tritonlm.engine.inference.chat_prompt import (
+        build_chat_prompt,
+        encode_raw_prompt,
+        history_budget,
+    )
 
     tok = session.tokenizer
     if session.raw:
         return encode_raw_prompt(tok, text), 0, 0
-    ctx = session.model.config.max_seq_len
-    room = min(session.sampling.max_new_tokens, max(1, ctx // 4))
-    chat = build_chat_prompt(tok, session.messages(text, history), max_tokens=ctx - room)
+    budget = history_budget(session.model.config.max_seq_len, session.sampling.max_new_tokens)
+    chat = build_chat_prompt(tok, session.messages(text, history), max_tokens=budget)
     return chat.ids, chat.dropped, chat.cut_tokens
 
 

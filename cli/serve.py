@@ -117,6 +117,9 @@ def _log_done(handle, result) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty: any bearer token would match; give a key, or "
+                         "leave the flag out to serve without one")  # fmt: skip
     apply_threads(args)
     sock = _bind(args.host, args.port)
     device = _device(args.device)

@@ -4,7 +4,7 @@ Everything a request means is decided in the engine (:mod:`tritonlm.engine.infer
 validates it, :mod:`tritonlm.engine.inference.scheduler` runs it); this module only moves bytes:
 
     POST /v1/chat/completions, /v1/completions   JSON, or SSE chunks ending in [DONE]
-    GET  /v1/models, /v1/models/{id}, /health, / (the chat page)
+    GET  /v1/models, /v1/models/{id}, /health (and HEAD), / (the chat page)
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with its status (400
 bad field, 401 key, 404 model or route, 405, 413 body too big, 429 + Retry-After queue
@@ -25,10 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from tritonlm.engine.inference.scheduler import QueueFull, Scheduler
-from tritonlm.engine.inference.serve_request import Limits, RequestError, parse_request
+from tritonlm.engine.inference.serve_request import (
+    Limits,
+    RequestError,
+    decode_body,
+    parse_request,
+)
 
 from .serve_stream import Shape, error_response, sse, whole
 
@@ -78,10 +84,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
             if size > max_body_bytes:
                 raise _too_big(max_body_bytes)
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
+        return decode_body(b"".join(chunks))
 
     async def completion(request: Request, kind: str):
         try:
@@ -111,12 +114,20 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
             if metrics is not None:
                 metrics.refused.labels(str(e.status)).inc()
             return error_response(e)
+        except ClientDisconnect:  # gone before its body arrived: one line, no traceback
+            LOG.info(json.dumps({"event": "disconnected", "while": "reading the body"}))
+            return Response(status_code=499)  # nobody will read it
         shape = Shape(req, rid, limits.model_name, tokenizer)
+        # How many of the oldest messages a truncate request left out (the page shows it).
+        dropped = {"X-Dropped-Messages": str(req.dropped_messages)} if req.dropped_messages else {}
         if req.stream:
             body = sse(events, handles, shape, req)
-            headers = {"Cache-Control": "no-cache"}
+            headers = {"Cache-Control": "no-cache", **dropped}
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-        return await whole(request, events, handles, shape)
+        response = await whole(request, events, handles, shape)
+        if dropped and isinstance(response, dict):
+            response = JSONResponse(response, headers=dropped)
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -152,7 +163,7 @@ def create_app(scheduler: Scheduler, tokenizer, limits: Limits, api_key: str | N
         async def metrics_text():  # no key: like /health, it holds no prompt or answer
             return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: for uptime checkers
     async def health():
         return {"status": "ok", **scheduler.load()}
 

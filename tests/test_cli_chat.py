@@ -181,7 +181,7 @@ def test_slash_commands(ckpt, tmp_path):
     assert s.sampling.temperature == 0.5
     assert chat.run_command(s, "/set top-k 7", out) and s.sampling.top_k == 7
     assert chat.run_command(s, "/set top_p 3", out) and "error: top_p" in out.text
-    assert s.sampling.top_p == 0.95
+    assert s.sampling.top_p == 1.0
     assert chat.run_command(s, "/set stop ###", out) and s.sampling.stop == ("###",)
     assert chat.run_command(s, "/system be brief", out) and s.system == "be brief"
     assert chat.run_command(s, "/info", out)

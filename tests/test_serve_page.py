@@ -1,10 +1,12 @@
 """The chat page in a real headless browser (Debian's chromium, driven by Playwright):
-type a message, watch the answer stream in, press stop, keep the multi-turn history."""
+type a message, watch the answer stream in, press stop, keep the multi-turn history; on a
+small-context model, a long conversation goes on with its oldest turns dropped and said."""
 
 import time
 from pathlib import Path
 
 import pytest
+from chat_fixtures import trained_checkpoint
 from serve_fixtures import long_checkpoint, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -87,3 +89,31 @@ def test_chat_page_streams_stops_and_keeps_history(server, page, tmp_path):
     records = [x for x in server.log_lines() if x.get("event") == "done"]
     assert [x["finish"] for x in records] == ["interrupted", "max_new_tokens"]
     assert records[1]["prompt_tokens"] > records[0]["prompt_tokens"]  # the history was sent
+
+
+def test_a_long_conversation_on_a_small_context_drops_the_oldest_turns(tmp_path_factory, page):
+    ckpt = trained_checkpoint(tmp_path_factory)  # a 64-token context
+    with serving(ckpt, tmp_path_factory.mktemp("small"), "--max-new-tokens-cap", "16") as srv:
+        page.goto(srv.url + "/", timeout=WAIT_MS)
+        page.wait_for_function("document.getElementById('model').textContent === 'model: ckpt'",
+                               timeout=WAIT_MS)  # fmt: skip
+        page.fill("#system", "Be brief.")
+        page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent("
+                              "new Event('input')); }")  # fmt: skip
+        page.fill("#max_tokens", "12")
+        turns = ["hi", "what is a token?", "hi", "bye", "what is a token?", "hi"]
+        for n, text in enumerate(turns, 1):
+            page.fill("#input", text)
+            page.press("#input", "Enter")
+            page.wait_for_function(
+                f"document.querySelectorAll('.msg.assistant .meta').length === {n}",
+                timeout=WAIT_MS)  # fmt: skip
+        assert page.locator(".msg.error").count() == 0  # no context_length_exceeded
+        assert page.locator(".msg.user").all_inner_texts() == turns  # all still shown
+        notes = page.locator(".note").all_inner_texts()
+        assert notes and all("no longer fit the model's context" in x for x in notes)
+        dropped = page.locator(".msg.dropped").count()
+        assert 0 < dropped < 2 * len(turns) - 1
+        assert "(stop)" in page.locator(".msg.assistant .meta").nth(-1).inner_text()
+        done = [x for x in srv.log_lines() if x.get("event") == "done"]
+        assert len(done) == len(turns) and max(x["prompt_tokens"] for x in done) <= 64 - 12

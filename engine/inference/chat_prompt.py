@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ChatPrompt", "build_chat_prompt", "encode_raw_prompt"]
+__all__ = ["ChatPrompt", "build_chat_prompt", "encode_raw_prompt", "history_budget"]
 
 
 def encode_raw_prompt(tokenizer, text: str) -> list[int]:
@@ -28,6 +28,16 @@ class ChatPrompt:
     dropped: int
     messages: list[dict[str, str]]
     cut_tokens: int = 0  # oldest tokens cut from a last message longer than the context
+
+
+def history_budget(context: int, max_new_tokens: int) -> int:
+    """Tokens a shortened history may take: the context less room to answer (the answer's
+    length, at most a quarter of the context). llm-chat and llm-serve's ``truncate`` agree.
+
+    >>> history_budget(256, 128), history_budget(256, 16), history_budget(2, 8)
+    (192, 240, 1)
+    """
+    return context - min(max_new_tokens, max(1, context // 4))
 
 
 def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> ChatPrompt:

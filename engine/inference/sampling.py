@@ -68,8 +68,8 @@ class SamplingConfig(ConfigMixin):
 
     temperature: float = option(0.8, number(lo=0, hi=BIG), "0 = greedy", metavar="T")
     top_k: int = option(0, at_least(0), "keep the k most likely tokens, 0 = off", metavar="K")
-    top_p: float = option(
-        0.95, number(lo=0, lo_open=True, hi=1), "nucleus sampling, in (0, 1]", metavar="P"
+    top_p: float = option(  # 1 (off): the server's default too (OpenAI's), one default
+        1.0, number(lo=0, lo_open=True, hi=1), "nucleus sampling, in (0, 1]", metavar="P"
     )
     min_p: float = option(
         0.0, number(lo=0, hi=1, hi_open=True), "drop p < min_p * p(best), in [0, 1)", metavar="P"

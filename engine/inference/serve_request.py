@@ -26,20 +26,22 @@ naming it) and constrains every answer's tokens.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..fields import MAX_SEED
-from .chat_prompt import encode_raw_prompt
+from .chat_prompt import build_chat_prompt, encode_raw_prompt, history_budget
 from .grammar import GrammarError, Grammars
 from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETION
 from .row_options import RowOptions
 from .sampling import SamplingConfig
 
-__all__ = ["Limits", "RequestError", "ServeRequest", "parse_request"]
+__all__ = ["Limits", "RequestError", "ServeRequest", "decode_body", "parse_request"]
 
 MAX_STOP = 4  # as OpenAI: at most four stop strings
+MAX_JSON_DEPTH = 32  # a request is an object of messages of parts: far less deep
 MAX_N = 16  # answers per prompt (each takes a row)
 MAX_PROMPTS = 64  # prompts in one completions batch
 ROLES = ("system", "user", "assistant")
@@ -92,6 +94,7 @@ class ServeRequest:
     prompt_texts: list[str] = field(default_factory=list)  # what echo returns per prompt
     bos_added: list[int] = field(default_factory=list)  # 1 where the server put <|bos|> first
     echo: bool = False  # completions: the answer's text starts with the prompt's
+    dropped_messages: int = 0  # oldest messages left out to fit (only with truncate: true)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -110,6 +113,35 @@ class ServeRequest:
         return out
 
 
+def decode_body(raw: bytes) -> Any:
+    """The JSON value of a request body, or a RequestError (code invalid_json): not UTF-8,
+    not JSON, or nested deeper than MAX_JSON_DEPTH (the decoder's own limit would end in
+    a RecursionError, i.e. a 500, and deep values are costly to walk afterwards)."""
+    too_deep = RequestError(f"the body is nested more than {MAX_JSON_DEPTH} levels deep",
+                            code="invalid_json")  # fmt: skip
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:  # deeper is refused anyway: stop walking
+                stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def parse_request(body: Any, kind: str, tokenizer, limits: Limits,
                   grammars: Grammars | None = None) -> ServeRequest:  # fmt: skip
     """Validate a decoded JSON body for ``kind`` ("chat" or "completion"); ``grammars``
@@ -118,6 +150,7 @@ def parse_request(body: Any, kind: str, tokenizer, limits: Limits,
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
     prompt_field = "messages" if kind == "chat" else "prompt"
     known = {prompt_field, *_SAMPLING_FIELDS, "model", "stream", "stream_options", "n"}
+    known |= {"truncate"}
     known |= {"max_tokens", "max_completion_tokens", "logprobs", "response_format"}
     known |= {"top_logprobs"} if kind == "chat" else {"echo"}
     for name, value in body.items():
@@ -145,9 +178,14 @@ def parse_request(body: Any, kind: str, tokenizer, limits: Limits,
             raise RequestError("stream_options must be {\"include_usage\": bool} and needs "
                                "stream: true", param="stream_options")  # fmt: skip
         include_usage = _bool(opts, "include_usage", False)
+    truncate = _bool(body, "truncate", False)
+    dropped = 0
     if kind == "chat":
-        prompts = [_chat_ids(body.get("messages"), tokenizer, limits)]
-        texts, bos_added = [""], [0]
+        budget = history_budget(limits.max_seq_len, _max_tokens(body, limits)) if truncate else None
+        ids, dropped = _chat_ids(body.get("messages"), tokenizer, limits, budget)
+        prompts, texts, bos_added = [ids], [""], [0]
+    elif truncate:
+        raise RequestError("truncate applies to chat messages only", param="truncate")
     else:
         prompts, texts, bos_added = _completion_prompts(body.get("prompt"), tokenizer)
     for ids in prompts:
@@ -163,7 +201,7 @@ def parse_request(body: Any, kind: str, tokenizer, limits: Limits,
     options = replace(options, grammar=_grammar(body.get("response_format"), grammars))
     return ServeRequest(kind, prompts[0], _sampling(body, limits), stream, include_usage, n=n,
                         options=options, prompts=prompts, prompt_texts=texts,
-                        bos_added=bos_added, echo=echo)  # fmt: skip
+                        bos_added=bos_added, echo=echo, dropped_messages=dropped)  # fmt: skip
 
 
 def _grammar(response_format: Any, grammars: Grammars | None):
@@ -201,7 +239,10 @@ def _logprob_options(body: dict, kind: str) -> tuple[RowOptions, bool]:
 # ----------------------------------------------------------------------------- prompts
 
 
-def _chat_ids(messages: Any, tokenizer, limits: Limits) -> list[int]:
+def _chat_ids(messages: Any, tokenizer, limits: Limits,
+              budget: int | None) -> tuple[list[int], int]:  # fmt: skip
+    """The prompt ids and how many of the oldest messages were dropped: none unless the
+    client asked (``truncate``, then ``budget`` tokens at most, as llm-chat does)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
     clean = []
@@ -218,14 +259,18 @@ def _chat_ids(messages: Any, tokenizer, limits: Limits) -> list[int]:
             raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, got "
                                f"{m.get('role')!r}", param=f"{where}.role")  # fmt: skip
         clean.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
-    # One render: a history that does not fit is refused, never silently shortened (so
-    # build_chat_prompt's dropping of old turns, which llm-chat uses, is not wanted here).
+    # Without truncate a history that does not fit is refused, never silently shortened.
     ids, _ = tokenizer.render_chat(clean, add_generation_prompt=True)
+    if budget is not None and len(ids) > budget:
+        chat = build_chat_prompt(tokenizer, clean, budget)
+        if not chat.cut_tokens:  # the last message alone too long: refused below
+            return list(chat.ids), chat.dropped
     if len(ids) > limits.max_seq_len:
+        hint = "" if budget is not None else " (or send truncate: true to drop the oldest turns)"
         raise RequestError(f"the messages take {len(ids)} tokens; this model's context is "
-                           f"{limits.max_seq_len}", param="messages",
+                           f"{limits.max_seq_len}{hint}", param="messages",
                            code="context_length_exceeded")  # fmt: skip
-    return list(ids)
+    return list(ids), 0
 
 
 def _content(content: Any, where: str) -> str:
@@ -247,6 +292,8 @@ def _completion_prompts(prompt: Any, tokenizer) -> tuple[list[list[int]], list[s
     """(ids, text, whether <|bos|> was added) per prompt. A prompt is a string (the server
     puts <|bos|> first, as llm-chat's raw mode) or a list of token ids (taken as they are);
     a list of either is a batch."""
+    if prompt is None:
+        raise RequestError("prompt is required (a string)", param="prompt")
     if isinstance(prompt, str) or _is_ids(prompt):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_PROMPTS:
@@ -296,7 +343,8 @@ _SAMPLING_FIELDS = {
 
 
 def _sampling(body: dict, limits: Limits) -> SamplingConfig:
-    values: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's defaults
+    # OpenAI's temperature 1; top_p is SamplingConfig's default (1, as OpenAI's and llm-chat's)
+    values: dict[str, Any] = {"temperature": 1.0}
     for name, spec in _SAMPLING_FIELDS.items():
         value = body.get(name)
         if value is None or spec is None:
