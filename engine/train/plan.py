@@ -9,7 +9,6 @@ model shape + data + device --> memory per micro-batch by part (engine.model.mem
 
 from __future__ import annotations
 
-import copy
 import os
 import resource
 import time
@@ -90,31 +89,38 @@ def fit_batch(cfg, config: TrainConfig, device: torch.device, seq_len: int,
 
 
 def _probe(model, data, config: TrainConfig, device: torch.device, micro: int) -> dict:
-    """Time PROBE_STEPS optimizer steps of one micro-batch on a copy of the model; the
-    first includes warm-up (allocation, compilation), so the rate is the fastest other."""
-    cfg = config.replace(batch_size=micro, grad_accum=1, steps=PROBE_STEPS, eval_every=0)
-    trainer = Trainer(copy.deepcopy(model), data, cfg)
+    """Train PROBE_STEPS steps of one micro-batch through the real loop (a logging boundary
+    after each, so the guard takes its snapshots as in the run), timing each; the first
+    includes warm-up (allocation, compilation), so the rate is the fastest other."""
+    cfg = config.replace(batch_size=micro, grad_accum=1, steps=PROBE_STEPS, eval_every=0,
+                         save_every=0, log_every=1, warmup=0)  # fmt: skip
+    marks: list[float] = []
+
+    def progress(ev: dict) -> None:
+        if ev["event"] in ("start", "step"):
+            marks.append(time.perf_counter())
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for s in range(PROBE_STEPS):
-        t = time.perf_counter()
-        trainer.train_step(trainer.planner.step(s))
-        trainer.pending[-1][1].item()  # wait for the step
-        times.append(time.perf_counter() - t)
+    t0 = time.perf_counter()
+    Trainer(model, data, cfg, progress=progress).run()
+    elapsed = time.perf_counter() - t0
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    steady = min(times[1:] or times)  # the fastest warm step: least disturbed by load
+    times = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    # the fastest warm step: least disturbed by load (other torchrun ranks see no events)
+    steady = min(times[1:] or times or [elapsed / PROBE_STEPS])
     return {"step_seconds": times, "seconds_per_micro_batch": steady,
             "measured_peak_bytes": peak}  # fmt: skip
 
 
 def plan_run(model, tokenizer, cache, config: TrainConfig, *, device: torch.device | None = None,
              world_size: int = 1, probe: bool = True) -> dict[str, Any]:  # fmt: skip
-    """The plan of one phase: everything ``llm-train --plan`` prints. ``probe`` runs the
-    timed steps (the rest is arithmetic)."""
+    """The plan of one phase: everything ``llm-train --plan`` prints. ``probe`` trains
+    ``model`` itself for PROBE_STEPS timed steps (its weights change: pass a copy to keep
+    them); the rest is arithmetic."""
     from .loop import resolve_device
 
     resident = resident_bytes()  # before anything below allocates
