@@ -134,3 +134,21 @@ def test_interrupt_mid_recovery_resumes_exactly(moment, tok, cache, monkeypatch,
         reference.history
     )
     assert rest.guard == reference.guard and rest.val_loss == reference.val_loss
+
+
+def test_cli_prints_each_guard_event_and_counts_them(tmp_path, capsys, monkeypatch):
+    from factories import run_cli
+    from tritonlm.cli import train as cli
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(TEXTS))
+    flags = ["--data", data, "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+             "--d-ff", "64", "--seq-len", "16", "--vocab-size", "300", "--batch-size", "4",
+             "--steps", "12", "--log-every", "4", "--device", "cpu", "--quiet"]  # fmt: skip
+    inject("nangrad:5", monkeypatch.setattr)
+    rc, out, err = run_cli(cli.main, capsys, *flags, "--out", tmp_path / "a")
+    assert rc == 0, err
+    assert "pretrain: guard: skipped the update of step 6 (non-finite: loss " in err
+    assert "guard: 1 skipped updates, 0 rollbacks" in out
+    rc, out, err = run_cli(cli.main, capsys, *flags, "--out", tmp_path / "b", "--no-guard")
+    assert rc == 2 and "gradient norm became nan at step 6" in err
