@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from tritonlm.engine.errors import os_reason
+
 from .chat_session import (
     HELP_TEXT,
     PROG,
@@ -33,7 +35,16 @@ from .chat_session import (
     run_command,
     settings_text,
 )
-from .common import EXIT_INTERRUPTED, Parser, UsageError, report
+from .common import (
+    EXIT_INTERRUPTED,
+    Parser,
+    UsageError,
+    add_config_flags,
+    config_values,
+    report,
+    user_message,
+)
+from .device import add_device_flags, device_and_backend
 from .threads_flag import add_threads_flag, apply_threads
 
 __all__ = ["CommandError", "Session", "answer", "command", "info_text", "load", "main",
@@ -56,24 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="continue plain text, without the chat template"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
-    g = p.add_argument_group("sampling (defaults in parentheses)")
-    g.add_argument("--temperature", type=float, help="0 = greedy (0.8)")
-    g.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 = off (0)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1 = off)")
-    g.add_argument("--min-p", type=float, help="drop p < min_p * p(best), in [0, 1) (0)")
-    g.add_argument("--repetition-penalty", type=float, help="> 0, 1 = off (1)")
-    g.add_argument("--frequency-penalty", type=float, help="per repeat in the answer (0)")
-    g.add_argument("--presence-penalty", type=float, help="once per token in the answer (0)")
-    g.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (256)")
-    g.add_argument("--seed", type=int, help="seed for reproducible sampling (random)")
+    from tritonlm.engine.inference.sampling import SamplingConfig
+
+    g = p.add_argument_group("sampling")
+    add_config_flags(g, SamplingConfig)  # flags, help, defaults and checks from its fields
     g.add_argument(
         "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)"
     )
     g2 = p.add_argument_group("hardware")
-    g2.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto)")
-    g2.add_argument(
-        "--backend", default="auto", choices=("auto", "torch", "triton"), help="kernels (auto)"
-    )
+    add_device_flags(g2)
     add_threads_flag(g2)
     g2.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                     help="int8: weight-only int8 block matrices (smaller; see README)")  # fmt: skip
@@ -88,58 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    """SamplingConfig from the options that were given (the rest keep their defaults)."""
-    from tritonlm.engine.inference.sampling import SamplingConfig
-
-    names = (
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "frequency_penalty",
-        "presence_penalty",
-        "max_new_tokens",
-        "seed",
-    )
-    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    try:
-        config = SamplingConfig(**given, stop=tuple(args.stop))
-    except ValueError as e:  # SamplingError, or a limit below: name the flag that was given
-        msg = str(e)
-        name = next((n for n in given if msg.startswith(n + " ")), None)
-        flag = f"--{name.replace('_', '-')} {given[name]}: " if name else ""
-        raise UsageError(flag + msg) from None
-    return config
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise UsageError(f"unknown device {name!r} (there is one cpu device: use cpu)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
-
-
-def check_backend(backend: str, device) -> None:
-    from tritonlm.kernels.dispatch import check_backend as check
+    """SamplingConfig from the sampling flags (each already checked by its field)."""
+    from tritonlm.engine.inference.sampling import SamplingConfig, SamplingError
 
     try:
-        check(backend, device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        return SamplingConfig(**config_values(args, SamplingConfig), stop=tuple(args.stop))
+    except SamplingError as e:  # a rule across fields (e.g. a tiny temperature)
+        raise UsageError(user_message(e)) from None
 
 
 # ----------------------------------------------------------------------------- modes
@@ -183,7 +140,7 @@ def stdin_lines(stream):
         try:
             line = source.readline()
         except OSError as e:
-            raise UsageError(f"cannot read stdin: {e.strerror or e}") from None
+            raise UsageError(f"cannot read stdin: {os_reason(e)}") from None
         if not line:
             return
         yield line
@@ -241,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoint:  # Path("") would be the current folder
             raise UsageError("CKPT is an empty path: give a checkpoint directory")
         sampling = sampling_from_args(args)
-        device = resolve_device(args.device)
-        check_backend(args.backend, device)
+        device = device_and_backend(args)
         apply_threads(args)
         ckpt = load(args.checkpoint, device, args.backend, args.weights)
         from tritonlm.engine.model.cuda_graphs import pick_decode_mode

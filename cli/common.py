@@ -1,13 +1,17 @@
 """What every tritonlm command line shares: one-line errors, exit codes, config flags.
 
 UsageError  -> "PROG: error: <one line>" on stderr, exit 2
-engine error (data, checkpoint, tokenizer, training, ...) -> the same, exit 2
+EngineError (data, checkpoint, tokenizer, training, ...) -> the same, exit 2; a message
+    that starts with a config field's name says the flag instead (max_new_tokens ->
+    --max-new-tokens)
 Ctrl-C before anything could be saved -> exit 130
+anything else (a bare ValueError, an unexpected OSError) is a bug: its traceback shows
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import types
@@ -53,18 +57,31 @@ def report(prog: str, message: object, file=None) -> int:
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    """The engine's own error types: printed as one line, never as a traceback."""
-    from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
-    from tritonlm.engine.data.data_files import DataError
-    from tritonlm.engine.data.token_cache import TokenCacheError
-    from tritonlm.engine.inference.sampling import SamplingError
-    from tritonlm.engine.run_lock import BusyError
-    from tritonlm.engine.tokenizer.tokenizer_config import TokenizerError
-    from tritonlm.engine.train.distributed import DistributedError
-    from tritonlm.engine.train.train_config import TrainingError
+    """User errors: printed as one line, never as a traceback."""
+    from tritonlm.engine.errors import EngineError
 
-    return (UsageError, BusyError, CheckpointError, DataError, DistributedError, SamplingError,
-            TokenCacheError, TokenizerError, TrainingError, ValueError, OSError)  # fmt: skip
+    return (UsageError, EngineError)
+
+
+def user_message(e: BaseException) -> str:
+    """What to print for a user error: an engine message names config fields, the user
+    typed flags (``max_new_tokens must be >= 1`` -> ``--max-new-tokens must be >= 1``)."""
+    from tritonlm.engine.fields import with_flag
+
+    return with_flag(str(e), getattr(e, "field", None))
+
+
+@contextlib.contextmanager
+def naming(option: str):
+    """An OSError from the filesystem, where the user named the path, becomes one line
+    naming the option it concerns (``--out runs/x: permission denied``)."""
+    from tritonlm.engine.errors import os_reason
+
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UsageError(f"{option}: {os_reason(e)}{where}") from None
 
 
 def run_main(prog: str, body: Callable[[], int], on_error: Callable[[str, Exception], int]
@@ -79,7 +96,7 @@ def run_main(prog: str, body: Callable[[], int], on_error: Callable[[str, Except
         print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except known_errors() as e:
-        return on_error(prog, e) if on_error is not None else report(prog, e)
+        return on_error(prog, e) if on_error is not None else report(prog, user_message(e))
 
 
 # ----------------------------------------------------------------------------- config flags

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import Collect, Parser, UsageError, run_main
+from .common import Collect, Parser, UsageError, naming, run_main
+from .device import add_device_flags, device_and_backend
 from .threads_flag import add_threads_flag, apply_threads
 
 PROG = "llm-eval"
@@ -101,7 +102,7 @@ def build_parser() -> Parser:
         metavar="N",
         help="rows per forward pass (default: 8)",
     )
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_flags(r)
     add_threads_flag(r)
     r.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                    help="int8: weight-only int8 block matrices (as llm-chat)")  # fmt: skip
@@ -152,20 +153,18 @@ def run(args, argv: list[str]) -> int:
         raise UsageError("nothing to evaluate: give --data PATH... and/or --task FILE...")
     if args.report and not Path(args.report).is_dir():
         raise UsageError(f"--report {args.report}: not a directory")
-    import torch
     from tritonlm.engine.data.records import load_texts
     from tritonlm.engine.eval.choice import evaluate_choices
     from tritonlm.engine.eval.task_formats import load_task
     from tritonlm.engine.eval.text import evaluate_texts
     from tritonlm.engine.lora.adapter_checkpoint import load_model
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine")
-    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = device_and_backend(args)
     apply_threads(args)
     tasks = [(path, *load_task(path, args.format)) for path in args.task or []]  # fail fast
     texts = load_texts(args.data, option="--data") if args.data else None
-    ckpt = load_model(args.checkpoint, device=device)  # LoRA: base + adapters, merged
+    # LoRA: base + adapters, merged
+    ckpt = load_model(args.checkpoint, device=device, backend=args.backend)
     if args.weights == "int8":
         from tritonlm.engine.model.int8 import quantize_int8
 
@@ -217,8 +216,9 @@ def run(args, argv: list[str]) -> int:
         from tritonlm.engine.eval.report import append_report, eval_section
 
         named = [(Path(t["file"]).name, t) for t in result["tasks"]]
-        path = append_report(args.report, eval_section([PROG, *argv], str(args.checkpoint),
-                                                       result["text"], named))  # fmt: skip
+        section = eval_section([PROG, *argv], str(args.checkpoint), result["text"], named)
+        with naming(f"--report {args.report}"):
+            path = append_report(args.report, section)
         if not args.json and not args.quiet:
             print(f"report: {path}", file=sys.stderr)
     return 0

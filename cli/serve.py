@@ -20,7 +20,10 @@ import os
 import socket
 import sys
 
+from tritonlm.engine.errors import os_reason
+
 from .common import Parser, UsageError, run_main
+from .device import add_device_flags, device_and_backend
 from .threads_flag import add_threads_flag, apply_threads
 
 PROG = "llm-serve"
@@ -52,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the model id clients use (default: the checkpoint's folder name)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
-                   help="kernels: auto (Triton on CUDA), torch or triton")  # fmt: skip
+    add_device_flags(p)
     add_threads_flag(p)
     p.add_argument(
         "--compile",
@@ -79,20 +80,6 @@ def _int_in(lo: int, hi: int):
     return parse
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before loading anything slow, so a taken port fails at once."""
     try:
@@ -102,7 +89,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {os_reason(e)}") from None
     return sock
 
 
@@ -122,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
                          "leave the flag out to serve without one")  # fmt: skip
     apply_threads(args)
     sock = _bind(args.host, args.port)
-    device = _device(args.device)
+    device = device_and_backend(args)
     from tritonlm.engine.inference.prefix_cache import PrefixCache
     from tritonlm.engine.inference.scheduler import Scheduler
     from tritonlm.engine.inference.serve_request import Limits

@@ -26,12 +26,15 @@ from .common import (
     UsageError,
     add_config_flags,
     config_values,
+    naming,
     one_line,
     report,
     run_main,
+    user_message,
 )
+from .device import device_and_backend
 from .lora_args import add_lora_flags, lora_config, merge_on_save
-from .train_inputs import corpus_cache, load_inputs, naming, tokenizer_and_model
+from .train_inputs import corpus_cache, load_inputs, tokenizer_and_model
 
 PROG = "llm-train"
 
@@ -160,8 +163,6 @@ def _model_flags(m) -> None:
     )
 
 
-# TrainConfig's runtime flags: a --resume may change them
-RUNTIME = ("device", "backend", "dtype", "compile", "log_every", "max_shard_size")
 
 
 def _training_flags(t) -> None:
@@ -189,7 +190,10 @@ def _training_flags(t) -> None:
         metavar="LR",
         help="peak learning rate of the SFT phase (default: --lr)",
     )
-    add_config_flags(t, TrainConfig, [n for n in _flag_names(TrainConfig) if n not in RUNTIME])
+    from tritonlm.engine.train.run_plan import RUNTIME_FIELDS  # a --resume may change them
+
+    names = [n for n in _flag_names(TrainConfig) if n not in RUNTIME_FIELDS]
+    add_config_flags(t, TrainConfig, names)
     t.add_argument(
         "--doc-mask",
         action=argparse.BooleanOptionalAction,
@@ -206,9 +210,10 @@ def _training_flags(t) -> None:
 
 
 def _runtime_flags(r) -> None:
+    from tritonlm.engine.train.run_plan import RUNTIME_FIELDS
     from tritonlm.engine.train.train_config import TrainConfig
 
-    add_config_flags(r, TrainConfig, RUNTIME)
+    add_config_flags(r, TrainConfig, RUNTIME_FIELDS)
     r.add_argument(
         "--threads",
         type=_positive,
@@ -302,26 +307,61 @@ def _check_args(args) -> None:
         raise UsageError("the model shape comes from --init-from; drop --d-model/--n-layers/...")
 
 
+def _typed(argv: list[str]) -> set[str]:
+    """The destinations of the flags the user typed (defaults do not count)."""
+    parser = build_parser()
+    parser.set_defaults(**{k: None for k in vars(parser.parse_args(argv))})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
 def _phase_configs(args, phases, resume_state):
-    """One TrainConfig per phase (a resumed phase keeps its saved schedule)."""
-    from tritonlm.engine.train.run_plan import phase_config
+    """One TrainConfig per phase. A resumed phase keeps its saved schedule; --steps (or
+    --pretrain-steps/--sft-steps) extends or shortens it, said in one line; any other
+    typed flag it cannot honour is refused."""
+    from tritonlm.engine.errors import SettingError
+    from tritonlm.engine.fields import flag_of
+    from tritonlm.engine.train.run_plan import phase_config, resumed_config
     from tritonlm.engine.train.train_config import TrainConfig
 
     values = config_values(args, TrainConfig)
+    typed = _typed(getattr(args, "argv", []))
     out = {}
     for phase in phases:
-        resumed = None
-        if resume_state is not None and resume_state.get("phase") == phase:
-            resumed = resume_state["train_config"]
         own = args.pretrain_steps if phase == "pretrain" else args.sft_steps
         steps = own or args.steps
         epochs = None if steps is not None else args.epochs
         lr = args.sft_lr if phase == "sft" else None
-        # a new run masks documents unless told not to; a resumed phase keeps its config
-        packing = {"doc_mask": args.doc_mask is not False} if phase == "pretrain" else {
-            "pack": bool(args.pack)}  # fmt: skip
-        out[phase] = phase_config(phase, {**values, **packing}, steps=steps, epochs=epochs,
-                                  lr=lr, resumed=resumed)  # fmt: skip
+        if resume_state is None or resume_state.get("phase") != phase:
+            # a new run masks documents unless told not to
+            packing = {"doc_mask": args.doc_mask is not False} if phase == "pretrain" else {
+                "pack": bool(args.pack)}  # fmt: skip
+            out[phase] = phase_config(phase, {**values, **packing}, steps=steps, epochs=epochs,
+                                      lr=lr)  # fmt: skip
+            continue
+        # a resumed phase keeps its config: what was typed must agree with it, but --steps
+        asked = {k: v for k, v in values.items() if k in typed}
+        if getattr(args, "auto_batch", False):
+            asked.pop("batch_size", None)  # "auto" is not a value to compare
+        if phase == "pretrain" and args.doc_mask is not None:
+            asked["doc_mask"] = args.doc_mask
+        if phase == "sft" and args.pack:
+            asked["pack"] = True
+        flags = {"steps": f"--{phase}-steps" if own else "--steps", "lr": "--lr",
+                 "doc_mask": "--doc-mask" if args.doc_mask else "--no-doc-mask"}  # fmt: skip
+        if steps is not None:
+            asked["steps"] = steps
+        if epochs is not None and "epochs" in typed:
+            asked["epochs"] = epochs
+        if lr is not None:
+            asked["lr"], flags["lr"] = lr, "--sft-lr"
+        try:
+            out[phase], note = resumed_config(resume_state["train_config"], asked,
+                                              int(resume_state["step"]))  # fmt: skip
+        except SettingError as e:
+            flag = flags.get(e.field) or flag_of(e.field or "")
+            raise UsageError(f"--resume: {flag}{str(e)[len(e.field or ''):]}") from None
+        if note:
+            print(f"{PROG}: {phase}: {flags['steps']} {steps}: {note}", flush=True)
     return out
 
 
@@ -331,7 +371,6 @@ def run(args, stop) -> int:
     from tritonlm.engine.run_lock import exclusive
     from tritonlm.engine.train.distributed import init_distributed
     from tritonlm.engine.train.run_plan import check_run_dir
-    from tritonlm.kernels.dispatch import check_backend
 
     _check_args(args)
     from .train_plan import AUTO_GLOBAL_BATCH
@@ -342,10 +381,7 @@ def run(args, stop) -> int:
     lora_config(args)  # bad LoRA flags fail before any loading
     with naming(f"--out {args.out}"):
         out = check_run_dir(args.out)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine")
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    check_backend(args.backend, "cuda" if cuda else "cpu")
+    device_and_backend(args)  # --device is auto, cpu or cuda here: torchrun picks the GPU
     if not args.resume:  # bad hyperparameters fail before minutes of loading and tokenizing
         _phase_configs(args, [p for p, g in (("pretrain", args.data), ("sft", args.chat_data))
                               if g], None)  # fmt: skip
@@ -375,7 +411,9 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
     resume_state = ckpt.trainer_state if args.resume else None
     available = (["pretrain"] if texts else []) + (["sft"] if chats else [])
     try:
-        phases = plan_phases(available, resume_state)
+        asked = {p: s for p, s in (("pretrain", args.pretrain_steps or args.steps),
+                                   ("sft", args.sft_steps or args.steps)) if s}  # fmt: skip
+        phases = plan_phases(available, resume_state, asked)
     except TrainingError as e:
         raise UsageError(f"--resume {args.resume}: {e}") from None
     if not phases:
@@ -479,7 +517,7 @@ def _on_error(prog: str, e: Exception) -> int:
     from tritonlm.engine.train.distributed import DistributedError, torchrun_env
     from tritonlm.engine.train.train_config import TrainingError
 
-    message = one_line(e)
+    message = one_line(user_message(e))
     try:
         env = torchrun_env()
     except DistributedError:

@@ -6,22 +6,11 @@ error that ``main`` reports as one line.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, naming
 from .lora_args import adapt, lora_config
-
-
-@contextlib.contextmanager
-def naming(option: str):
-    """An OSError from the filesystem becomes one line naming the option it concerns."""
-    try:
-        yield
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise UsageError(f"{option}: {e.strerror or e}{where}") from None
 
 
 def load_inputs(args, ctx):

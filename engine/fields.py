@@ -11,7 +11,7 @@ CLI's argparse flags are all derived from that one declaration:
     >>> Demo(size=0)
     Traceback (most recent call last):
     ...
-    ValueError: size must be >= 1, got 0
+    tritonlm.engine.errors.SettingError: size must be >= 1, got 0
     >>> Demo.from_dict({"size": 2}).to_dict()
     {'size': 2}
 """
@@ -22,6 +22,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from .errors import SettingError
 
 Check = Callable[[str, Any], None]  # raises ValueError naming the field
 
@@ -106,11 +108,12 @@ def boolean(name: str, v: Any) -> None:
 class ConfigMixin:
     """validate / to_dict / from_dict / replace for a dataclass declared with ``option``.
 
-    Subclasses may set ``error`` (the exception class raised, a ValueError subclass) and
-    override ``check_together`` for rules that involve several fields.
+    Subclasses may set ``error`` (the exception class raised, an EngineError and
+    ValueError subclass) and override ``check_together`` for rules that involve several
+    fields. An error from one field's check carries that field's name (``error.field``).
     """
 
-    error: type[Exception] = ValueError
+    error: type[Exception] = SettingError
     what = "config"  # how messages name it: "unknown model config key(s): ..."
 
     def __post_init__(self) -> None:
@@ -121,16 +124,19 @@ class ConfigMixin:
 
     def validate(self) -> None:
         """Raise ``self.error`` naming the first bad field."""
+        field = None
         try:
             for f in dataclasses.fields(self):
                 check = f.metadata.get("check")
                 if check is not None:
+                    field = f.name
                     check(f.name, getattr(self, f.name))
+            field = None
             self.check_together()
         except ValueError as e:
             if isinstance(e, self.error):
                 raise
-            raise self.error(str(e)) from None
+            raise self.error(str(e), field=field) from None
 
     def check_together(self) -> None:
         """Rules across fields (override); raise ValueError."""
@@ -152,3 +158,19 @@ class ConfigMixin:
     def replace(self, **changes: Any):
         """A validated copy with some fields changed."""
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a config field: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + field.replace("_", "-")
+
+
+def with_flag(message: str, field: str | None) -> str:
+    """``message`` with its leading field name written as the flag a user typed.
+
+    >>> with_flag("max_new_tokens must be >= 1, got 0", "max_new_tokens")
+    '--max-new-tokens must be >= 1, got 0'
+    """
+    if field and message.startswith(field):
+        return flag_of(field) + message[len(field) :]
+    return message

@@ -16,8 +16,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import EngineError
 
-class BusyError(RuntimeError):
+
+class BusyError(EngineError, RuntimeError):
     """Another live process holds the lock."""
 
 

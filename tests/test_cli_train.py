@@ -242,3 +242,22 @@ def test_fresh_run_over_old_replaces_metrics_only_once_it_trains(files, trained,
     run_ok(argv, capsys)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_resume_honours_steps_and_refuses_what_it_cannot_change(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = [*TINY, "--data", files / "pre.json", "--out", out, "--eval-every", "0"]
+    run_ok([*first, "--steps", "3"], capsys)
+    again = [*first, "--resume", out]
+    # --steps below what is done, or a schedule field: one line naming the flag, nothing saved
+    refused = [(["--steps", "2"], ["steps 2", "already at step 3"]),
+               (["--steps", "5", "--lr", "0.5"], ["--lr 0.5", "keeps its lr"])]  # fmt: skip
+    for extra, words in refused:
+        rc, _, err = run_cli(cli.main, capsys, *again, *extra)
+        assert rc == 2 and err.count("\n") == 1 and all(w in err for w in words), err
+        assert load_checkpoint(out).trainer_state["step"] == 3
+    # a finished run extended: said in one line, and trained to the new end
+    out_text, _ = run_ok([*again, "--steps", "5", "--device", "cpu"], capsys)
+    assert "--steps 5: the run was planned for 3 steps and is at step 3" in out_text
+    state = load_checkpoint(out).trainer_state
+    assert state["step"] == 5 and state["total_steps"] == 5

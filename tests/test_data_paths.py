@@ -15,6 +15,7 @@ import pytest
 from tritonlm.engine.data import data_files
 from tritonlm.engine.data.data_files import DataError
 from tritonlm.engine.data.records import load_chats, load_texts
+from tritonlm.engine.errors import os_reason
 
 CHAT = "User: hi Assistant: hello"
 
@@ -227,9 +228,9 @@ def test_real_unreadable_file(tmp_path):
 
 
 def test_os_reason_has_no_errno_noise():
-    assert data_files.os_reason(PermissionError(13, "Permission denied")) == "permission denied"
-    assert data_files.os_reason(OSError(5, "Input/output error")) == "input/output error"
-    assert data_files.os_reason(OSError(999, "Strange Thing")) == "strange Thing"
+    assert os_reason(PermissionError(13, "Permission denied")) == "permission denied"
+    assert os_reason(OSError(5, "Input/output error")) == "input/output error"
+    assert os_reason(OSError(999, "Strange Thing")) == "strange Thing"
 
 
 # ----------------------------------------------------------------------------- duplicates

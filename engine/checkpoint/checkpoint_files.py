@@ -9,7 +9,6 @@ that names the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from ..errors import EngineError
+from ..hashing import sha256_file
 from .checkpoint_store import MANIFEST_FILE
 from .shards import ShardError, read_shards, shard_files
 
@@ -33,7 +34,7 @@ ADAPTER_FILE = "adapter.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EngineError, ValueError):
     """A checkpoint that cannot be saved or loaded; the message names the file."""
 
 
@@ -62,19 +63,6 @@ def is_checkpoint_file(name: str) -> bool:
 def is_optimizer_shard(name: str) -> bool:
     """Optimizer tensors (twice the weights): hashed only when a resume reads them."""
     return name.startswith(OPTIMIZER_BASE) and name.endswith(".safetensors")
-
-
-def os_reason(e: OSError) -> str:
-    """'No space left on device' rather than '[Errno 28] No space left on device: ...'."""
-    return e.strerror or str(e)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:

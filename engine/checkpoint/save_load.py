@@ -53,6 +53,8 @@ from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 from tritonlm.engine.tokenizer.tokenizer_config import TokenizerError
 
 from ..atomic import fsync_dir, fsync_file
+from ..errors import os_reason
+from ..hashing import sha256_file
 from ..model.config import ConfigError, ModelConfig
 from ..model.memory import build_bytes, too_big
 from ..model.transformer import Transformer
@@ -71,11 +73,9 @@ from .checkpoint_files import (
     CheckpointError,
     is_checkpoint_file,
     is_optimizer_shard,
-    os_reason,
     read_json,
     read_manifest,
     read_set,
-    sha256_file,
     tensor_set,
     verify_file,
     write_json,

@@ -32,11 +32,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import fsync_file
+from ..errors import EngineError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default for save_pretrained
 
 
-class ShardError(ValueError):
+class ShardError(EngineError, ValueError):
     """A tensor set on disk that cannot be read: the message names the file."""
 
 

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write
+from ..errors import os_reason
+from ..hashing import sha256_file
 from .corpus_formats import DEFAULT_TEXT_EXTS
 from .data_files import ext_of
 from .records import LoadResult, Scan, check_text_exts, read_items, scan, text_readers
 
 SAMPLE_WINDOW = 4 << 20  # at least this many sampled bytes per window
 MAX_WINDOWS = 1024
-HASH_BLOCK = 4 << 20
 
 
 @dataclass
@@ -152,15 +153,9 @@ def _read_memo(path: Path | None) -> dict:
 
 
 def _sha256_file(file: Path) -> str:
-    from .data_files import DataError, open_regular, os_reason
+    from .data_files import DataError, open_regular
 
-    h = hashlib.sha256()
-    with open_regular(file) as fh:
-        while True:
-            try:
-                block = fh.read(HASH_BLOCK)
-            except OSError as e:
-                raise DataError(f"{file}: {os_reason(e)}") from None
-            if not block:
-                return h.hexdigest()
-            h.update(block)
+    try:
+        return sha256_file(file, opener=open_regular)
+    except OSError as e:
+        raise DataError(f"{file}: {os_reason(e)}") from None

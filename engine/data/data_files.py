@@ -16,22 +16,12 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..errors import EngineError, os_reason
 
-class DataError(ValueError):
+
+class DataError(EngineError, ValueError):
     """A dataset that cannot be used; the message names the file and the line or row."""
 
-
-# Short reasons for the OS errors a data path can meet (instead of "[Errno 13] ...").
-_REASONS = {
-    errno.ENOENT: "no such file or folder",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied (operation not permitted)",
-    errno.EISDIR: "is a folder",
-    errno.ENOTDIR: "a part of the path is not a folder",
-    errno.ENAMETOOLONG: "file name too long",
-    errno.ELOOP: "too many levels of symbolic links (a symlink loop?)",
-    errno.EIO: "input/output error",
-}
 
 _KINDS = {
     stat.S_IFIFO: "a FIFO (named pipe)",
@@ -39,14 +29,6 @@ _KINDS = {
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
 }
-
-
-def os_reason(e: OSError) -> str:
-    """'permission denied' for EACCES, ...: why an OS call failed, without errno noise."""
-    if e.errno in _REASONS:
-        return _REASONS[e.errno]
-    text = e.strerror or str(e) or type(e).__name__
-    return text[:1].lower() + text[1:]
 
 
 def _not_regular(path: Path, mode: int) -> DataError:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write, fsync_dir
+from ..errors import EngineError
 from ..run_lock import exclusive
 from ..tokenizer.parallel_encode import encode_documents
 
@@ -41,7 +42,7 @@ FORMAT_VERSION = 1
 _CHUNK_TOKENS = 1 << 20  # characters of text per encoded batch (about as many tokens)
 
 
-class TokenCacheError(ValueError):
+class TokenCacheError(EngineError, ValueError):
     """A cache entry that cannot be built or read (the message names the path)."""
 
 

@@ -23,6 +23,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import SettingError
 from .task_formats import Item, TaskError
 from .text import prefix_token, score_rows
 
@@ -80,10 +81,10 @@ def fewshot_contexts(items: Sequence[Item], k: int, seed: int) -> list[str]:
     *other* items (drawn with a generator seeded by (seed, item index), so an item's
     examples do not depend on --limit or the batch size), then its own context."""
     if k < 0:
-        raise ValueError(f"--fewshot must be >= 0, got {k}")
+        raise SettingError(f"fewshot must be >= 0, got {k}", field="fewshot")
     if k and k > len(items) - 1:
-        raise ValueError(f"--fewshot {k}: the task has only {len(items) - 1} other items "
-                         "to draw examples from")  # fmt: skip
+        raise SettingError(f"fewshot {k}: the task has only {len(items) - 1} other items "
+                           "to draw examples from", field="fewshot")  # fmt: skip
     out = []
     for i, item in enumerate(items):
         shots = ""
@@ -106,10 +107,10 @@ def request_ids(tokenizer, context: str, continuation: str, max_len: int) -> tup
     ctx = tokenizer.encode(context)
     cont = tokenizer.encode(context + continuation)[len(ctx) :]
     if not cont:
-        raise ValueError(f"the continuation {continuation!r} encodes to no tokens")
+        raise TaskError(f"the continuation {continuation!r} encodes to no tokens")
     if len(cont) > max_len:
-        raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context "
-                         f"of {max_len}")  # fmt: skip
+        raise TaskError(f"a continuation of {len(cont)} tokens does not fit the context "
+                        f"of {max_len}")  # fmt: skip
     ids = [prefix_token(tokenizer), *ctx, *cont]
     return ids[-(max_len + 1) :], len(cont)
 
@@ -130,7 +131,7 @@ def evaluate_choices(
     whole list. ``progress(done, total)`` counts scored choices; ``source`` (the file)
     starts the message of an item that cannot be scored."""
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise SettingError(f"limit must be >= 1, got {limit}", field="limit")
     contexts = fewshot_contexts(items, fewshot, seed)
     chosen = list(items[:limit] if limit else items)
     rows = []

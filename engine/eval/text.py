@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import SettingError
+
 Row = tuple[list[int], int]  # (token ids, how many of the last targets to score)
 
 
@@ -70,7 +72,7 @@ def score_rows(model, rows: Sequence[Row], batch_size: int,
     model is causal, so a pad after a row's end never changes that row's scores, and only
     the scored positions are projected onto the vocabulary."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise SettingError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
     device = model.device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = [0.0] * len(rows)
@@ -103,7 +105,8 @@ def document_windows(ids: list[int], context: int, stride: int) -> list[Row]:
     [([0, 1, 2, 3, 4], 4), ([2, 3, 4, 5], 1)]
     """
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in 1..{context} (the context), got {stride}")
+        raise SettingError(f"stride must be in 1..{context} (the context), got {stride}",
+                           field="stride")
     n = len(ids) - 1  # targets: ids[1..n]
     rows, done, start = [], 0, 0
     while done < n:
@@ -125,7 +128,7 @@ def prefix_token(tokenizer) -> int:
     without one its end-of-text token (what lm-evaluation-harness uses as the prefix)."""
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if start is None:
-        raise ValueError("the tokenizer has neither a bos nor an eos token to start a row from")
+        raise SettingError("the tokenizer has neither a bos nor an eos token to start a row from")
     return start
 
 
@@ -144,11 +147,12 @@ def evaluate_texts(
     max_len = model.config.max_seq_len
     context = context or max_len
     if not 1 <= context <= max_len:
-        raise ValueError(f"context must be in 1..{max_len} (the model's max_seq_len), "
-                         f"got {context}")  # fmt: skip
+        raise SettingError(f"context must be in 1..{max_len} (the model's max_seq_len), "
+                           f"got {context}", field="context")  # fmt: skip
     stride = stride or max(1, context // 2)
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in 1..{context} (the context), got {stride}")
+        raise SettingError(f"stride must be in 1..{context} (the context), got {stride}",
+                           field="stride")
     start = prefix_token(tokenizer)
     docs = [(start, tokenizer.encode(t), len(t.encode("utf-8"))) for t in texts]
     docs = [d for d in docs if d[1]]

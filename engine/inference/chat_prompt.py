@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import SettingError
+
 __all__ = ["ChatPrompt", "build_chat_prompt", "encode_raw_prompt", "history_budget"]
 
 
@@ -50,7 +52,7 @@ def build_chat_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int
     <|assistant|>) survives and there is room to answer.
     """
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise SettingError(f"max_tokens must be >= 1, got {max_tokens}")
     system = [m for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
     dropped = 0

@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..errors import SettingError
 from ..model.decode_step import DecodeStep
 from ..model.kv_cache import KVCache, left_pad
 from .decode_row import DecodeRow, GenerationResult, Piece, StopRules, default_stop_ids
@@ -57,17 +58,17 @@ def _prepare(
     if not isinstance(config, SamplingConfig):
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
     if config.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to decode the text")
+        raise SettingError("stop strings need a tokenizer to decode the text")
     max_len = model.config.max_seq_len
     vocab = model.config.vocab_size
     rows = []
     for prompt in prompts:
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError("prompt is empty: give at least one token (e.g. <|bos|>)")
+            raise SettingError("prompt is empty: give at least one token (e.g. <|bos|>)")
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
+            raise SettingError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
         dropped = max(0, len(prompt) - max_len)
         row = DecodeRow(prompt[dropped:], config, tokenizer, keep_logits)
         if dropped:

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from ..errors import EngineError
 from ..fields import MAX_SEED, ConfigMixin, at_least, number, option
 
 
-class SamplingError(ValueError):
+class SamplingError(EngineError, ValueError):
     """A sampling setting out of range (the message names the setting and the valid range)."""
 
 
@@ -87,7 +88,7 @@ class SamplingConfig(ConfigMixin):
     seed: int | None = option(
         None,
         at_least(0, optional=True, maximum=MAX_SEED),
-        "seed for reproducible sampling",
+        "seed for reproducible sampling (default: random)",
         metavar="N",
     )
     stop: tuple[str, ...] = option((), _stop_strings, "stop strings", flag=False)

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..errors import EngineError
 from ..fields import MAX_SEED
 from .chat_prompt import build_chat_prompt, encode_raw_prompt, history_budget
 from .grammar import GrammarError, Grammars
@@ -57,7 +58,7 @@ UNSUPPORTED = {
 }  # fmt: skip
 
 
-class RequestError(ValueError):
+class RequestError(EngineError, ValueError):
     """A request the server refuses: OpenAI's error fields plus the HTTP status."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,

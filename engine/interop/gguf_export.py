@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..atomic import fsync_dir, fsync_file
+from ..errors import os_reason
 from ..model.transformer import Transformer
 from .gguf_vocab import GGUFExportError, add_vocab, check_vocab
 
@@ -193,7 +194,7 @@ def export_gguf(model: Transformer, tokenizer, out_path: str | os.PathLike, dtyp
         writer.close()
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # name the file asked for, not the temporary one
-            raise GGUFExportError(f"cannot write {out_path}: {e.strerror or e}") from None
+            raise GGUFExportError(f"cannot write {out_path}: {os_reason(e)}") from None
         raise
     fsync_dir(out_path.parent)
 

@@ -26,6 +26,7 @@ another token's string (llama.cpp keys its vocabulary by text).
 
 from __future__ import annotations
 
+from ..errors import EngineError
 from ..tokenizer.tokenizer_config import GPT4_PATTERN
 from .byte_level import token_to_str
 
@@ -34,7 +35,7 @@ __all__ = ["PRE_TOKENIZER", "GGUFExportError", "add_vocab", "check_vocab"]
 PRE_TOKENIZER = "llama-bpe"
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(EngineError, ValueError):
     """A model or tokenizer that llama.cpp could not run as we do (one-line message)."""
 
 

@@ -29,6 +29,7 @@ from tritonlm.engine.interop.hf_tokenizer import eos_token_ids, hf_tokenizer_fil
 
 from ..atomic import fsync_dir, fsync_file
 from ..checkpoint.shards import ShardError, shard_files, write_shards
+from ..errors import os_reason
 from ..model.transformer import Transformer
 from .hf_config import HF_DTYPES, to_hf_config, weight_table
 
@@ -134,7 +135,7 @@ def export_hf(model: Transformer, tokenizer, out: str | os.PathLike, dtype: str 
     try:
         return _write_folder(out, model, tokenizer, dtype, max_shard_bytes)
     except OSError as e:  # name the folder asked for, never the temporary one
-        raise HFFormatError(f"cannot write {out}: {e.strerror or e}") from None
+        raise HFFormatError(f"cannot write {out}: {os_reason(e)}") from None
 
 
 def _write_folder(out: Path, model: Transformer, tokenizer, dtype: str,

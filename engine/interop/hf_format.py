@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import EngineError
 from ..tokenizer.bpe_tokenizer import BpeTokenizer
 
 __all__ = ["TRAINING_KEY", "HFFormatError", "ImportedTokenizer"]
@@ -16,7 +17,7 @@ __all__ = ["TRAINING_KEY", "HFFormatError", "ImportedTokenizer"]
 TRAINING_KEY = "tritonlm_training"
 
 
-class HFFormatError(ValueError):
+class HFFormatError(EngineError, ValueError):
     """A Hugging Face file we cannot represent exactly. The message names the field."""
 
 

@@ -38,11 +38,9 @@ from ..checkpoint.checkpoint_files import (
     CheckpointError,
     is_checkpoint_file,
     is_optimizer_shard,
-    os_reason,
     read_json,
     read_manifest,
     read_set,
-    sha256_file,
     tensor_set,
     verify_file,
     write_json,
@@ -51,6 +49,8 @@ from ..checkpoint.checkpoint_store import MANIFEST_FILE, replace_directory, reso
 from ..checkpoint.optimizer_state import flatten_optimizer
 from ..checkpoint.save_load import Checkpoint, load_checkpoint
 from ..checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, write_shards
+from ..errors import os_reason
+from ..hashing import sha256_file
 from ..interop.hf_format import HFFormatError
 from ..sizes import parse_size
 from .layers import BaseRef, adapter_tensors, add_lora, load_adapter_tensors, lora_info, merge_lora

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import EngineError
 from ..fields import ConfigMixin, at_least, number, one_of, option
 
 TARGETS = ("qkv", "proj", "gate_up", "down")  # the linear layers of a block, by module name
 BASE_DTYPES = ("float32", "bfloat16")
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(EngineError, ValueError):
     """A LoRA setting out of range (the message names the field)."""
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import EngineError
 from ..fields import ConfigMixin, at_least, boolean, number, option
 
 
-class ConfigError(ValueError):
+class ConfigError(EngineError, ValueError):
     """A model configuration that cannot be built (the message names the field)."""
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..errors import EngineError
 from ..worker_pool import batches, run_pool, worth_a_pool
 from .bpe_tokenizer import BpeTokenizer
 from .tokenizer_config import GPT4_PATTERN
@@ -30,7 +31,7 @@ ENGINES = ("auto", "tiktoken", "tritonlm")
 _PROBE = "Hello, wörld! It's 2024:\n\tcode = f(x) + 12345;  # ünïcode 中文 🙂\r\n  end  "
 
 
-class EncodeError(ValueError):
+class EncodeError(EngineError, ValueError):
     """An encoding engine that cannot be used (the message says why)."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import regex
 
+from ..errors import EngineError
 from ..fields import ConfigMixin, at_least, one_of, option
 from .bpe_trainer import MAX_VOCAB
 
@@ -83,7 +84,7 @@ _LATER_FIELDS = {
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(EngineError, ValueError):
     """Bad tokenizer config, input, or tokenizer file. The message names the problem."""
 
 

@@ -29,10 +29,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import EngineError
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
-class DistributedError(RuntimeError):
+class DistributedError(EngineError, RuntimeError):
     """Multi-process setup or communication failed (bad environment, dead or hung rank)."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.checkpoint_store import resolve
+from ..errors import SettingError
 from ..model.config import ModelConfig
 from ..model.memory import build_bytes, step_bytes, too_big
 from ..model.transformer import Transformer
@@ -21,6 +22,8 @@ from .train_config import PHASES, TrainConfig, TrainingError
 
 DEFAULT_VOCAB = {"seed": 512, "small": 4096, "gpt2": 8192}
 DEFAULT_STEPS = {"pretrain": 1000, "sft": 300}
+# What a resumed run may change (where and how it runs, not what it learns).
+RUNTIME_FIELDS = ("device", "backend", "dtype", "compile", "log_every", "max_shard_size")
 DATA_FLAG = {"pretrain": "--data", "sft": "--chat-data"}
 
 
@@ -56,9 +59,11 @@ def check_run_dir(out: str | Path) -> Path:
     return out
 
 
-def plan_phases(available: list[str], resume_state: dict | None) -> list[str]:
+def plan_phases(available: list[str], resume_state: dict | None,
+                steps: dict[str, int] | None = None) -> list[str]:  # fmt: skip
     """Phases still to run, in order. ``available``: phases with data. A resumed run starts
-    at its saved phase, or after it when that phase had finished."""
+    at its saved phase, or after it when that phase had finished; ``steps[phase]``, a new
+    step count asked for, extends a finished phase (see :func:`resumed_config`)."""
     phases = [p for p in PHASES if p in available]
     if resume_state is None:
         return phases
@@ -66,7 +71,12 @@ def plan_phases(available: list[str], resume_state: dict | None) -> list[str]:
     if saved not in phases:
         flag = DATA_FLAG.get(saved, "--data")
         raise TrainingError(f"the checkpoint is in phase {saved!r}; give its data ({flag})")
-    finished = resume_state.get("step", 0) >= resume_state.get("total_steps", 0)
+    at = resume_state.get("step", 0)
+    total = (steps or {}).get(saved) or resume_state.get("total_steps", 0)
+    if total < at:
+        raise TrainingError(f"steps {total}: the {saved} phase being resumed is already at "
+                            f"step {at}")  # fmt: skip
+    finished = at >= total
     return phases[phases.index(saved) + (1 if finished else 0) :]
 
 
@@ -81,8 +91,7 @@ def phase_config(phase: str, values: dict[str, Any], *, steps: int | None = None
     resumed, which keeps its schedule; only the runtime fields (device, backend, dtype,
     compile, log_every, max_shard_size) may change.
     """
-    runtime = {k: values[k] for k in ("device", "backend", "dtype", "compile", "log_every",
-                                      "max_shard_size") if k in values}  # fmt: skip
+    runtime = {k: values[k] for k in RUNTIME_FIELDS if k in values}
     if resumed is not None:
         return TrainConfig.from_dict({**resumed, **runtime})
     if steps is None and epochs is None:
@@ -91,6 +100,37 @@ def phase_config(phase: str, values: dict[str, Any], *, steps: int | None = None
     if lr is not None:
         fields["lr"] = lr
     return TrainConfig.from_dict(fields)
+
+
+def resumed_config(resumed: dict, asked: dict[str, Any], at_step: int) -> tuple[TrainConfig, str]:
+    """The config of a phase being resumed, and a note ("" when nothing changed but the
+    runtime). ``asked``: the TrainConfig fields the user typed for this phase.
+
+    The saved schedule is kept, except: runtime fields take the new values, and a new
+    ``steps`` extends or shortens the run (its learning-rate schedule then ends at the new
+    step, which the note says). Any other field that differs from the saved run cannot be
+    honoured and is refused (SettingError naming the field), never silently ignored.
+    """
+    saved = TrainConfig.from_dict(resumed)
+    changes = {k: v for k, v in asked.items() if k in RUNTIME_FIELDS}
+    note = ""
+    for k, v in asked.items():
+        if k in RUNTIME_FIELDS or v == getattr(saved, k):
+            continue
+        if k == "steps" and saved.epochs is None and v >= at_step:
+            changes["steps"] = v
+            note = (f"the run was planned for {saved.steps} steps and is at step {at_step}; "
+                    f"it now {'ends' if v > saved.steps else 'stops early'} at step {v}, its "
+                    "learning-rate schedule rescaled to match")  # fmt: skip
+            continue
+        if k == "steps" and saved.epochs is None:
+            raise SettingError(f"steps {v}: the run being resumed is already at step {at_step}",
+                               field=k)  # fmt: skip
+        what = f"its {k} ({getattr(saved, k)!r})" if k != "steps" else "its epochs"
+        raise SettingError(f"{k} {v}: a resumed run keeps {what}; only steps and the "
+                           f"runtime settings ({', '.join(RUNTIME_FIELDS)}) may change",
+                           field=k)  # fmt: skip
+    return saved.replace(**changes), note
 
 
 def tokenizer_texts(texts: Iterable[str] | None, chats: Iterable[list] | None) -> Iterator[str]:

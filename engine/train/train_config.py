@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from tritonlm.kernels.dispatch import BACKENDS
 
 from ..checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
+from ..errors import EngineError
 from ..fields import MAX_SEED, ConfigMixin, at_least, boolean, number, one_of, option
 from ..sizes import parse_size
 
@@ -20,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(EngineError, RuntimeError):
     """The run cannot continue (non-finite loss, bad configuration for this data, ...)."""
 
 
