@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ..errors import EngineError
+
 __all__ = [
     "SUPPORTED",
     "GrammarError",
@@ -48,7 +50,7 @@ _NAMED = {"properties", "$defs", "definitions"}  # name -> schema
 _MAX_SCHEMA_CHARS = 64 * 1024
 
 
-class GrammarError(ValueError):
+class GrammarError(EngineError, ValueError):
     """A response_format that cannot be enforced; ``param`` names the field."""
 
     def __init__(self, message: str, param: str = "response_format"):
