@@ -3,7 +3,7 @@
     python tests/fault_injection.py exit:RANK:STEP      <llm-train arguments>
     python tests/fault_injection.py hang:RANK:STEP      <llm-train arguments>
     python tests/fault_injection.py garbage:STEP        <llm-train arguments>
-    python tests/fault_injection.py nangrad:STEP        <llm-train arguments>
+    python tests/fault_injection.py nangrad:STEP[:RANK] <llm-train arguments>
     python tests/fault_injection.py lr:STEP:K:FACTOR    <llm-train arguments>
 
 exit / hang wrap the batch source: when rank RANK is asked for the batches of optimizer
@@ -15,6 +15,7 @@ a step trains on (the guard moves past batches it rolled back over, so a fault i
 and a resumed run meets it exactly where the first run did):
   garbage  the batches of data step STEP hold uniformly random token ids
   nangrad  the gradient of one weight matrix is NaN in the step that trains on STEP
+           (nangrad:STEP:RANK: on that torchrun rank only)
   lr       the learning rate is FACTOR times too high for the steps training on STEP..STEP+K-1
 Under torchrun, launch this file instead of llm-train. ``inject`` works in-process too.
 """
@@ -84,10 +85,10 @@ def inject(spec: str, patch=setattr) -> None:
 
         patch(batches.StepPlanner, "step", garbage)
     elif kind == "nangrad":
-        (step,) = nums
+        step, *only = nums  # nangrad:STEP[:RANK]
 
         def nan_grad(trainer, data_step):
-            if data_step != step:
+            if data_step != step or (only and trainer.dist.rank != only[0]):
                 return None
             weight = next(p for p in trainer.model.parameters() if p.dim() == 2)
             return weight.register_hook(lambda g: g * float("nan")).remove

@@ -295,3 +295,30 @@ def test_ctrl_c_under_torchrun_saves_or_keeps_the_last_checkpoint(data, tmp_path
     assert "interrupted at pretrain step" in err  # rank 0 finished its interrupt save
     logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert state["step"] == logged[-1]
+
+
+def test_guard_every_rank_skips_the_same_step(data, tmp_path, monkeypatch):
+    """A NaN in one gradient of rank 1 only: both ranks skip that update (the all-reduced
+    gradient norm is the same everywhere), and the run matches one process that meets the
+    same fault."""
+    from fault_injection import inject
+
+    texts, chats = data
+    args = [*COMMON, "--data", str(texts), "--chat-data", str(chats), "--dist-timeout", "120"]
+    p = torchrun([*args, "--out", str(tmp_path / "ddp"), "--batch-size", str(B)],
+                 fault="nangrad:2:1")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    inject("nangrad:2", monkeypatch.setattr)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = train_main([*args, "--out", str(tmp_path / "one"), "--batch-size", str(2 * B)])
+    finally:
+        torch.set_num_threads(old)
+    assert rc == 0
+    got, ref = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    skips = [k for k, r in got.items() if r.get("event") == "guard_skip"]
+    # the fault is keyed by data step: it meets step 3 of each phase
+    assert skips == [("pretrain", 3), ("sft", 3)] == [k for k, r in ref.items() if r.get("event")]
+    steps = [k for k, r in ref.items() if "event" not in r]
+    assert_same_losses({k: got[k] for k in steps if "event" not in got[k]}, ref, steps)
