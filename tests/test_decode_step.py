@@ -3,22 +3,19 @@ shared by generate (batched, left-padded) and the scheduler; compiled, the same 
 
 import pytest
 import torch
+from factories import tiny_model
 from tritonlm.engine.inference.generate import generate, generate_batch
 from tritonlm.engine.inference.sampling import SamplingConfig
-from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.decode_step import DecodeStep, decode_logits, next_bucket
 from tritonlm.engine.model.kv_cache import left_pad
-from tritonlm.engine.model.transformer import Transformer
 
 CTX = 32
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      d_ff=64, max_seq_len=CTX, init_std=0.3)  # fmt: skip
-    return Transformer(cfg, backend="torch").eval()
+    return tiny_model(300, backend="torch", n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=CTX,
+                      init_std=0.3)  # fmt: skip
 
 
 def prompt_of(n, start=3):

@@ -3,13 +3,10 @@ cancellation, the bounded queue, and answers equal to running each request alone
 
 import pytest
 import torch
+from factories import tiny_model, tiny_tokenizer
 from tritonlm.engine.inference.generate import generate
 from tritonlm.engine.inference.sampling import SamplingConfig
 from tritonlm.engine.inference.scheduler import QueueFull, Scheduler, finish_reason
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
-from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
-from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
 CTX = 40
 TEXTS = ["the cat sat on the mat. the dog ate the hat. héllo wörld ✓ naïve café"] * 8
@@ -17,16 +14,13 @@ TEXTS = ["the cat sat on the mat. the dog ate the hat. héllo wörld ✓ naïve 
 
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train(TEXTS, BpeTokenizerConfig(vocab_size=290))
+    return tiny_tokenizer(TEXTS, vocab_size=290)
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
     # A large init std makes a random model's greedy choices vary from step to step.
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                      max_seq_len=CTX, init_std=0.3)  # fmt: skip
-    return Transformer(cfg, backend="torch").eval()
+    return tiny_model(tok, backend="torch", d_ff=64, max_seq_len=CTX, init_std=0.3)
 
 
 def prompt_of(n, start=3):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny_model
 from torch.profiler import ProfilerActivity, profile
 from tritonlm.engine.data import token_cache as tc
-from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
 from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import loop as tr
@@ -44,13 +43,11 @@ def caches(tok, tmp_path_factory):
 
 
 def trainer(tok, caches, phase, **kw) -> tr.Trainer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                      max_seq_len=64)  # fmt: skip
+    model = tiny_model(tok, n_layers=1, d_ff=64, max_seq_len=64).train()
     config = tr.TrainConfig(**{"phase": phase, "steps": 20, "batch_size": 4, "grad_accum": 2,
                                "eval_every": 0, "device": "cpu", "warmup": 2, **kw})  # fmt: skip
     data = batch_source(caches[phase], phase, 64, 0.1, 0, tok.pad_id)
-    return tr.Trainer(Transformer(cfg), data, config)
+    return tr.Trainer(model, data, config)
 
 
 def _outside(events, inner_name: str, name: str) -> list:
@@ -97,10 +94,7 @@ def test_prefetched_batches_are_the_planned_ones(tok, caches):
 
 @pytest.mark.parametrize("lengths", [None, [16, 9, 4, 16]], ids=["full", "padded"])
 def test_the_training_forward_has_no_graph_break(lengths, tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                      max_seq_len=16)  # fmt: skip
-    forward = LossForward(Transformer(cfg))
+    forward = LossForward(tiny_model(tok, n_layers=1, d_ff=64).train())
     idx = torch.randint(0, tok.vocab_size, (4, 16))
     lt = None if lengths is None else torch.tensor(lengths)
     explained = torch._dynamo.explain(forward)(idx, idx, lt)
