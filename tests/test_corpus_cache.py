@@ -186,7 +186,11 @@ def test_ctrl_c_in_a_pooled_build_leaves_no_entry(tok, corpus_dir, tmp_path, mon
 
 
 def test_extension_flag():
-    assert cli._ext_list(".md, .py,") == (".md", ".py") and cli._ext_list("") == ()
+    def exts(*argv):
+        return cli.build_parser().parse_args(list(argv)).text_ext
+
+    assert exts("--text-ext", ".md, .py,") == exts("--text-ext", ".md", "--text-ext", ".py")
+    assert exts("--text-ext", ".md, .py,") == [".md", ".py"] and exts("--text-ext", "") == []
 
 
 def test_byte_bar_plain_lines_only_for_long_phases(monkeypatch):
