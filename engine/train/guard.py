@@ -109,12 +109,16 @@ class Guard:
 
     # -- at boundaries (host) -------------------------------------------------------------
 
-    def observe(self, records: list[dict]) -> list[dict]:
-        """Count the skipped steps of freshly read records; return one event per skip."""
+    def observe(self, records: list[dict], skipped: list[float]) -> list[dict]:
+        """Mark and count the skipped steps of freshly read records (``skipped``: their
+        flags); return one event per skip."""
         events = []
-        for r in records:
-            if not r.get("skipped"):
+        for r, flag in zip(records, skipped, strict=True):
+            if not flag:
                 continue
+            r["skipped"] = True
+            for k in ("loss", "grad_norm"):  # metrics.jsonl stays valid JSON
+                r[k] = r[k] if math.isfinite(r[k]) else None
             self.st.skipped += 1
             self.st.skip_steps.append(r["step"])
             self.st.dirty = True

@@ -304,12 +304,7 @@ class Trainer:
         self.pending.clear()
         if self.guard is None:
             return records
-        for r, s in zip(records, skipped, strict=True):
-            if s:
-                r["skipped"] = True
-                for k in ("loss", "grad_norm"):  # metrics.jsonl stays valid JSON
-                    r[k] = r[k] if math.isfinite(r[k]) else None
-        events = self.guard.observe(records)
+        events = self.guard.observe(records, skipped)
         for ev in events:
             self._emit(ev)
         return records + events
