@@ -19,6 +19,11 @@ the context. The exported tokenizer adds no special tokens on its own, so the ta
 ``description`` is ``<|bos|>`` (the harness puts the description first; the HF tokenizer
 reads it as the BOS token), and both sides score the very same token rows.
 
+``--served``: step 4 instead runs lm-eval (installed in THIS Python, a dev dependency) with
+its ``local-completions`` model against a live ``llm-serve`` of the same checkpoint (the
+exported folder only gives the tokenizer), so the server's ``echo`` + ``logprobs`` are what
+is compared with ``llm-eval``; results go to verify_lm_eval_served.json.
+
 Prints a table and writes JSON (versions included) to benchmarks/results/.
 """
 
@@ -109,6 +114,43 @@ def make_task(path: Path, n: int, seed: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def harness_served(ckpt: Path, hf_dir: Path, task_dir: Path, name: str, batch: int,
+                   context: int) -> dict:  # fmt: skip
+    """lm-eval's local-completions against llm-serve (started here, stopped after)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    log = task_dir / "serve.log"
+    serve = Path(sys.executable).parent / "llm-serve"
+    proc = subprocess.Popen([str(serve), str(ckpt), "--port", "0", "--model-name", "m"],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # fmt: skip
+    try:
+        url = None
+        for _ in range(3000):
+            lines = [x for x in log.read_text().splitlines() if '"event": "listening"' in x]
+            if lines:
+                url = json.loads(lines[0].partition(": ")[2])["url"]
+                break
+            if proc.poll() is not None:
+                sys.exit(f"llm-serve failed: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        args = (f"model=m,base_url={url}/v1/completions,tokenizer={hf_dir},"
+                "tokenizer_backend=huggingface,tokenized_requests=True,"
+                f"max_length={context},num_concurrent=1,max_retries=1")  # fmt: skip
+        manager = TaskManager(include_path=str(task_dir))
+        res = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[name],
+                                      task_manager=manager, num_fewshot=0, batch_size=batch,
+                                      log_samples=True)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    items = [{"doc_id": x["doc_id"], "lls": [r[0] for r in x["filtered_resps"]], "acc": x["acc"],
+              "acc_norm": x["acc_norm"]}
+             for x in sorted(res["samples"][name], key=lambda x: x["doc_id"])]  # fmt: skip
+    return {"results": res["results"][name], "items": items,
+            "versions": {"lm_eval": lm_eval.__version__, "model": "local-completions"}}  # fmt: skip
+
+
 def run(cmd: list[str], env=None, timeout=3600) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -128,8 +170,16 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--steps", type=int, default=400, help="training steps (no --ckpt)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default=str(HERE / "results" / "verify_lm_eval.json"))
+    ap.add_argument(
+        "--served",
+        action="store_true",
+        help="lm-eval's local-completions against llm-serve (see the docstring)",
+    )
+    ap.add_argument("--out", default=None, help="default: results/verify_lm_eval[_served].json")
     args = ap.parse_args()
+    if args.out is None:
+        suffix = "_served" if args.served else ""
+        args.out = str(HERE / "results" / f"verify_lm_eval{suffix}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
@@ -153,10 +203,17 @@ def main() -> None:
            "HF_HOME": str(work / "hf_home")}  # fmt: skip
     harness_json = work / "harness.json"
     t1 = time.perf_counter()
-    run([args.lm_eval_python, str(work / "driver.py"), str(hf_dir), str(task.parent), name,
-         str(harness_json), str(args.batch_size)], env=env)  # fmt: skip
+    if args.served:
+        from tritonlm.engine.checkpoint.save_load import load_checkpoint
+
+        context = load_checkpoint(ckpt).model.config.max_seq_len
+        os.environ.update(env)
+        harness = harness_served(ckpt, hf_dir, task.parent, name, args.batch_size, context)
+    else:
+        run([args.lm_eval_python, str(work / "driver.py"), str(hf_dir), str(task.parent), name,
+             str(harness_json), str(args.batch_size)], env=env)  # fmt: skip
+        harness = json.loads(harness_json.read_text())
     t_harness = time.perf_counter() - t1
-    harness = json.loads(harness_json.read_text())
 
     import torch
     from tritonlm.engine.checkpoint.save_load import load_checkpoint
