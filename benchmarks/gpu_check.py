@@ -38,6 +38,7 @@ SECTIONS = (
     "correctness",
     "e2e",
     "attention",
+    "attention_packed",
     "train",
     "profile",
     "rmsnorm",
@@ -225,7 +226,15 @@ def build_plan(r: Runner, device: str, args) -> None:
         r.add(4, "decode", "small scheduler 16 streams", 40.0,
               lambda: DEC.scheduler_aggregate("small", 8192, 16, 64, device))  # fmt: skip
     if not cuda and not args.cpu_speed:
-        for s in ("ceilings", "attention", "train", "profile", "rmsnorm", "lce"):
+        for s in (
+            "ceilings",
+            "attention",
+            "attention_packed",
+            "train",
+            "profile",
+            "rmsnorm",
+            "lce",
+        ):
             if s in args.sections.split(","):
                 r.report["results"][s] = [{"item": s, "skipped": "no CUDA device"}]
         return
@@ -238,6 +247,12 @@ def build_plan(r: Runner, device: str, args) -> None:
         for D in (128, 64) if cuda else (32,):
             r.add(3 if i < 3 else 7, "attention", f"T{T} D{D}", 4.0,
                   lambda T=T, D=D: S.attention_speed(T, D, quick))  # fmt: skip
+    # packed rows (documents of ~T/8 and ~T/32 tokens) vs SDPA with the same mask
+    for i, (T, n) in enumerate(((4096, 512), (4096, 128), (8192, 1024))[: 1 if quick else 3]):
+        T, n = (T, n) if cuda or not quick else (64, 8)
+        for D in (128,) if cuda else (32,):
+            r.add(3.2 if i == 0 else 7, "attention_packed", f"T{T} D{D} docs~{n}", 6.0,
+                  lambda T=T, D=D, n=n: S.attention_packed_speed(T, D, n, quick))  # fmt: skip
     # preset -> (vocab, batch, steps, warm-up steps, config overrides)
     plan = {"small": (8192, 64, 25, 5, None), "gpt2": (50257, 16, 20, 5, None)}
     if quick:

@@ -106,6 +106,22 @@ def _attention(res: dict) -> list[str]:
     return lines
 
 
+def _attention_packed(res: dict) -> list[str]:
+    rows = [r for r in res.get("attention_packed", []) if "ours_packed" in r]
+    if not rows:
+        return []
+    lines = ["attention packed fwd+bwd TFLOP/s  T    D  docs~  ours  sdpa-mask  ratio  vs-unmasked"]
+    for r in rows:
+        ours = r["ours_packed"].get("fwd_bwd_tflops")
+        best = r.get("best_sdpa_masked_fwd_bwd_tflops")
+        lines.append(
+            f"{'':31s}{r['T']:6d} {r['D']:4d} {r['mean_doc_len']:5d} {_f(ours, '{:5.0f}')} "
+            f"{_f(best, '{:10.0f}')}  {_f(r.get('packed_vs_best_sdpa'), '{:5.2f}')}  "
+            f"{_f(r.get('packed_speedup_vs_unmasked'), '{:.2f}x')}"
+        )
+    return lines
+
+
 def _train(res: dict) -> list[str]:
     rows = [r for r in res.get("train", []) if "tokens_per_s" in r or "error" in r]
     if not rows:
@@ -193,7 +209,8 @@ def print_table(report: dict) -> None:
                 f"ceilings: copy {r['copy_GBps']:.0f} GB/s, "
                 f"matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s ({r['dtype']})"
             )
-    lines += _correctness(res) + _e2e(res) + _attention(res) + _train(res) + _kernels(res)
+    lines += _correctness(res) + _e2e(res) + _attention(res) + _attention_packed(res)
+    lines += _train(res) + _kernels(res)
     lines += _profile(res)
     for section, rows in res.items():
         for r in rows:

@@ -51,7 +51,7 @@ SHAPE = [
 TRAIN = [
     "--seq-len", "16", "--pretrain-steps", "4", "--sft-steps", "3", "--grad-accum", "2",
     "--eval-every", "2", "--eval-batches", "2", "--val-fraction", "0.2",
-    "--lr", "3e-3", "--warmup", "1", "--seed", "7",
+    "--lr", "3e-3", "--warmup", "1", "--seed", "7", "--pack",  # packed SFT rows
     "--device", "cpu", "--backend", "torch", "--quiet",
 ]  # fmt: skip
 COMMON = SHAPE + TRAIN

@@ -48,7 +48,15 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     (e2e,) = res["e2e"]
     assert e2e["ok"] and len(e2e["losses"]["triton"]) == e2e["steps"]
     assert e2e["greedy_same_weights_match_fp32"] == e2e["greedy_tokens"]
-    for section in ("ceilings", "attention", "train", "profile", "rmsnorm", "lce"):
+    for section in (
+        "ceilings",
+        "attention",
+        "attention_packed",
+        "train",
+        "profile",
+        "rmsnorm",
+        "lce",
+    ):
         assert res[section] and all("error" not in r for r in res[section]), res[section]
     (prof,) = res["profile"]
     assert prof["time_kind"] == "cpu operator" and prof["step_ms"] > 0
@@ -58,6 +66,11 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     assert res["lce"][0]["chunk_rows"] >= 1
     att = res["attention"][0]
     assert att["ours"]["fwd_bwd_ms"] > 0 and att["ours"]["fwd_bwd_tflops"] > 0
+    packed = res["attention_packed"][0]  # packed rows: document-masked vs unmasked kernel
+    assert packed["documents"] > 1 and packed["useful_flops"] > 0
+    for impl in ("ours_packed", "ours_unmasked"):
+        assert packed[impl]["fwd_bwd_ms"] > 0, packed
+    assert packed["packed_speedup_vs_unmasked"] > 0
     train = {r["item"]: r for r in res["train"]}
     assert train["small ours triton"]["tokens_per_s"] > 0
     one, sched = res["decode"]  # no CUDA: the graphs fall back to eager, same tokens
