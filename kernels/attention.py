@@ -151,8 +151,9 @@ def attention_config(head_dim: int, dtype: torch.dtype, docs: bool = False) -> A
     grouped-query dk/dv kernel spills up to 40 bytes (its group loop keeps more live),
     and some fp32 builds (D >= 64) spill, up to ~1.6 KB on sm_90: see
     benchmarks/kernel_report.py. Head dim 96 takes 128's tiles (its tiles are 128
-    columns wide). Packed rows (`docs`): the fp16/bf16 forward runs 8 warps at every head
-    dim (with 4, its extra document mask spilled up to 28 bytes on sm_80 at D = 64).
+    columns wide). Packed rows (`docs`): the fp16/bf16 forward's document mask keeps more
+    registers live, so it runs 8 warps at D <= 64 (4 spilled 28 bytes on sm_80 at D = 64)
+    and 64-row query tiles with 4 warps at D = 96/128 (128 rows spilled 44-48 bytes).
     """
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
@@ -168,6 +169,8 @@ def attention_config(head_dim: int, dtype: torch.dtype, docs: bool = False) -> A
         return AttentionConfig(fwd=fwd, preprocess=preprocess, dkdv=dkdv, dq=dq)
     warps = 4 if head_dim <= 32 else 8
     fwd = KernelConfig(128, 64, 8 if head_dim == 128 or docs else 4, 3)
+    if docs and head_dim == 128:
+        fwd = KernelConfig(64, 64, 4, 3)
     dkdv = KernelConfig(32, 64 if head_dim == 128 else 128, warps, 3)
     dq = KernelConfig(64 if head_dim == 128 else 128, 32, warps, 3)
     return AttentionConfig(fwd=fwd, preprocess=preprocess, dkdv=dkdv, dq=dq)
