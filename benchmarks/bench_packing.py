@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--limit", type=int, default=None, help="first N texts and chats (tests)")
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_steps, args.sft_steps, args.batch = 20, 10, 4
@@ -181,9 +182,9 @@ def main(argv=None) -> int:
     from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
     from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 
-    texts = load_texts([ROOT / "data" / "pretrain.json"]).items
-    chats = {"chat.json": load_chats([ROOT / "data" / "chat.json"]).items,
-             "heldout (ours)": heldout_chats()}  # fmt: skip
+    texts = load_texts([ROOT / "data" / "pretrain.json"]).items[: args.limit]
+    chats = {"chat.json": load_chats([ROOT / "data" / "chat.json"]).items[: args.limit],
+             "heldout (ours)": heldout_chats()[: args.limit]}  # fmt: skip
     sample = texts + [m["content"] for cs in chats.values() for c in cs for m in c]
     tok = BpeTokenizer.train(sample, BpeTokenizerConfig(vocab_size=512))
     report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,

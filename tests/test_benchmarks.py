@@ -90,3 +90,21 @@ def test_autotune_merge_replaces_only_its_arch():
         }
     }
     assert old["sm90"] == {"cross_entropy": {}}  # the input is not modified
+
+
+def test_bench_packing_records_padding_and_both_phases(tmp_path):
+    out = tmp_path / "packing.json"
+    args = ["--limit", "80", "--pretrain-steps", "2", "--sft-steps", "2", "--batch", "4"]
+    stdout = run_script("bench_packing.py", *args, "--json", str(out))
+    assert "pretraining" in stdout and "SFT" in stdout
+    rep = json.loads(out.read_text())
+    assert set(rep["pretrain"]) == {"no_mask", "doc_mask"}
+    for name in ("chat.json", "heldout (ours)"):
+        rows = rep["sft"][name]
+        assert set(rows) == {"padded", "packed", "packed_equal_targets"}
+        for r in rows.values():
+            assert 0.0 <= r["pad_fraction"] < 1.0 and r["targets"] > 0
+        assert rows["packed"]["targets_per_s"] > 0 and rows["padded"]["targets_per_s"] > 0
+    assert any(
+        "split at turn boundaries" in n for n in rep["sft"]["heldout (ours)"]["packed"]["notes"]
+    )
