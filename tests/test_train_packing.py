@@ -221,3 +221,15 @@ def test_cli_doc_mask_default_and_pack_summary(tmp_path, capsys):
     assert cli.main([str(a) for a in [*TINY_TRAIN, "--data", tmp_path / "pre.json", "--pack",
                                      "--out", tmp_path / "x"]]) == 2  # fmt: skip
     assert "--pack needs --chat-data" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_options_resumes_without_them():
+    """A saved phase config without doc_mask/pack (runs from before the options) resumes
+    with both off, whatever the new run's defaults are."""
+    from tritonlm.engine.train.run_plan import phase_config
+
+    old = TrainConfig(phase="pretrain", steps=5).to_dict()
+    del old["doc_mask"], old["pack"]
+    resumed = phase_config("pretrain", {"doc_mask": True}, resumed=old)
+    assert resumed.doc_mask is False and resumed.pack is False
+    assert phase_config("pretrain", {"doc_mask": True}, steps=5).doc_mask is True
