@@ -163,8 +163,6 @@ def _model_flags(m) -> None:
     )
 
 
-
-
 def _training_flags(t) -> None:
     from tritonlm.engine.train.run_plan import DEFAULT_STEPS
     from tritonlm.engine.train.train_config import TrainConfig
@@ -359,7 +357,7 @@ def _phase_configs(args, phases, resume_state):
                                               int(resume_state["step"]))  # fmt: skip
         except SettingError as e:
             flag = flags.get(e.field) or flag_of(e.field or "")
-            raise UsageError(f"--resume: {flag}{str(e)[len(e.field or ''):]}") from None
+            raise UsageError(f"--resume: {flag}{str(e)[len(e.field or '') :]}") from None
         if note:
             print(f"{PROG}: {phase}: {flags['steps']} {steps}: {note}", flush=True)
     return out

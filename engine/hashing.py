@@ -15,7 +15,7 @@ def sha256_file(path: str | os.PathLike, opener: Callable[..., BinaryIO] | None 
     (default ``open(path, "rb")``; the data layer passes one that refuses special files).
     OSError from reading propagates: the caller words it for its own error type."""
     h = hashlib.sha256()
-    with (opener(path) if opener is not None else open(path, "rb")) as f:
+    with opener(path) if opener is not None else open(path, "rb") as f:
         for block in iter(lambda: f.read(BLOCK), b""):
             h.update(block)
     return h.hexdigest()

@@ -105,8 +105,9 @@ def document_windows(ids: list[int], context: int, stride: int) -> list[Row]:
     [([0, 1, 2, 3, 4], 4), ([2, 3, 4, 5], 1)]
     """
     if not 1 <= stride <= context:
-        raise SettingError(f"stride must be in 1..{context} (the context), got {stride}",
-                           field="stride")
+        raise SettingError(
+            f"stride must be in 1..{context} (the context), got {stride}", field="stride"
+        )
     n = len(ids) - 1  # targets: ids[1..n]
     rows, done, start = [], 0, 0
     while done < n:
@@ -151,8 +152,9 @@ def evaluate_texts(
                            f"got {context}", field="context")  # fmt: skip
     stride = stride or max(1, context // 2)
     if not 1 <= stride <= context:
-        raise SettingError(f"stride must be in 1..{context} (the context), got {stride}",
-                           field="stride")
+        raise SettingError(
+            f"stride must be in 1..{context} (the context), got {stride}", field="stride"
+        )
     start = prefix_token(tokenizer)
     docs = [(start, tokenizer.encode(t), len(t.encode("utf-8"))) for t in texts]
     docs = [d for d in docs if d[1]]
