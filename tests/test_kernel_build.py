@@ -141,3 +141,15 @@ def test_build_gate_rejects_what_only_the_interpreter_accepts():
     spec = aot.AotSpec("tiny_dot", _dot_on_tiny_tiles, {"A": "*fp16", "B": "*fp16", "C": "*fp32"})
     with pytest.raises(aot.AotBuildError, match="tiny_dot sm_90"):
         aot.compile_spec(spec, 90)
+
+
+@pytest.mark.parametrize("cc", aot.TARGET_CCS)
+@pytest.mark.parametrize("dt_name", list(DTYPES))
+def test_packed_attention_builds_do_not_spill(builds, dt_name, cc):
+    """The multi-head packed-row (document mask) kernels keep every value in registers on
+    sm_80 and sm_90 (their launch configs were chosen for that; see attention_config)."""
+    packed = [r for r in builds[("attention", dt_name, cc)] if "_docs_d" in r.name]
+    assert len(packed) == 3 * 4  # fwd, dk/dv, dq at head dims 32/64/96/128
+    for r in packed:
+        usage = aot.resource_usage(r)
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (r.name, usage)
