@@ -56,7 +56,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
 
-def _check(name, kernel, reference, module, inputs, dtype, grad_out=None, case=None) -> dict:
+def check_op(name, kernel, reference, module, inputs, dtype, grad_out=None, case=None) -> dict:
     """Run one case: kernel (poisoned), again (determinism), torch in dtype, float64."""
     with poisoned_allocations(module):
         out, grads = run_with_grads(kernel, inputs, grad_out)
@@ -96,7 +96,7 @@ def attention_case(B, H, Hkv, T, D, dtype, lengths, device, seed) -> dict:
     do = _randn((B, H, T, D), dtype, device, gen)
     lens = None if lengths is None else torch.tensor(lengths, device=device)
     case = {"B": B, "H": H, "Hkv": Hkv, "T": T, "D": D, "lengths": lengths}
-    return _check(
+    return check_op(
         "attention",
         lambda q_, k_, v_: attn.attention_triton(q_, k_, v_, lens),
         lambda q_, k_, v_: attn.attention_reference(q_, k_, v_, lens),
@@ -113,7 +113,7 @@ def rmsnorm_case(N, d, dtype, device, seed) -> dict:
     x = _randn((N, d), dtype, device, gen)
     w = (1 + 0.1 * torch.randn(d, generator=gen, device=device)).to(dtype)
     dy = _randn((N, d), dtype, device, gen)
-    return _check(
+    return check_op(
         "rmsnorm",
         lambda x_, w_: rms.rms_norm_triton(x_, w_, 1e-6),
         lambda x_, w_: rms.rms_norm_reference(x_, w_, 1e-6),
@@ -136,7 +136,7 @@ def cross_entropy_case(N, V, dtype, device, seed) -> dict:
     gen = torch.Generator(device=device).manual_seed(seed)
     logits = _randn((N, V), dtype, device, gen, scale=2.0)
     t = _targets(N, V, device, gen)
-    return _check(
+    return check_op(
         "cross_entropy",
         lambda x_: ce.cross_entropy_triton(x_, t, -100),
         lambda x_: ce.cross_entropy_reference(x_, t, -100),
@@ -153,7 +153,7 @@ def linear_cross_entropy_case(N, d, V, dtype, device, seed) -> dict:
     h = _randn((N, d), dtype, device, gen)
     w = _randn((V, d), dtype, device, gen, scale=d**-0.5)
     t = _targets(N, V, device, gen)
-    return _check(
+    return check_op(
         "linear_cross_entropy",
         lambda h_, w_: ce.linear_cross_entropy_triton(h_, w_, t, -100),
         lambda h_, w_: ce.linear_cross_entropy_reference(h_, w_, t, -100),

@@ -11,7 +11,7 @@ import argparse
 
 from .common import UsageError
 
-DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: auto, a GPU when there is one)"
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: auto, a GPU when there is one)"  # engine.devices
 
 
 def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -25,24 +25,16 @@ def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -
 
 
 def resolve_device(name: str):
-    """The torch.device for a --device value, or UsageError naming the flag."""
-    import torch
+    """The torch.device for a --device value (engine.devices), or UsageError naming the flag."""
+    from tritonlm.engine.devices import DeviceError
+    from tritonlm.engine.devices import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device: unknown device {name!r} (use {DEVICE_HELP})") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: unsupported device {name!r} (use {DEVICE_HELP})")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise UsageError(f"--device: unknown device {name!r} (there is one cpu device: use cpu)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
+        return resolve(name)
+    except DeviceError as e:
+        text = str(e)  # "NAME: why" keeps the name next to the flag, else "--device: why"
+        sep = " " if text.startswith(f"{name}:") else ": "
+        raise UsageError(f"--device{sep}{text}") from None
 
 
 def check_backend(backend: str, device) -> None:

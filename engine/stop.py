@@ -45,7 +45,7 @@ class StopRequest:
 
     # -- signal handlers -----------------------------------------------------------------
 
-    def _handle(self, signum: int, frame) -> None:
+    def handle_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if not self._deferring:
             self.reason = self.reason or name  # remembered even if the exception is swallowed
@@ -65,7 +65,7 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in SIGNALS:
-            self._saved[sig] = signal.signal(sig, self._handle)
+            self._saved[sig] = signal.signal(sig, self.handle_signal)
         return self
 
     def uninstall(self) -> None:

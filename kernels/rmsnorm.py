@@ -45,7 +45,7 @@ MAX_BLOCK_N = 8192
 if HAS_TRITON:
 
     @triton.jit
-    def _rms_norm_fwd_kernel(
+    def rms_norm_fwd_kernel(
         X,
         W,
         Y,
@@ -95,7 +95,7 @@ if HAS_TRITON:
         tl.store(RSTD + rows64, rstd, mask=row_mask)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(
+    def rms_norm_bwd_kernel(
         DY,
         X,
         W,
@@ -232,7 +232,7 @@ def run_forward(
     if n_rows > 0:
         grid = (triton.cdiv(n_rows, cfg["block_m"]),)
         with on_device(x.device):
-            _rms_norm_fwd_kernel[grid](
+            rms_norm_fwd_kernel[grid](
                 x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), n_rows, n_cols,
                 eps, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ONE_PASS=cfg["one_pass"],
                 num_warps=cfg["num_warps"],
@@ -278,7 +278,7 @@ def run_backward(
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     dx2 = dx.view(-1, n_cols)
     with on_device(x.device):
-        _rms_norm_bwd_kernel[(programs,)](
+        rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight.contiguous(), rstd, dx2, dw_partial,
             dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, per_program,
             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ONE_PASS=cfg["one_pass"],
@@ -379,8 +379,8 @@ def _signature(names: tuple[str, ...], t: str) -> dict[str, str]:
 
 def _spec(direction: str, dtype: torch.dtype, block_n: int, one_pass: bool, cfg: dict) -> AotSpec:
     t = triton_type(dtype)
-    fn, names = (_rms_norm_fwd_kernel, _FWD_SIG) if direction == "fwd" else (
-        _rms_norm_bwd_kernel, _BWD_SIG)  # fmt: skip
+    fn, names = (rms_norm_fwd_kernel, _FWD_SIG) if direction == "fwd" else (
+        rms_norm_bwd_kernel, _BWD_SIG)  # fmt: skip
     tag = f"n{block_n}{'' if one_pass else '_loop'}_m{cfg['block_m']}_w{cfg['num_warps']}"
     constexprs = {"BLOCK_M": cfg["block_m"], "BLOCK_N": block_n, "ONE_PASS": one_pass}
     return AotSpec(f"rms_norm_{direction}_{tag}_{t}", fn, _signature(names, t), constexprs,

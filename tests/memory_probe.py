@@ -36,6 +36,9 @@ class RandomTokens:
     def counts(self, items):
         return len(items) * self.T, len(items) * self.T
 
+    def positions(self, items):
+        return len(items) * self.T  # full windows: no padding
+
     def train_batch(self, epochs, items):
         rng = np.random.default_rng(int(items[0]))
         t = torch.from_numpy(rng.integers(0, self.vocab, (len(items), self.T + 1)))

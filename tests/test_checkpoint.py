@@ -367,7 +367,7 @@ def test_crash_during_write_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
 
 def test_failed_swap_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
     path, old = saved
-    real_rename, calls = store._rename, []
+    real_rename, calls = store.rename_path, []
 
     def rename(src, dst):
         calls.append((Path(src).name, Path(dst).name))
@@ -375,7 +375,7 @@ def test_failed_swap_keeps_old_checkpoint(monkeypatch, saved, tokenizer):
             raise OSError("power cut (simulated)")
         real_rename(src, dst)
 
-    monkeypatch.setattr(store, "_rename", rename)
+    monkeypatch.setattr(store, "rename_path", rename)
     with pytest.raises(CheckpointError, match="simulated"):
         save_checkpoint(path, tiny_model(tokenizer, seed=5), tokenizer)
     assert calls[0] == ("ckpt", ".ckpt.old")

@@ -24,6 +24,7 @@ from tritonlm.cli.common import known_errors
 from tritonlm.engine.checkpoint.save_load import load_checkpoint, save_checkpoint
 from tritonlm.engine.data import token_cache as tc
 from tritonlm.engine.train import loop as tr
+from tritonlm.engine.train.runtime import build_optimizer
 from tritonlm.engine.train.trainer_state import check_trainer_state
 
 TEXTS = [f"Item {i}: a {c} lamp by door {i % 7}." for i in range(50) for c in "rs"]
@@ -51,7 +52,7 @@ def made_sharded(made, tmp_path_factory):
     src, cache = made
     ckpt = load_checkpoint(src)
     st = check_trainer_state(ckpt.trainer_state, str(src))
-    optimizer = tr.build_optimizer(ckpt.model, tr.TrainConfig.from_dict(st["train_config"]))
+    optimizer = build_optimizer(ckpt.model, tr.TrainConfig.from_dict(st["train_config"]))
     ckpt.load_optimizer_state(optimizer)
     dst = tmp_path_factory.mktemp("fuzz_sharded") / "ckpt"
     save_checkpoint(dst, ckpt.model, ckpt.tokenizer, ckpt.train_config, optimizer=optimizer,

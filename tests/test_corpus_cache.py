@@ -64,7 +64,7 @@ def test_tiktoken_engine_gives_our_ids(tok):
 
 def test_cache_is_the_same_bytes_for_any_workers_and_engine(tok, corpus_dir, tmp_path,
                                                             monkeypatch):  # fmt: skip
-    monkeypatch.setattr(tc, "_CHUNK_TOKENS", 20_000)  # many batches across the workers
+    monkeypatch.setattr(tc, "CHUNK_TOKENS", 20_000)  # many batches across the workers
     corpus = open_corpus(corpus_dir)
     docs = list(corpus.documents())
     one = tc.build_corpus_cache(corpus, tok, tmp_path / "one", workers=1, engine="tritonlm")
@@ -104,7 +104,7 @@ def test_a_build_that_dies_leaves_nothing_trusted(tok, corpus_dir, tmp_path, mon
             raise KeyboardInterrupt  # Ctrl-C in the middle of the build
         return real(*a, **k)
 
-    monkeypatch.setattr(tc, "_CHUNK_TOKENS", 20_000)
+    monkeypatch.setattr(tc, "CHUNK_TOKENS", 20_000)
     monkeypatch.setattr(parallel_encode, "encode_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         tc.build_corpus_cache(corpus, tok, cache_dir, workers=1)
@@ -178,7 +178,7 @@ def test_ctrl_c_in_a_pooled_build_leaves_no_entry(tok, corpus_dir, tmp_path, mon
                 raise KeyboardInterrupt
             yield doc
 
-    monkeypatch.setattr(tc, "_CHUNK_TOKENS", 20_000)
+    monkeypatch.setattr(tc, "CHUNK_TOKENS", 20_000)
     monkeypatch.setattr(corpus, "documents", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tc.build_corpus_cache(corpus, tok, tmp_path / "c", workers=2)

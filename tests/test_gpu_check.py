@@ -134,7 +134,7 @@ def _fake_kernel_module(skip_last: bool, flaky: bool):
 def test_unwritten_or_nondeterministic_output_fails(checks, skip_last, flaky):
     mod = _fake_kernel_module(skip_last, flaky)
     x = torch.randn(4, 5)
-    rec = checks._check("fake", mod.run, lambda t: t * 2, mod, [x], torch.float32)
+    rec = checks.check_op("fake", mod.run, lambda t: t * 2, mod, [x], torch.float32)
     assert rec["ok"] == (not skip_last and not flaky)
     assert (rec["rel_err"]["out"] == float("inf")) == skip_last
     assert rec["deterministic"] == (not flaky)

@@ -72,7 +72,7 @@ MOMENTS = ["optimizer step", "evaluation", "periodic save", "progress report"]
 def test_interrupt_at_any_moment_resumes_exactly(moment, tok, cache, reference, tmp_path,
                                                  monkeypatch):  # fmt: skip
     stop = StopRequest().install()
-    assert signal.getsignal(signal.SIGINT) == stop._handle  # the signal is really ours
+    assert signal.getsignal(signal.SIGINT) == stop.handle_signal  # the signal is really ours
     trainer_box = {}
     real_init = tr.Trainer.__init__
 
@@ -90,7 +90,7 @@ def test_interrupt_at_any_moment_resumes_exactly(moment, tok, cache, reference, 
     monkeypatch.setattr(tr.Trainer, "__init__", init)
     if moment == "periodic save":  # halfway through writing the step-4 checkpoint
         trainer = lambda: trainer_box["t"].step  # noqa: E731
-        monkeypatch.setattr(store, "_rename", _at(trainer, 4, stop, store._rename))
+        monkeypatch.setattr(store, "rename_path", _at(trainer, 4, stop, store.rename_path))
     out = tmp_path / "run"
     try:
         with stop.deferred():
@@ -142,20 +142,20 @@ def test_cli_ctrl_c_then_ctrl_c_in_the_token_cache_build_then_resume(tmp_path, m
     assert "stopping after this step" in err and f"--resume {out}" in err and "step 4" in err
     monkeypatch.setattr(tr.Trainer, "train_step", real_step)
     manifest = (out / "manifest.json").read_text()
-    real_entry = tc._write_entry
+    real_entry = tc.write_entry
 
     def entry(*a, **k):
         signal.raise_signal(signal.SIGINT)  # nothing to save yet: stops at once
         return real_entry(*a, **k)
 
-    monkeypatch.setattr(tc, "_write_entry", entry)
+    monkeypatch.setattr(tc, "write_entry", entry)
     other = tmp_path / "other-cache"
     resume = [*base, "--out", str(out), "--resume", str(out)]
     assert cli.main([*resume, "--cache-dir", str(other)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert (out / "manifest.json").read_text() == manifest  # the checkpoint is untouched
     assert not [p for p in other.iterdir() if "tmp" in p.name]  # no half-built cache
-    monkeypatch.setattr(tc, "_write_entry", real_entry)
+    monkeypatch.setattr(tc, "write_entry", real_entry)
     assert cli.main(resume) == 0
     assert load_checkpoint(out).trainer_state["step"] == 8
     assert _logged(out) == _logged(tmp_path / "full")  # bitwise, step by step
@@ -228,7 +228,7 @@ def test_a_stop_swallowed_before_training_still_stops_it():
     remembered and the run stops when training would start."""
     stop = StopRequest()
     try:
-        stop._handle(signal.SIGINT, None)  # what the signal does before training
+        stop.handle_signal(signal.SIGINT, None)  # what the signal does before training
     except KeyboardInterrupt:
         pass  # ... swallowed somewhere
     assert stop.reason == "SIGINT"

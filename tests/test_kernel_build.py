@@ -82,8 +82,8 @@ def test_specs_use_the_launchers_configs():
     built = {(s.fn, tuple(sorted(s.constexprs.items())), s.num_warps)
              for s in rmsnorm.aot_specs(torch.float16)}  # fmt: skip
     for n in rmsnorm.AOT_HIDDEN_SIZES:
-        for direction, fn in (("fwd", rmsnorm._rms_norm_fwd_kernel),
-                              ("bwd", rmsnorm._rms_norm_bwd_kernel)):  # fmt: skip
+        for direction, fn in (("fwd", rmsnorm.rms_norm_fwd_kernel),
+                              ("bwd", rmsnorm.rms_norm_bwd_kernel)):  # fmt: skip
             cfg = rmsnorm.launch_config(direction, n, torch.float16, cpu)
             key = {"BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"],
                    "ONE_PASS": cfg["one_pass"]}  # fmt: skip

@@ -38,10 +38,7 @@ def token_only(model, **kw):
 
 def drain(handle):
     """Every event delivered so far (the scheduler was stepped by hand)."""
-    out = []
-    while not handle._queue.empty():
-        out.append(handle._queue.get())
-    return out
+    return handle.delivered()
 
 
 def run_until_idle(sched, limit=500):

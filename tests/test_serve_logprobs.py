@@ -130,17 +130,20 @@ def test_shared_prefill_in_the_scheduler(loaded):
     sched = Scheduler(loaded.model, loaded.tokenizer, max_batch=4, max_queue=4)
     prompt = loaded.tokenizer.render_chat(MSG, add_generation_prompt=True)[0]
     cfgs = [SamplingConfig(temperature=5.0, seed=s, max_new_tokens=6) for s in (1, 2, 1)]
-    calls = []
-    real = sched._prefill
-    sched._prefill = lambda first, prompts: calls.append(len(prompts)) or real(first, prompts)
     handles = sched.submit_many([(prompt, c, None, None, None) for c in cfgs])
-    while any(not h._queue.qsize() or not list(h._queue.queue)[-1].done for h in handles):
-        sched.step()
-    assert calls == [1]
-    texts = ["".join(e.text for e in h) for h in handles]
+    texts = ["".join(e.text for e in events) for events in _step_until_done(sched, handles)]
+    assert sched.prefilled_prompts == 1
     assert texts[0] == texts[2] != texts[1]
     alone = Scheduler(loaded.model, loaded.tokenizer, max_batch=1, max_queue=0)
-    h = alone.submit(prompt, cfgs[1])
-    while not (h._queue.qsize() and list(h._queue.queue)[-1].done):
-        alone.step()
-    assert "".join(e.text for e in h) == texts[1]
+    (events,) = _step_until_done(alone, [alone.submit(prompt, cfgs[1])])
+    assert "".join(e.text for e in events) == texts[1]
+
+
+def _step_until_done(sched, handles) -> list[list]:
+    """Step a scheduler by hand until every handle's last event is final; their events."""
+    got = [[] for _ in handles]
+    while not all(events and events[-1].done for events in got):
+        sched.step()
+        for events, h in zip(got, handles, strict=True):
+            events += h.delivered()
+    return got

@@ -25,6 +25,7 @@ from tritonlm.engine.tokenizer.tokenizer_config import BpeTokenizerConfig
 from tritonlm.engine.train import batches as bs
 from tritonlm.engine.train import loop as tr
 from tritonlm.engine.train.loop import train
+from tritonlm.engine.train.runtime import build_optimizer
 from tritonlm.engine.train.train_config import TrainConfig, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_auto_warmup_follows_the_run_length():
 
 def test_weight_decay_only_on_matrices(tok):
     model = tiny_model(tok, SHAPE)
-    opt = tr.build_optimizer(model, quick(weight_decay=0.3))
+    opt = build_optimizer(model, quick(weight_decay=0.3))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name
@@ -142,7 +143,7 @@ def test_token_dtype_boundary():
 
 
 def test_pretrain_cache_layout_and_reuse(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(tc, "_CHUNK_TOKENS", 7)  # force many streamed chunks
+    monkeypatch.setattr(tc, "CHUNK_TOKENS", 7)  # force many streamed chunks
     cache = tc.build_pretrain_cache(TEXTS, tok, tmp_path)
     assert cache.tokens.dtype == np.uint16 and isinstance(cache.tokens, np.memmap)
     assert cache.n_docs == len(TEXTS)

@@ -73,7 +73,7 @@ def test_a_step_never_waits_for_the_host(phase, tok, caches):
     assert _outside(events, "Optimizer.step", "aten::item") == []
     assert _outside(events, "Optimizer.step", "aten::_local_scalar_dense") == []
     assert len(t.pending) == 2  # loss and grad norm wait on the device until the next flush
-    records = t._flush()  # ... and are read in one go
+    records = t.flush_metrics()  # ... and are read in one go
     assert [r["step"] for r in records] == [1, 2] and t.pending == []
 
 

@@ -30,7 +30,7 @@ from ..atomic import fsync_dir
 MANIFEST_FILE = "manifest.json"
 
 
-def _rename(src: Path, dst: Path) -> None:
+def rename_path(src: Path, dst: Path) -> None:
     """os.rename, behind a name tests can patch to simulate a crash."""
     os.rename(src, dst)
 
@@ -127,16 +127,16 @@ def _swap_in(tmp: Path, target: Path, aside: Path) -> None:
     if is_complete(target):
         if aside.exists():  # stale: target is the complete copy
             discard(aside)
-        _rename(target, aside)  # now aside is the complete copy
+        rename_path(target, aside)  # now aside is the complete copy
         fsync_dir(parent)
     elif target.exists():  # incomplete (a run log written before any save): not a copy
         shutil.rmtree(target)  # its extras are already in tmp
     try:
-        _rename(tmp, target)
+        rename_path(tmp, target)
     except Exception:
         if not target.exists() and is_complete(aside):
             try:  # put the previous checkpoint back under its own name
-                _rename(aside, target)
+                rename_path(aside, target)
             except OSError:
                 pass  # the loader falls back to the aside copy
         raise

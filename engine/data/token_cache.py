@@ -39,7 +39,7 @@ from ..run_lock import exclusive
 from ..tokenizer.parallel_encode import encode_documents
 
 FORMAT_VERSION = 1
-_CHUNK_TOKENS = 1 << 20  # characters of text per encoded batch (about as many tokens)
+CHUNK_TOKENS = 1 << 20  # characters of text per encoded batch (about as many tokens)
 
 
 class TokenCacheError(EngineError, ValueError):
@@ -125,7 +125,7 @@ def build_pretrain_cache(
     n = len(texts)
 
     def batches(dtype):
-        name, out = encode_documents(texts, tokenizer, dtype, workers, engine, _CHUNK_TOKENS)
+        name, out = encode_documents(texts, tokenizer, dtype, workers, engine, CHUNK_TOKENS)
         done = 0
         for batch in out:
             done += len(batch[1])
@@ -160,7 +160,7 @@ def build_corpus_cache(
     def batches(dtype):
         found = corpus.open()
         docs = corpus.documents(found)
-        name, out = encode_documents(docs, tokenizer, dtype, workers, engine, _CHUNK_TOKENS)
+        name, out = encode_documents(docs, tokenizer, dtype, workers, engine, CHUNK_TOKENS)
         n_docs = 0
         for batch in out:
             n_docs += len(batch[1])
@@ -290,7 +290,7 @@ def _write(final: Path, kind, key, vocab_size, batches) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _write_entry(tmp, kind, key, vocab_size, batches)
+        write_entry(tmp, kind, key, vocab_size, batches)
         os.rename(tmp, final)  # the entry appears whole or not at all
         fsync_dir(final.parent)
     except BaseException:
@@ -298,7 +298,7 @@ def _write(final: Path, kind, key, vocab_size, batches) -> None:
         raise
 
 
-def _write_entry(tmp: Path, kind, key, vocab_size, batches) -> None:
+def write_entry(tmp: Path, kind, key, vocab_size, batches) -> None:
     """Write the batches ``(tokens, doc lengths, doc bytes[, mask])`` in order, a batch
     at a time (memory: one batch), then meta.json last: an entry without it is broken."""
     dtype = token_dtype(vocab_size)

@@ -92,6 +92,16 @@ class Handle:
         """Give the row back at the next step (idempotent; no more events after that)."""
         self.cancelled = True
 
+    def delivered(self) -> list[Event]:
+        """The events delivered and not yet taken, without waiting: for a caller that steps
+        the scheduler itself (tests, benchmarks) instead of running its thread."""
+        if self._queue is None:
+            raise RuntimeError("this handle delivers its events to its notify callback")
+        out = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
     def __iter__(self) -> Iterator[Event]:
         if self._queue is None:
             raise RuntimeError("this handle delivers its events to its notify callback")
@@ -171,6 +181,7 @@ class Scheduler:
         self.on_done = on_done
         self.prefix_cache = prefix_cache
         self.cache = model.new_cache(max_batch, max_len=self.max_seq_len)
+        self.prefilled_prompts = 0  # prompts run through the model (equal ones count once)
         # fixed shapes over that cache: eager, compiled or CUDA graphs (see make_decode_step)
         self.decode_step = make_decode_step(model, self.cache, decode, on_fallback)
         self._live: list[_Live] = []  # row i of the cache belongs to _live[i]
@@ -375,6 +386,7 @@ class Scheduler:
         so every prompt starts at slot 0; the pad slots are overwritten by later tokens and
         masked until then). Return each prompt's last-position logits [k, V]."""
         k, width = len(prompts), max(len(p) for p in prompts)
+        self.prefilled_prompts += k
         view = self.cache.rows(first, k)
         idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long)
         last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)

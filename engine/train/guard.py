@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .train_config import TrainConfig, TrainingError
+from .trainer_state import rng_ok
 
 GUARD_FILE = "guard.safetensors"
 MEDIAN_OF = 20  # recent good losses the spike test compares against
@@ -60,6 +61,40 @@ class GuardState:
     rewarm_from: int | None = None
     same_target: list[int] = field(default_factory=lambda: [-1, 0])  # [step, times]
     position: int = 0  # next slot of the loss history
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**53
+
+
+def _count(v) -> bool:
+    return _int(v) and v >= 0
+
+
+def _counts(v) -> bool:
+    return isinstance(v, list) and all(map(_int, v))
+
+
+def _snapshot_list(d: dict, key: str, n: int, ok) -> bool:
+    v = d.get(key, [] if n == 0 else None)
+    return isinstance(v, list) and len(v) == n and all(map(ok, v))
+
+
+def _param_groups(v) -> bool:
+    return isinstance(v, list) and all(isinstance(g, dict) for g in v)
+
+
+# What each GuardState field may hold when read back from a (possibly edited) trainer state.
+_STATE_TYPES = {
+    "skipped": _count,
+    "rollbacks": _count,
+    "data_offset": _count,
+    "position": _count,
+    "skip_steps": _counts,
+    "dirty": lambda v: isinstance(v, bool),
+    "rewarm_from": lambda v: v is None or _count(v),
+    "same_target": lambda v: _counts(v) and len(v) == 2,
+}
 
 
 def _opt_copy(optimizer: torch.optim.Optimizer) -> dict:
@@ -201,6 +236,13 @@ class Guard:
     def load_state_dict(self, d: dict, where: str) -> None:
         try:
             own = {k: d[k] for k in GuardState().__dict__}
+            bad = next((k for k, v in own.items() if not _STATE_TYPES[k](v)), None)
+            if bad is not None:
+                raise ValueError(f"{bad}={str(own[bad])[:40]}")
+            steps, n = d.get("snapshot_steps") or [], len(d.get("snapshot_steps") or [])
+            if not (_counts(steps) and _snapshot_list(d, "snapshot_rng", n, rng_ok)
+                    and _snapshot_list(d, "snapshot_param_groups", n, _param_groups)):  # fmt: skip
+                raise ValueError("the snapshot fields disagree or are malformed")
             self.st = GuardState(**own)
             hist = [float("nan") if x is None else float(x) for x in d["history"]]
             self.history = torch.tensor(hist, dtype=torch.float64, device=self.device)

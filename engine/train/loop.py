@@ -5,7 +5,7 @@
           global step's targets, backward (DDP all-reduces on the last micro-step only)
       --> clip the global grad norm --> AdamW at the scheduled lr (engine.train_config)
       --> loss and grad norm stay on the device; every log_every steps, and before any
-          eval or save, _flush reads them in one sync, checks them, logs them (run_log)
+          eval or save, flush_metrics reads them in one sync, checks them, logs them (run_log)
       --> eval / early stop / periodic save --> a stop request? save here and return
 
 A step never waits for the host: no ``.item()`` per micro-step, the next batch is copied
@@ -45,6 +45,7 @@ from .batches import Prefetcher, StepBatches, StepPlanner, batch_source
 from .distributed import DistContext, LossForward, gather_rng_states, rank_seed
 from .guard import Guard
 from .run_log import RunLog, plot_losses
+from .runtime import autocast_dtype, build_optimizer, is_oom, resolve_device
 from .train_config import TrainConfig, TrainingError, lr_at
 from .trainer_state import TRAINER_STATE_VERSION, check_trainer_state, rng_state, set_rng_state
 
@@ -79,40 +80,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
-
-
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
-    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2-D) only. Fused (CPU and CUDA): one kernel
-    per update, and its step count lives on the parameters' device (no host sync)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
-
-
-def _is_oom(e: BaseException) -> bool:
-    """An allocation failure (CUDA, the CPU allocator, numpy)."""
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(e)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -237,7 +204,7 @@ class Trainer:
 
     def train_step(self, sb: StepBatches) -> None:
         """Forward/backward over this rank's micro-batches, clip, AdamW. No host sync:
-        the step's loss and grad norm are queued as device tensors for ``_flush``."""
+        the step's loss and grad norm are queued as device tensors for ``flush_metrics``."""
         lr = lr_at(self.step, self.total_steps, self.config)
         if self.guard is not None:
             lr *= self.guard.lr_scale(self.step)
@@ -274,7 +241,7 @@ class Trainer:
         self.pending.append((self.step, loss_sum, norm, lr, self.tokens_seen, time.perf_counter(),
                              pad, bad))  # fmt: skip
 
-    def _flush(self) -> list[dict]:
+    def flush_metrics(self) -> list[dict]:
         """Read the queued steps from the device (one sync), stop on a non-finite value
         (without the guard), and return their metrics records (with the guard: and one
         record per skipped step)."""
@@ -421,7 +388,7 @@ class Trainer:
         saving = bool(save_every) and s % save_every == 0 and not last
         if not (evaluating or saving or last or s % cfg.log_every == 0):
             return None
-        records = self._flush()
+        records = self.flush_metrics()
         if self.guard is not None and (ev := self.guard.decide(s, self)) is not None:
             self._emit(ev)  # rolled back: this boundary's eval and save come later
             self.log.append([*records, ev])
@@ -465,13 +432,13 @@ class Trainer:
                         batches.get(data(self.step), None if ahead is None else data(ahead))
                     )
                 except (MemoryError, RuntimeError) as e:  # CUDA OOM is a RuntimeError too
-                    if not _is_oom(e):
+                    if not is_oom(e):
                         raise
                     raise self._out_of_memory(e) from None
                 if (end := self._after_step()) is not None:
                     status = end
                     break
-        self.log.append(self._flush())  # steps of an interrupted window
+        self.log.append(self.flush_metrics())  # steps of an interrupted window
         checkpoint = self.save()
         self.forward = None  # drop DDP's gradient hooks before a next phase wraps again
         gc.collect()

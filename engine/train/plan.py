@@ -19,7 +19,8 @@ from tritonlm.kernels.cross_entropy import chunk_rows
 
 from ..model.memory import CPU_RUNTIME_BYTES, available_memory, step_memory
 from .batches import batch_source
-from .loop import Trainer, autocast_dtype
+from .loop import Trainer
+from .runtime import autocast_dtype, resolve_device
 from .train_config import TrainConfig, TrainingError
 
 PROBE_STEPS = 3
@@ -121,8 +122,6 @@ def plan_run(model, tokenizer, cache, config: TrainConfig, *, device: torch.devi
     """The plan of one phase: everything ``llm-train --plan`` prints. ``probe`` trains
     ``model`` itself for PROBE_STEPS timed steps (its weights change: pass a copy to keep
     them); the rest is arithmetic."""
-    from .loop import resolve_device
-
     resident = resident_bytes()  # before anything below allocates
     device = device or resolve_device(config.device)
     cfg = model.config

@@ -47,7 +47,7 @@ def _int(v: Any, lo: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
-def _rng_ok(r: Any) -> bool:
+def rng_ok(r: Any) -> bool:
     """A torch RNG state of the right size (and CUDA states, if any, that decode)."""
     if not isinstance(r, dict) or not isinstance(r.get("torch"), str):
         return False
@@ -73,7 +73,7 @@ CHECKS = {  # field -> (what it must be, check)
     "bad_evals": ("an integer >= 0", _int),
     "world_size": ("an integer >= 1", lambda v: _int(v, 1)),
     "data_key": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "rng": ("a saved random-number-generator state", _rng_ok),
+    "rng": ("a saved random-number-generator state", rng_ok),
     "train_config": ("an object", lambda v: isinstance(v, dict)),
     "extra": ("an object", lambda v: isinstance(v, dict)),
 }  # fmt: skip
@@ -93,7 +93,7 @@ def check_trainer_state(st: Any, where: str) -> dict:
         raise TrainingError(f"{where}: trainer state step {st['step']} > total_steps")
     ranks = st.get("rng_ranks")
     if ranks is not None and not (isinstance(ranks, list) and len(ranks) == st["world_size"]
-                                  and all(map(_rng_ok, ranks))):  # fmt: skip
+                                  and all(map(rng_ok, ranks))):  # fmt: skip
         raise TrainingError(f"{where}: trainer state 'rng_ranks' must hold one RNG state per rank")
     try:
         cfg = TrainConfig.from_dict(st["train_config"])
