@@ -38,6 +38,7 @@ import torch
 
 from ..checkpoint.save_load import save_checkpoint
 from ..data.token_cache import TokenCache
+from ..devices import resolve_device
 from ..lora.adapter_checkpoint import save_adapter_checkpoint
 from ..lora.layers import lora_info
 from ..stop import StopRequest
@@ -45,7 +46,7 @@ from .batches import Prefetcher, StepBatches, StepPlanner, batch_source
 from .distributed import DistContext, LossForward, gather_rng_states, rank_seed
 from .guard import Guard
 from .run_log import RunLog, plot_losses
-from .runtime import autocast_dtype, build_optimizer, is_oom, resolve_device
+from .runtime import autocast_dtype, build_optimizer, is_oom
 from .train_config import TrainConfig, TrainingError, lr_at
 from .trainer_state import TRAINER_STATE_VERSION, check_trainer_state, rng_state, set_rng_state
 

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from tritonlm.kernels.cross_entropy import chunk_rows
 
+from ..devices import resolve_device
 from ..model.memory import CPU_RUNTIME_BYTES, available_memory, step_memory
 from .batches import batch_source
 from .loop import Trainer
-from .runtime import autocast_dtype, resolve_device
+from .runtime import autocast_dtype
 from .train_config import TrainConfig, TrainingError
 
 PROBE_STEPS = 3

@@ -1,4 +1,4 @@
-"""What a training run runs on: its device, its autocast dtype, its optimizer, and how an
+"""What a training run runs with: its autocast dtype, its optimizer, and how an
 out-of-memory failure is recognised. Shared by the loop (loop.py) and the planner (plan.py).
 """
 
@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..devices import resolve_device
 from .train_config import TrainConfig
 
-__all__ = ["autocast_dtype", "build_optimizer", "is_oom", "resolve_device"]
+__all__ = ["autocast_dtype", "build_optimizer", "is_oom"]
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
