@@ -11,8 +11,7 @@ import pytest
 import torch
 import tritonlm.engine
 from factories import run_cli
-from tritonlm.cli import chat, evaluate, serve
-from tritonlm.cli import train as train_cli
+from tritonlm.cli import chat, evaluate, serve, train_flags
 from tritonlm.cli.common import UsageError, run_main
 from tritonlm.cli.device import resolve_device
 from tritonlm.engine.data.data_files import DataError
@@ -66,7 +65,7 @@ def test_every_engine_error_class_derives_from_engine_error():
 
 
 @pytest.mark.parametrize("parser", [chat.build_parser, serve.build_parser,
-                                    evaluate.build_parser, train_cli.build_parser])  # fmt: skip
+                                    evaluate.build_parser, train_flags.build_parser])  # fmt: skip
 def test_every_command_takes_the_kernel_backends(parser):
     p = parser()
     args, _ = p.parse_known_args(["ckpt", "--backend", BACKENDS[-1], "--device", "cpu"])

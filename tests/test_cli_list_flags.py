@@ -7,12 +7,12 @@ import types
 
 import pytest
 from chat_fixtures import trained_checkpoint
-from tritonlm.cli import chat, evaluate, export, import_hf, serve, train
+from tritonlm.cli import chat, evaluate, export, import_hf, serve, train_flags
 from tritonlm.cli.train_inputs import load_inputs
 
 # command -> (parser, positional arguments it needs)
 COMMANDS = {
-    "llm-train": (train.build_parser, []),
+    "llm-train": (train_flags.build_parser, []),
     "llm-eval": (evaluate.build_parser, ["CK"]),
     "llm-chat": (chat.build_parser, ["CK"]),
     "llm-serve": (serve.build_parser, ["CK"]),
@@ -52,9 +52,9 @@ def test_repeated_equals_space_separated(name, flag, build, positional, nargs):
 
 
 def test_text_ext_repeated_replaces_the_default_once():
-    args = train.build_parser().parse_args(["--text-ext", ".md,.py", "--text-ext", ".rs"])
+    args = train_flags.build_parser().parse_args(["--text-ext", ".md,.py", "--text-ext", ".rs"])
     assert list(args.text_ext) == [".md", ".py", ".rs"]
-    assert list(train.build_parser().parse_args(["--text-ext", ""]).text_ext) == []
+    assert list(train_flags.build_parser().parse_args(["--text-ext", ""]).text_ext) == []
 
 
 def test_train_reads_every_repeated_data_path(tmp_path):
@@ -66,7 +66,9 @@ def test_train_reads_every_repeated_data_path(tmp_path):
     for form in (["--data", "a.txt", "--data", "more", "--data", "b.txt"],
                  ["--data", "a.txt", "more", "b.txt"]):  # fmt: skip
         argv = [a if a.startswith("--") else str(tmp_path / a) for a in form]
-        args = train.build_parser().parse_args([*argv, "--out", str(tmp_path / "run"), "--quiet"])
+        args = train_flags.build_parser().parse_args(
+            [*argv, "--out", str(tmp_path / "run"), "--quiet"]
+        )
         corpus, _ = load_inputs(args, types.SimpleNamespace(is_main=True))
         runs[" ".join(form)] = sorted(p.name for p in corpus.files)
     assert list(runs.values()) == [["a.txt", "b.txt", "c.md"]] * 2

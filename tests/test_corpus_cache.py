@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from tritonlm.cli import train as cli
+from tritonlm.cli import train_flags
 from tritonlm.engine import worker_pool
 from tritonlm.engine.data import token_cache as tc
 from tritonlm.engine.data.corpus import open_corpus
@@ -187,7 +188,7 @@ def test_ctrl_c_in_a_pooled_build_leaves_no_entry(tok, corpus_dir, tmp_path, mon
 
 def test_extension_flag():
     def exts(*argv):
-        return cli.build_parser().parse_args(list(argv)).text_ext
+        return train_flags.build_parser().parse_args(list(argv)).text_ext
 
     assert exts("--text-ext", ".md, .py,") == exts("--text-ext", ".md", "--text-ext", ".py")
     assert exts("--text-ext", ".md, .py,") == [".md", ".py"] and exts("--text-ext", "") == []

@@ -6,7 +6,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from tritonlm.cli import train
+from tritonlm.cli import train_flags
 from tritonlm.engine.data.records import load_chats
 from tritonlm.engine.inference.chat_prompt import history_budget
 from tritonlm.engine.model.config import PRESETS
@@ -32,7 +32,7 @@ def test_make_demo_needs_neither_root_nor_apt_nor_a_browser():
 
 def test_the_demo_model_holds_a_two_turn_conversation():
     line = next(c for c in _demo_commands() if "llm-train" in c)
-    args = train.build_parser().parse_args(shlex.split(line)[1:])
+    args = train_flags.build_parser().parse_args(shlex.split(line)[1:])
     context = args.seq_len or PRESETS[args.preset]["max_seq_len"]
     chats = load_chats(ROOT / "data" / "chat.json").items
     texts = [m["content"] for chat in chats for m in chat]

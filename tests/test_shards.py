@@ -59,10 +59,10 @@ def test_parse_size_refuses_junk(text):
 @pytest.mark.parametrize("text", ["2GB", "2GiB", "1.5MB", "300M"])
 def test_every_size_flag_reads_a_size_the_same_way(text):
     """llm-train's --tokenizer-sample-bytes and --max-shard-size (and llm-export's) agree."""
-    from tritonlm.cli import train as train_cli
+    from tritonlm.cli import train_flags
     from tritonlm.engine.train.train_config import TrainConfig
 
-    args = train_cli.build_parser().parse_args(["--tokenizer-sample-bytes", text])
+    args = train_flags.build_parser().parse_args(["--tokenizer-sample-bytes", text])
     assert args.tokenizer_sample_bytes == parse_size(text)
     TrainConfig(max_shard_size=text).validate()  # accepted where the other one is
 
