@@ -47,6 +47,32 @@ def _workers(args) -> int:
     return args.workers or max(1, default_workers() // max(1, local_ranks))
 
 
+def _check_resume_shape(args, ckpt) -> None:
+    """A resume keeps its model and tokenizer: a typed shape or tokenizer flag that differs
+    from the checkpoint is refused in one line (the same value, as when the first command
+    is repeated with --resume, is fine)."""
+    cfg = ckpt.model.config
+    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        typed = getattr(args, field, None)
+        if typed is not None and typed != getattr(cfg, field):
+            flag = "--" + field.replace("_", "-")
+            have = getattr(cfg, field)
+            raise UsageError(f"{flag} {typed}: the checkpoint being resumed has {field} "
+                             f"{have}; a resume keeps its model's shape")  # fmt: skip
+    tok = ckpt.tokenizer  # asked-for size, or the size reached when the merges ran out
+    if args.vocab_size and args.vocab_size not in (tok.vocab_size, tok.config.vocab_size):
+        raise UsageError(f"--vocab-size {args.vocab_size}: the checkpoint being resumed has "
+                         f"{tok.vocab_size} tokens; a resume keeps its tokenizer")  # fmt: skip
+    if args.tokenizer:
+        from tritonlm.engine.tokenizer.bpe_tokenizer import BpeTokenizer
+
+        with naming(f"--tokenizer {args.tokenizer}"):
+            given = BpeTokenizer.load(args.tokenizer)
+        if given.to_dict() != ckpt.tokenizer.to_dict():
+            raise UsageError(f"--tokenizer {args.tokenizer}: not the tokenizer of the checkpoint "
+                             "being resumed; a resume keeps its tokenizer")  # fmt: skip
+
+
 def tokenizer_and_model(args, texts, chats, show: bool):
     """The checkpoint resumed or started from (or None), its tokenizer and model; or a new
     tokenizer (given, or trained on a sample of the corpus) and a new model."""
@@ -71,6 +97,7 @@ def tokenizer_and_model(args, texts, chats, show: bool):
             raise UsageError(f"--resume {args.resume}: not a resumable checkpoint")
         if args.resume:  # every field a resume reads, checked before it is used
             check_trainer_state(ckpt.trainer_state, str(ckpt.path))
+            _check_resume_shape(args, ckpt)
         if args.seq_len and args.seq_len > ckpt.model.config.max_seq_len:
             raise UsageError(f"--seq-len {args.seq_len} exceeds the checkpoint's max_seq_len "
                              f"{ckpt.model.config.max_seq_len}")  # fmt: skip

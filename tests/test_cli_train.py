@@ -251,7 +251,9 @@ def test_resume_honours_steps_and_refuses_what_it_cannot_change(files, tmp_path,
     again = [*first, "--resume", out]
     # --steps below what is done, or a schedule field: one line naming the flag, nothing saved
     refused = [(["--steps", "2"], ["steps 2", "already at step 3"]),
-               (["--steps", "5", "--lr", "0.5"], ["--lr 0.5", "keeps its lr"])]  # fmt: skip
+               (["--steps", "5", "--lr", "0.5"], ["--lr 0.5", "keeps its lr"]),
+               (["--d-model", "48"], ["--d-model 48", "keeps its model's shape"]),
+               (["--vocab-size", "999"], ["--vocab-size 999", "keeps its tokenizer"])]  # fmt: skip
     for extra, words in refused:
         rc, _, err = run_cli(cli.main, capsys, *again, *extra)
         assert rc == 2 and err.count("\n") == 1 and all(w in err for w in words), err
