@@ -5,18 +5,18 @@ memory model predicts for them; run in a fresh process so the RSS is this run's 
 
 Prints one JSON object: predicted (bytes by part and peak_bytes, from
 engine.train.plan.memory_at, as ``llm-train --plan`` computes them once the model is
-built), peak (ru_maxrss after the steps).
+built), peak (the process's high-water RSS after the steps).
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import numpy as np
 import torch
 from tritonlm.engine.model.config import ModelConfig
+from tritonlm.engine.model.memory import high_water_rss
 from tritonlm.engine.model.transformer import Transformer
 from tritonlm.engine.train.batches import Batch
 from tritonlm.engine.train.loop import Trainer
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
     cpu = torch.device("cpu")
     predicted = memory_at(cfg, config, cpu, batch, seq, resident_bytes())  # as --plan does
     Trainer(model, RandomTokens(vocab, seq), config).run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = high_water_rss()
     print(json.dumps({"predicted": predicted, "peak": peak}))
 
 

@@ -22,6 +22,22 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def high_water_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM of its own address space. Not
+    ru_maxrss, which Linux carries over from the parent's RSS at fork across exec (a run
+    started by a big process would report that process's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def build_bytes(cfg: ModelConfig) -> int:
     """Building the model: float32 weights (and as much again while initializing), plus
     the RoPE tables over max_seq_len positions and their temporaries."""

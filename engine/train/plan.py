@@ -10,7 +10,6 @@ model shape + data + device --> memory per micro-batch by part (engine.model.mem
 from __future__ import annotations
 
 import os
-import resource
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from tritonlm.kernels.cross_entropy import chunk_rows
 
 from ..devices import resolve_device
-from ..model.memory import CPU_RUNTIME_BYTES, available_memory, step_memory
+from ..model.memory import CPU_RUNTIME_BYTES, available_memory, high_water_rss, step_memory
 from .batches import batch_source
 from .loop import Trainer
 from .runtime import autocast_dtype
@@ -110,7 +109,7 @@ def _probe(model, data, config: TrainConfig, device: torch.device, micro: int) -
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = high_water_rss()
     times = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     # the fastest warm step: least disturbed by load (other torchrun ranks see no events)
     steady = min(times[1:] or times or [elapsed / PROBE_STEPS])
