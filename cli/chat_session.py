@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .common import UsageError
+from .common import UsageError, user_message
 
 PROG = "llm-chat"
 
@@ -88,7 +88,7 @@ def load(path: str, device, backend: str, weights: str = "fp32"):
     try:  # an adapter checkpoint comes merged into its base
         ckpt = load_model(path, device=device, backend=backend)
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(user_message(e)) from None
     if weights == "int8":
         quantize_int8(ckpt.model)
     return ckpt

@@ -134,15 +134,17 @@ def add_config_flags(group, cls, names: Iterable[str] | None = None, *,
     """One ``--flag-name`` per field of config dataclass ``cls`` (declared with
     engine.fields.option and ``flag=True``): type, choices, help and default all come from
     the field. ``defaults=False`` leaves them None (e.g. overrides of a preset)."""
+    from tritonlm.engine.fields import flag_of, with_flag
+
     wanted = None if names is None else set(names)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta.get("flag") or (wanted is not None and f.name not in wanted):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         kind = _base_type(hints[f.name])
-        help_text = meta.get("help") or ""
+        help_text = with_flag(meta.get("help") or "")  # a field named in it -> its flag
         if kind is bool:  # a field on by default gets --no-<name>
             off = f.default is True
             group.add_argument(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tritonlm.engine.fields import with_flag
+
 from .common import Parser, UsageError, run_main
 
 PROG = "llm-import"
@@ -55,7 +57,7 @@ def run(args) -> int:
     else:
         imported = import_hf(args.hf_dir, args.out, force=args.force)
     for note in imported.notes:
-        print(f"{PROG}: note: {note}", file=sys.stderr)
+        print(f"{PROG}: note: {with_flag(note)}", file=sys.stderr)
     cfg = imported.model.config
     print(f"imported {args.hf_dir} -> {args.out} ({imported.model.num_parameters():,} "
           f"parameters, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads, "

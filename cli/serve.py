@@ -103,10 +103,24 @@ def _log_done(handle, result) -> None:
     logging.getLogger(PROG).info(json.dumps(rec))
 
 
+def api_key_of(args: argparse.Namespace, environ=os.environ) -> str | None:
+    """The bearer key: --api-key, else $TRITONLM_API_KEY (unset or "" = serve without one).
+    A key of spaces is refused, not kept: the header's token is compared stripped, so no
+    request could ever match it; surrounding spaces are dropped for the same reason."""
+    if args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+    else:
+        key, where = environ.get(API_KEY_ENV, ""), f"${API_KEY_ENV}"
+        if key == "":
+            return None
+    if not key.strip():
+        raise UsageError(f"{where} is empty (or only spaces): give a key, or leave it out to "
+                         "serve without one")  # fmt: skip
+    return key.strip()
+
+
 def serve(args: argparse.Namespace) -> int:
-    if args.api_key is not None and not args.api_key.strip():
-        raise UsageError("--api-key is empty: any bearer token would match; give a key, or "
-                         "leave the flag out to serve without one")  # fmt: skip
+    api_key = api_key_of(args)
     apply_threads(args)
     sock = _bind(args.host, args.port)
     device = device_and_backend(args)
@@ -120,7 +134,6 @@ def serve(args: argparse.Namespace) -> int:
     ckpt = load(args.checkpoint, device=device, backend=args.backend)
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
     limits = Limits(name, ckpt.model.config.max_seq_len, args.max_new_tokens_cap)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     metrics = _metrics()
 
     def on_done(handle, result) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from tritonlm.engine.errors import SettingError
 from tritonlm.engine.threads import DEFAULT_INFERENCE_THREADS, resolve_threads, use_threads
 
-from .common import UsageError
+from .common import UsageError, user_message
 
 
 def add_threads_flag(group) -> None:
@@ -24,7 +25,7 @@ def apply_threads(args: argparse.Namespace) -> int:
     """Set the threads from ``args.threads``; a bad count is a UsageError."""
     try:
         n = resolve_threads(args.threads)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except SettingError as e:
+        raise UsageError(user_message(e)) from None
     use_threads(n)
     return n

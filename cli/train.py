@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from tritonlm.engine.fields import with_flag
+
 from .common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -177,7 +179,7 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
                                    ("sft", args.sft_steps or args.steps)) if s}  # fmt: skip
         phases = plan_phases(available, resume_state, asked)
     except TrainingError as e:
-        raise UsageError(f"--resume {args.resume}: {e}") from None
+        raise UsageError(f"--resume {args.resume}: {user_message(e)}") from None
     if not phases:
         if ctx.is_main:
             print(f"nothing left to train; checkpoint: {ckpt.path}")
@@ -235,7 +237,7 @@ def _run_phases(args, out: Path, ctx, stop) -> int:
                        f"{guard}")  # fmt: skip
         if ctx.is_main:
             for note in result.notes:  # e.g. how many conversations --pack had to split
-                print(f"{phase}: {note}")
+                print(f"{phase}: {with_flag(note)}")
         runs.append((phase, cache, result))
     if args.plan:
         if ctx.is_main:

@@ -13,8 +13,10 @@ import errno
 class EngineError(Exception):
     """A problem with what the user gave; the message is one line and says what to fix.
 
-    ``field`` names the config field the message starts with, when there is one, so a
-    front end can say ``--max-new-tokens`` where the engine says ``max_new_tokens``.
+    ``field`` names the config field the message starts with, when there is one, and a
+    field named later in the message is written in backticks (``try a lower `lr```), so a
+    front end can say ``--max-new-tokens``/``--lr`` where the engine says the field
+    (``engine.fields.with_flag``).
     """
 
     field: str | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,6 +137,10 @@ class ConfigMixin:
         except ValueError as e:
             if isinstance(e, self.error):
                 raise
+            head = re.match(r"\w+", str(e))  # a rule across fields names the one it starts with
+            names = {f.name for f in dataclasses.fields(self)}
+            if field is None and head and head.group() in names:
+                field = head.group()
             raise self.error(str(e), field=field) from None
 
     def check_together(self) -> None:
@@ -160,17 +165,28 @@ class ConfigMixin:
         return self.from_dict({**self.to_dict(), **changes})
 
 
+# Fields whose command-line flag is not their name with dashes (the CLI's choice, kept here
+# so that every front end and every message agree).
+FLAG_NAMES = {"max_seq_len": "--seq-len"}
+
+# An engine message names a field anywhere in its text by writing it in backticks.
+_MARKED = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
 def flag_of(field: str) -> str:
     """The command-line flag of a config field: ``max_new_tokens`` -> ``--max-new-tokens``."""
-    return "--" + field.replace("_", "-")
+    return FLAG_NAMES.get(field) or "--" + field.replace("_", "-")
 
 
-def with_flag(message: str, field: str | None) -> str:
-    """``message`` with its leading field name written as the flag a user typed.
+def with_flag(message: str, field: str | None = None) -> str:
+    """``message`` as a command-line user reads it: its leading field (``field``) and every
+    field marked in backticks written as the flag the user types.
 
     >>> with_flag("max_new_tokens must be >= 1, got 0", "max_new_tokens")
     '--max-new-tokens must be >= 1, got 0'
+    >>> with_flag("loss became nan; try a lower `lr` or a smaller `grad_clip`")
+    'loss became nan; try a lower --lr or a smaller --grad-clip'
     """
     if field and message.startswith(field):
-        return flag_of(field) + message[len(field) :]
-    return message
+        message = flag_of(field) + message[len(field) :]
+    return _MARKED.sub(lambda m: flag_of(m.group(1)), message)

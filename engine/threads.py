@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import SettingError
+
 __all__ = ["DEFAULT_INFERENCE_THREADS", "resolve_threads", "use_threads"]
 
 DEFAULT_INFERENCE_THREADS = 1
@@ -28,7 +30,8 @@ def resolve_threads(requested: int | None, cores: int | None = None) -> int:
     if requested is None:
         return min(DEFAULT_INFERENCE_THREADS, cores)
     if not 1 <= requested <= cores:
-        raise ValueError(f"--threads {requested}: give 1..{cores} (this machine's CPU cores)")
+        raise SettingError(f"threads {requested}: give 1..{cores} (this machine's CPU cores)",
+                           field="threads")  # fmt: skip
     return requested
 
 

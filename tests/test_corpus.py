@@ -16,6 +16,7 @@ from tritonlm.engine.data import corpus_formats
 from tritonlm.engine.data.corpus import open_corpus
 from tritonlm.engine.data.data_files import DataError
 from tritonlm.engine.data.records import load_chats, load_texts
+from tritonlm.engine.fields import with_flag
 
 TEXTS = [f"document {i}: " + "word " * (i % 7) + "é中🙂" for i in range(300)]
 CHATS = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
@@ -57,7 +58,7 @@ def test_text_field_picks_the_key_and_the_column(tmp_path):
     assert result.skipped == {"null text": 1, "empty text": 1}
     msg = error_of(load_texts, [b], option="--data", text_field="body")
     assert msg.startswith(f"--data {b}: no column 'body' (columns: content, text)")
-    assert "--text-field" in msg
+    assert "`text_field`" in msg and "choose one with --text-field" in with_flag(msg)
     assert error_of(load_texts, [a]).startswith(f'{a}:1: expected an object with a string "text"')
 
 

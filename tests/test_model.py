@@ -386,7 +386,7 @@ def test_n_kv_heads_defaults_to_n_heads_and_must_divide_them():
     old = {k: v for k, v in cfg.to_dict().items() if k != "n_kv_heads"}  # a pre-GQA config
     assert ModelConfig.from_dict(old) == cfg
     assert ModelConfig(**TINY, n_kv_heads=2).kv_dim == 16
-    with pytest.raises(ConfigError, match="multiple of n_kv_heads"):
+    with pytest.raises(ConfigError, match="multiple of `n_kv_heads`"):
         ModelConfig(**TINY, n_kv_heads=3)
     with pytest.raises(ConfigError, match="n_kv_heads"):
         ModelConfig(**TINY, n_kv_heads=0)

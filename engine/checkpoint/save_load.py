@@ -144,7 +144,7 @@ def save_checkpoint(
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
-        raise CheckpointError(f"max_shard_size: {e}") from None
+        raise CheckpointError(f"max_shard_size: {e}", field="max_shard_size") from None
     if model.config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(
             f"model vocab_size {model.config.vocab_size} != tokenizer vocab_size "

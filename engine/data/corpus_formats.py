@@ -210,7 +210,7 @@ def parquet_column(src: Source, column: str, what: str) -> Iterator[tuple[int, o
             raise DataError(f"{src.file}: not a readable Parquet file ({_first_line(e)})") from None
         names = pf.schema_arrow.names
         if column not in names:
-            hint = "; choose one with --text-field" if what == "text" else ""
+            hint = "; choose one with `text_field`" if what == "text" else ""
             raise DataError(
                 f"{src.file}: no column {column!r} (columns: {', '.join(names) or 'none'}){hint}"
             )

@@ -196,7 +196,7 @@ def load_task(path: str | os.PathLike, fmt: str | None = None) -> tuple[str, lis
             if found is None:
                 keys = ", ".join(sorted(record)[:6]) or "none"
                 raise TaskError(f"{file}:{line}: cannot tell the task format from the keys "
-                                f"({keys}); use --format")  # fmt: skip
+                                f"({keys}); use `format`")  # fmt: skip
             fmt = found
         try:
             item = _BUILDERS[fmt](record)

@@ -175,7 +175,7 @@ def export_gguf(model: Transformer, tokenizer, out_path: str | os.PathLike, dtyp
         raise GGUFExportError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
     if not force and (out_path.exists() or out_path.is_symlink()) and not _is_gguf(out_path):
         raise GGUFExportError(f"{out_path} exists and is not a GGUF file; refusing to replace "
-                              "it (choose another name, or --force)")  # fmt: skip
+                              "it (choose another name, or `force`)")  # fmt: skip
     tmp = out_path.with_name(f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:

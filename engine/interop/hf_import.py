@@ -159,8 +159,8 @@ def load_hf(folder: str | os.PathLike, backend: str = "auto") -> ImportedModel:
     hf_config = _read_config(folder)
     if isinstance(hf_config, dict) and hf_config.get("format") == "tritonlm-checkpoint":
         raise HFFormatError(f"{folder}: is a tritonlm checkpoint, not a Hugging Face folder; "
-                            "use it as it is (llm-chat, llm-train --init-from) or export it "
-                            "with llm-export")  # fmt: skip
+                            "use it as it is (chat with it, or train from it with "
+                            "`init_from`) or export it to a Hugging Face folder first")  # fmt: skip
     imported = import_hf_tokenizer(folder)
     tok, hf_ids = imported.tokenizer, list(imported.hf_ids)
     cfg = from_hf_config(hf_config, tok.vocab_size)
@@ -229,7 +229,7 @@ def check_import_target(out: Path, source: Path, force: bool = False) -> None:
     if not force:
         what = ("a resumable training run (its optimizer and trainer state would be lost)"
                 if cfg.get("resumable") else "an existing tritonlm checkpoint")  # fmt: skip
-        raise HFFormatError(f"{out}: is {what}; choose a new directory, or --force to "
+        raise HFFormatError(f"{out}: is {what}; choose a new directory, or `force` to "
                             "replace it")  # fmt: skip
 
 

@@ -83,15 +83,15 @@ class ModelConfig(ConfigMixin):
     def check_together(self) -> None:
         if isinstance(self.n_kv_heads, int) and self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+                f"`n_heads` ({self.n_heads}) must be a multiple of `n_kv_heads` ({self.n_kv_heads})"
             )
         if self.d_model % self.n_heads != 0:
             raise ConfigError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"`d_model` ({self.d_model}) must be divisible by `n_heads` ({self.n_heads})"
             )
         if self.head_dim % 2 != 0:
             raise ConfigError(
-                f"head dimension d_model/n_heads = {self.head_dim} must be even for RoPE"
+                f"head dimension `d_model`/`n_heads` = {self.head_dim} must be even for RoPE"
             )
 
     @classmethod

@@ -257,7 +257,8 @@ class BpeTokenizerConfig(ConfigMixin):
         ):
             raise TokenizerError(
                 f"vocab_size must be an int in [{n_min}, {MAX_VOCAB}] (256 bytes + "
-                f"{len(names)} special tokens + merges), got {self.vocab_size!r}"
+                f"{len(names)} special tokens + merges), got {self.vocab_size!r}",
+                field="vocab_size",
             )
 
     @property

@@ -105,7 +105,7 @@ class PretrainWindows:
         if n_val and split < need:
             raise TrainingError(
                 f"the corpus has {n} tokens: too few for seq_len {seq_len} with a validation "
-                f"split (need at least {2 * need}); add data, lower --seq-len or val_fraction"
+                f"split (need at least {2 * need}); add data, lower `seq_len` or `val_fraction`"
             )
         if not n_val and n < need:
             raise TrainingError(
@@ -198,7 +198,7 @@ class ChatBatches:
         long = int(np.count_nonzero(lengths > seq_len + 1))
         self.notes = [] if pack or not long else [
             f"{long} of {self.n_train} training conversations cut at seq_len + 1 = "
-            f"{seq_len + 1} tokens (their rest is not trained on; --pack keeps it)"
+            f"{seq_len + 1} tokens (their rest is not trained on; `pack` keeps it)"
         ]  # fmt: skip
         if pack:
             offs, mask = cache.doc_offsets, cache.mask

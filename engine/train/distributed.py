@@ -150,7 +150,7 @@ class DistContext:
         return DistributedError(
             f"rank {self.rank} of {self.world_size}: {what} failed ({first[:300]}); another "
             f"rank probably died, hung or stopped with its own error (collective timeout "
-            f"{self.timeout_s:g} s, --dist-timeout)"
+            f"{self.timeout_s:g} s, `dist_timeout`)"
         )
 
     def barrier(self) -> None:
@@ -292,12 +292,13 @@ def init_distributed(
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise DistributedError("--device cuda: CUDA is not available on this machine")
+            raise DistributedError("device cuda: CUDA is not available on this machine",
+                                   field="device")  # fmt: skip
         n_gpu = torch.cuda.device_count()
         if env.local_rank >= n_gpu:
             raise DistributedError(
                 f"LOCAL_RANK {env.local_rank} needs GPU {env.local_rank}, but only {n_gpu} "
-                f"visible; use --nproc_per_node <= {n_gpu}"
+                f"visible; start at most {n_gpu} processes per node"
             )
         dev = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(dev)

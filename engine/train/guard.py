@@ -192,14 +192,14 @@ class Guard:
         if not self.snapshots:
             raise TrainingError(
                 f"{len(self.st.skip_steps)} bad steps by step {step} and no good state to "
-                "roll back to; try a lower --lr"
+                "roll back to; try a lower `lr`"
             )
         target = self.snapshots[0]
         times = self.st.same_target[1] + 1 if self.st.same_target[0] == target.step else 1
         if times > MAX_SAME_ROLLBACKS:
             raise TrainingError(
                 f"rolled back to step {target.step} {MAX_SAME_ROLLBACKS} times and the loss "
-                f"still spikes (step {step}); try a lower --lr or a larger --guard-spike"
+                f"still spikes (step {step}); try a lower `lr` or a larger `guard_spike`"
             )
         self.st.same_target = [target.step, times]
         with torch.no_grad():

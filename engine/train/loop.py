@@ -292,7 +292,7 @@ class Trainer:
         )
         return TrainingError(
             f"{what} became {value} at step {step} of {self.config.phase}; "
-            f"stopped ({where}). Try a lower --lr or a smaller --grad-clip"
+            f"stopped ({where}). Try a lower `lr` or a smaller `grad_clip`"
         )
 
     def _out_of_memory(self, e: BaseException) -> TrainingError:
@@ -300,7 +300,7 @@ class Trainer:
         b, t = self.config.batch_size, self.data.T
         return TrainingError(
             f"out of memory in step {self.step + 1} ({self.device.type}, batch {b} x {t} "
-            f"tokens): lower --batch-size or --seq-len, or use --grad-accum "
+            f"tokens): lower `batch_size` or `seq_len`, or use `grad_accum` "
             f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
         )
 
@@ -480,7 +480,8 @@ def train(model: torch.nn.Module, tokenizer, cache: TokenCache, config: TrainCon
     max_len = model.config.max_seq_len
     seq_len = config.seq_len or max_len
     if seq_len > max_len:
-        raise TrainingError(f"seq_len {seq_len} exceeds the model's max_seq_len {max_len}")
+        raise TrainingError(f"seq_len {seq_len} exceeds the model's max_seq_len {max_len}",
+                            field="seq_len")  # fmt: skip
     if cache.vocab_size != model.config.vocab_size:
         raise TrainingError(
             f"token cache vocabulary ({cache.vocab_size}) != model vocab_size "

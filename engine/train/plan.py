@@ -127,7 +127,8 @@ def plan_run(model, tokenizer, cache, config: TrainConfig, *, device: torch.devi
     cfg = model.config
     seq_len = config.seq_len or cfg.max_seq_len
     if seq_len > cfg.max_seq_len:
-        raise TrainingError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        raise TrainingError(f"seq_len {seq_len} exceeds the model's max_seq_len "
+                            f"{cfg.max_seq_len}", field="seq_len")  # fmt: skip
     pad_id = getattr(tokenizer, "pad_id", 0) or 0
     data = batch_source(cache, config.phase, seq_len, config.val_fraction, config.seed, pad_id)
     n = model.num_parameters()

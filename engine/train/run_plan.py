@@ -24,7 +24,7 @@ DEFAULT_VOCAB = {"seed": 512, "small": 4096, "gpt2": 8192}
 DEFAULT_STEPS = {"pretrain": 1000, "sft": 300}
 # What a resumed run may change (where and how it runs, not what it learns).
 RUNTIME_FIELDS = ("device", "backend", "dtype", "compile", "log_every", "max_shard_size")
-DATA_FLAG = {"pretrain": "--data", "sft": "--chat-data"}
+DATA_FIELD = {"pretrain": "data", "sft": "chat_data"}  # the run option holding its data
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -49,12 +49,13 @@ def check_run_dir(out: str | Path) -> Path:
     fallback copy ``.<out>.old`` beside it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out}: exists and is not a directory")
+        raise TrainingError(f"out {out}: exists and is not a directory", field="out")
     only_log = out.is_dir() and all(p.name in RUN_LOG_FILES for p in out.iterdir())
     if out.is_dir() and not only_log and not is_checkpoint(out):
         raise TrainingError(
-            f"--out {out}: directory is not empty and not a tritonlm checkpoint; "
-            "choose a new or empty directory"
+            f"out {out}: directory is not empty and not a tritonlm checkpoint; "
+            "choose a new or empty directory",
+            field="out",
         )
     return out
 
@@ -69,13 +70,13 @@ def plan_phases(available: list[str], resume_state: dict | None,
         return phases
     saved = resume_state.get("phase")
     if saved not in phases:
-        flag = DATA_FLAG.get(saved, "--data")
-        raise TrainingError(f"the checkpoint is in phase {saved!r}; give its data ({flag})")
+        field = DATA_FIELD.get(saved, "data")
+        raise TrainingError(f"the checkpoint is in phase {saved!r}; give its data (`{field}`)")
     at = resume_state.get("step", 0)
     total = (steps or {}).get(saved) or resume_state.get("total_steps", 0)
     if total < at:
         raise TrainingError(f"steps {total}: the {saved} phase being resumed is already at "
-                            f"step {at}")  # fmt: skip
+                            f"step {at}", field="steps")  # fmt: skip
     finished = at >= total
     return phases[phases.index(saved) + (1 if finished else 0) :]
 
@@ -198,5 +199,5 @@ def check_memory(cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.
     if reason:
         raise TrainingError(
             f"a training step of batch {batch_size} x {seq_len} tokens {reason}; lower "
-            "--batch-size or --seq-len (or use --grad-accum for the same global batch)"
+            "`batch_size` or `seq_len` (or use `grad_accum` for the same global batch)"
         )

@@ -134,7 +134,7 @@ class TrainConfig(ConfigMixin):
         metavar="K",
     )
     guard_skips: int = option(
-        3, at_least(1), "roll back after N skipped steps within --guard-window", metavar="N"
+        3, at_least(1), "roll back after N skipped steps within `guard_window`", metavar="N"
     )
     guard_window: int = option(50, at_least(1), "steps the guard counts skips over", metavar="N")
     guard_rewarmup: int = option(
@@ -150,11 +150,11 @@ class TrainConfig(ConfigMixin):
 
     def check_together(self) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps and epochs")
+            raise ValueError("give exactly one of `steps` and `epochs`")
         if self.min_lr is not None and self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise ValueError(f"`min_lr` ({self.min_lr}) must not exceed `lr` ({self.lr})")
         if self.patience and not self.eval_every:
-            raise ValueError("patience needs evaluation (eval_every > 0)")
+            raise ValueError("`patience` needs evaluation (`eval_every` > 0)")
 
     @property
     def final_lr(self) -> float:
