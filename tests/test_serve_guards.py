@@ -54,6 +54,28 @@ def test_empty_api_key_is_a_usage_error(ckpt, capsys, key):
     assert err.count("\n") == 1 and "--api-key is empty" in err
 
 
+@pytest.mark.parametrize("env, flag, want", [
+    ({}, None, None),                          # no key anywhere: no auth
+    ({"TRITONLM_API_KEY": ""}, None, None),    # set but empty: the same
+    ({"TRITONLM_API_KEY": " k1 "}, None, "k1"),  # stripped, as the header's token is
+    ({"TRITONLM_API_KEY": "k1"}, "k2", "k2"),  # the flag wins
+])  # fmt: skip
+def test_api_key_comes_from_the_flag_or_the_environment(env, flag, want):
+    args = serve_cli.build_parser().parse_args(
+        ["ck"] + ([] if flag is None else ["--api-key", flag])
+    )
+    assert serve_cli.api_key_of(args, env) == want
+
+
+def test_a_blank_api_key_in_the_environment_is_refused(ckpt, capsys, monkeypatch):
+    """A key of spaces could never match a (stripped) bearer token: every request would get
+    401. One line, exit 2, before the model is loaded."""
+    monkeypatch.setenv("TRITONLM_API_KEY", "   ")
+    assert serve_cli.main([str(ckpt), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "$TRITONLM_API_KEY is empty (or only spaces)" in err
+
+
 def test_one_top_p_default_for_chat_and_server(tok):
     limits = Limits("m", 64, 8)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
