@@ -7,7 +7,7 @@ process so that its peak RSS is its own:
     export  llm-export CKPT HF_DIR [--dtype]   (load our checkpoint + write the HF folder)
     import  llm-import HF_DIR CKPT2            (read the HF folder + save our checkpoint)
 
-Peak RSS is the process's high-water mark (``ru_maxrss``) minus its RSS once torch and
+Peak RSS is the process's high-water mark (VmHWM) minus its RSS once torch and
 our modules are imported (``base``), compared with the model's float32 bytes. Then
 transformers loads the fp32 export: the largest |logit| difference from our model on
 random tokens, and whether export -> import gave back our exact weights.
@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tritonlm.engine.model.memory import high_water_rss
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -39,7 +41,7 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return high_water_rss()  # VmHWM: not the parent's size carried over at fork
 
 
 # ----------------------------------------------------------------------------- child steps

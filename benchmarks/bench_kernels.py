@@ -13,7 +13,7 @@ On CUDA (bf16, forward + backward, median of triton.testing.do_bench after warmu
 Without CUDA (CPU mode): the torch reference path at small shapes (so the script itself is
 exercised), plus the fused linear cross-entropy peak-memory comparison at N=16384,
 V=32000, d=768 (fp32): the unfused reference vs the same chunked algorithm with the CE step
-in torch ops, each in a fresh subprocess, peak RSS (ru_maxrss) minus RSS after the inputs
+in torch ops, each in a fresh subprocess, peak RSS (VmHWM) minus RSS after the inputs
 were allocated. GPU timings need a GPU; CPU mode says so in its output.
 
     python benchmarks/bench_kernels.py            # full run
@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from tritonlm.engine.model.memory import high_water_rss
 from tritonlm.kernels import attention as attn_mod
 from tritonlm.kernels import cross_entropy as ce_mod
 from tritonlm.kernels import rmsnorm as rms_mod
@@ -276,13 +276,13 @@ def _memory_child(variant: str, rows: int, vocab: int, dim: int) -> None:
     }[variant]
     fn(hidden[:8], weight[:64], targets[:8] % 64).backward()  # load code paths, tiny
     hidden.grad = weight.grad = None
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = high_water_rss()
     t0 = time.perf_counter()
     loss = fn(hidden, weight, targets)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": variant, "peak_growth_MiB": (peak_kib - base_kib) / 1024,
+    peak = high_water_rss()
+    print(json.dumps({"variant": variant, "peak_growth_MiB": (peak - base) / 2**20,
                       "seconds": seconds, "loss": loss.item()}))  # fmt: skip
 
 

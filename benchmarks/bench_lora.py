@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from tritonlm.engine.model.memory import high_water_rss
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -88,7 +89,7 @@ def worker(args) -> None:
     elapsed = [h["elapsed_s"] for h in result.history]
     step_times = [b - a for a, b in zip(elapsed[:-1], elapsed[1:], strict=True)]  # after step 1
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss)  # fmt: skip
+            high_water_rss() - base_rss)  # fmt: skip
     print(json.dumps({
         "preset": args.preset, "mode": args.mode, "device": device, "batch": batch,
         "seq_len": seq_len, "params": cfg.num_parameters(),

@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--limit", type=int, default=None, help="first N texts and chats (tests)")
+    p.add_argument("--machine-note", default="2 shared cores, loaded by parallel work",
+                   help="the load on the machine, recorded in the JSON")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_steps, args.sft_steps, args.batch = 20, 10, 4
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
     tok = BpeTokenizer.train(sample, BpeTokenizerConfig(vocab_size=512))
     report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpu_threads": args.threads, "platform": platform.platform(),
-                          "note": "2 shared cores, loaded by parallel work"},
+                          "note": args.machine_note},
               "preset": args.preset, "batch": args.batch, "pretrain": {}, "sft": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tritonlm.engine.model.memory import high_water_rss
+
 HERE = Path(__file__).resolve().parent
 
 # preset -> (vocab, batch, steps, warmup) for full and quick runs
@@ -49,7 +51,7 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return high_water_rss()  # VmHWM: not the parent's size carried over at fork
 
 
 def _model_config(preset: str, vocab: int):

@@ -23,3 +23,14 @@ def restore_threads():
     old = torch.get_num_threads()
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (training tests: exact, fast on a shared core)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
