@@ -1,6 +1,7 @@
 """Prove our GGUF export against llama.cpp itself, and time llama.cpp next to us.
 
     python benchmarks/verify_llamacpp.py [--ckpt CKPT] [--venv DIR] [--threads 1,2]
+    python benchmarks/verify_llamacpp.py --speed-only --threads 1 --ours fp32,int8,fp32-compile
 
 1. llama.cpp: ``llama-cpp-python`` (which builds llama.cpp from source, CPU only) is
    installed from the package index into its own environment (--venv), never into ours;
@@ -18,9 +19,11 @@
    Grouped-query attention, an untied head and head dim 24: last-position logits of a
    random model, llama.cpp (f32 KV cache) vs ours.
 5. Speed on the same exported model, 1 and 2 threads: prompt (prefill) tokens/s and
-   decode tokens/s, llama.cpp (f32, f16, q8_0 files) vs ours (float32 torch, the KV-cached
-   ``forward_cached`` loop generate uses, argmax per step), best of --repeats; then a torch
-   profile of our decode step (where the time goes).
+   decode tokens/s, llama.cpp (f32, f16, q8_0 files) vs ours: ``generate`` with the
+   decode step llm-chat uses, weights prepared as llm-chat loads them (column-major on the
+   CPU; ``--ours`` picks float32 and/or int8, eager and/or ``-compile``d), greedy, best of
+   --repeats; then a torch profile of our eager float32 decode step (where the time goes).
+   ``--speed-only`` skips 3 and 4.
 
 Prints tables and writes JSON (default benchmarks/results/verify_llamacpp.json). Not part
 of the test suite: it installs a package and takes minutes.
@@ -247,38 +250,54 @@ def train_seed(out: Path) -> Path:
     return out
 
 
-def ours_speed(model, prompt: list[int], n_new: int, threads: int, repeats: int) -> dict:
-    """Prefill and decode tokens/s of the KV-cached loop generate uses (argmax per step)."""
+def ours_model(model, variant: str):
+    """A copy of ``model`` as llm-chat runs it for ``variant`` ("fp32", "int8",
+    "fp32-compile", "int8-compile"), and its decode mode."""
+    import copy
+
+    from tritonlm.engine.model.inference_weights import prepare_inference_weights
+
+    weights, _, mode = variant.partition("-")
+    return prepare_inference_weights(copy.deepcopy(model), weights), mode or "eager"
+
+
+def ours_speed(model, mode: str, prompt: list[int], n_new: int, threads: int,
+               repeats: int) -> dict:  # fmt: skip
+    """Prefill and decode tokens/s of ``generate`` with a reused decode step (as llm-chat),
+    greedy, never stopping early; the first run warms up (and compiles)."""
     import torch
+    from tritonlm.engine.inference.generate import generate
+    from tritonlm.engine.inference.sampling import SamplingConfig
+    from tritonlm.engine.model.decode_step import DecodeStep
 
     torch.set_num_threads(threads)
-    best_p = best_d = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first run warms up
-            cache = model.new_cache(1, max_len=len(prompt) + n_new + 1)
-            t0 = time.perf_counter()
-            t = model.forward_cached(torch.tensor([prompt]), cache, last_only=True)[0, -1].argmax()
-            t1 = time.perf_counter()
-            for _ in range(n_new):
-                t = model.forward_cached(t.view(1, 1), cache)[0, -1].argmax()
-            t2 = time.perf_counter()
-            best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
-    return {"prompt_tok_s": len(prompt) / best_p, "decode_tok_s": n_new / best_d}
+    cfg = SamplingConfig(temperature=0, max_new_tokens=n_new + 1)
+    decoder = DecodeStep(model, model.new_cache(1, max_len=len(prompt) + n_new + 2), mode)
+    best_p = best_d = 0.0
+    for _ in range(repeats + 1):
+        r = generate(model, None, prompt, cfg, stop_token_ids=[], decoder=decoder)
+        best_p = max(best_p, len(prompt) / r.time_to_first_token_s)
+        best_d = max(best_d, r.decode_tokens_per_s)
+    return {"prompt_tok_s": best_p, "decode_tok_s": best_d}
 
 
 def profile_decode(model, prompt: list[int], n_new: int) -> list[tuple[str, float]]:
-    """Share of one-thread decode time per torch op (self CPU time), plus the rest."""
+    """Share of one-thread decode time per torch op (self CPU time), plus the rest: the
+    eager decode step over ``model`` (prepared as llm-chat loads it)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from tritonlm.engine.model.decode_step import DecodeStep
 
     torch.set_num_threads(1)
-    with torch.no_grad():
-        cache = model.new_cache(1, max_len=len(prompt) + n_new + 1)
-        t = model.forward_cached(torch.tensor([prompt]), cache, last_only=True)[0, -1].argmax()
+    step = DecodeStep(model, model.new_cache(1, max_len=len(prompt) + n_new + 1))
+    pad = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        t = model.forward_cached(torch.tensor([prompt]), step.cache, last_only=True)[0, -1]
+        t = t.argmax().view(1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            for _ in range(n_new):
-                t = model.forward_cached(t.view(1, 1), cache)[0, -1].argmax()
+            for i in range(len(prompt), len(prompt) + n_new):
+                t = step(t, torch.tensor([i]), pad, i + 1).argmax(-1)
             wall = time.perf_counter() - t0
     rows = sorted(
         ((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()), key=lambda r: -r[1]
@@ -447,17 +466,17 @@ def best(cells: list[dict]) -> dict:
 
 
 def compare_speed(loaded: dict, specs: dict, args, threads: list[int]) -> tuple[dict, dict]:
-    """Our f32 KV-cached loop vs llama.cpp on each exported file, in alternating rounds
+    """Ours (each --ours variant) vs llama.cpp on each exported file, in alternating rounds
     (the machine is shared: both sides see the same load), best of --repeats each; then a
-    profile of our decode step."""
+    profile of our eager float32 decode step."""
+    variants = args.ours.split(",")
     print(f"\n== tokens/s, best of {args.repeats}: pp = prompt (prefill), tg = decode")
-    print(
-        f"{'model':7} {'thr':>3} {'ours pp':>8} {'ours tg':>8} | llama.cpp pp / tg: "
-        + ", ".join(DTYPES)
-    )
+    print(f"{'model':7} {'thr':>3} " + " ".join(f"{'ours ' + v:>22}" for v in variants)
+          + " | llama.cpp pp / tg: " + ", ".join(DTYPES))  # fmt: skip
     speed, prof = {}, {}
     for preset, (_, model, _) in loaded.items():
         spec = specs[f"{preset}/f32"]["speed"]
+        ours_models = {v: ours_model(model, v) for v in variants}
         for n in threads:
             job = {
                 "models": {
@@ -469,11 +488,9 @@ def compare_speed(loaded: dict, specs: dict, args, threads: list[int]) -> tuple[
             rounds = []
             for _ in range(args.repeats):
                 theirs = run_worker(args.venv, job, args.work)["models"]
-                ours = ours_speed(model, spec["prompt"], spec["n_new"], n, 1)
-                rounds.append(
-                    {"ours_f32": ours}
-                    | {f"llama_cpp_{d}": theirs[d]["speed"][str(n)] for d in DTYPES}
-                )
+                ours = {f"ours_{v}": ours_speed(m, mode, spec["prompt"], spec["n_new"], n, 1)
+                        for v, (m, mode) in ours_models.items()}  # fmt: skip
+                rounds.append(ours | {f"llama_cpp_{d}": theirs[d]["speed"][str(n)] for d in DTYPES})
             cell = {k: best([r[k] for r in rounds]) for k in rounds[0]}
             speed[f"{preset}/{n}"] = {
                 "prompt_len": len(spec["prompt"]),
@@ -485,9 +502,12 @@ def compare_speed(loaded: dict, specs: dict, args, threads: list[int]) -> tuple[
                 "{prompt_tok_s:7.0f} / {decode_tok_s:5.0f}".format(**cell[f"llama_cpp_{d}"])
                 for d in DTYPES
             )
-            o = cell["ours_f32"]
-            print(f"{preset:7} {n:>3} {o['prompt_tok_s']:8.0f} {o['decode_tok_s']:8.0f} | {lc}")
-        prof[preset] = profile_decode(model, spec["prompt"], spec["n_new"])
+            mine = " ".join(
+                "{prompt_tok_s:11.0f} / {decode_tok_s:8.0f}".format(**cell[f"ours_{v}"])
+                for v in variants
+            )
+            print(f"{preset:7} {n:>3} {mine} | {lc}")
+        prof[preset] = profile_decode(ours_model(model, "fp32")[0], spec["prompt"], spec["n_new"])
     for preset, rows in prof.items():
         print(
             f"{preset} decode, 1 thread, share of wall time: "
@@ -534,21 +554,26 @@ def run(args) -> int:
                 "prompts": PROMPTS if dtype != "q8_0" else None,
                 "speed": {"prompt": speed_prompt, "n_new": min(64, ctx - len(speed_prompt) - 1)},
             }
-    job = {"models": {k: {**v, "speed": None} for k, v in specs.items()}, "max_new": MAX_NEW}
-    theirs = run_worker(args.venv, job, args.work)
     report = {
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
+            "load_avg_start": os.getloadavg(),
         },
-        "llama_cpp_python": theirs["llama_cpp_python"],
         "install": install,
-        "tokenizer": check_tokenizer(loaded, texts, theirs),
-        "greedy": check_greedy(loaded, theirs),
-        "gqa_logits": check_gqa_logits(args.work, loaded["seed"][2], args.venv),
+        "ours_variants": args.ours.split(","),
     }
+    if not args.speed_only:
+        job = {"models": {k: {**v, "speed": None} for k, v in specs.items()}, "max_new": MAX_NEW}
+        theirs = run_worker(args.venv, job, args.work)
+        report |= {
+            "llama_cpp_python": theirs["llama_cpp_python"],
+            "tokenizer": check_tokenizer(loaded, texts, theirs),
+            "greedy": check_greedy(loaded, theirs),
+            "gqa_logits": check_gqa_logits(args.work, loaded["seed"][2], args.venv),
+        }
     report["speed"], report["profile"] = compare_speed(loaded, specs, args, threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
@@ -565,7 +590,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results" / "verify_llamacpp.json")
+    p.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the speed table and profile (no tokenizer/greedy checks)",
+    )
+    p.add_argument("--ours", default="fp32,int8",
+                   help="our contenders: fp32, int8, fp32-compile, int8-compile (the compiled "
+                   "step takes minutes to compile first)")  # fmt: skip
     args = p.parse_args(argv)
+    unknown = set(args.ours.split(",")) - {"fp32", "int8", "fp32-compile", "int8-compile"}
+    if unknown:
+        p.error(f"--ours: unknown variant(s) {', '.join(sorted(unknown))}")
     if args.worker:
         return worker(args.worker)
     return run(args)

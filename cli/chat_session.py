@@ -79,18 +79,18 @@ class Session:
 
 
 def load(path: str, device, backend: str, weights: str = "fp32"):
-    """Load a checkpoint (its block matrices in int8 when ``weights`` is "int8"); errors
-    become UsageError with the engine's one-line message."""
+    """Load a checkpoint prepared for decoding (engine.model.inference_weights: int8 block
+    matrices when ``weights`` is "int8"); errors become UsageError with the engine's
+    one-line message."""
     from tritonlm.engine.checkpoint.checkpoint_files import CheckpointError
     from tritonlm.engine.lora.adapter_checkpoint import load_model
-    from tritonlm.engine.model.int8 import quantize_int8
+    from tritonlm.engine.model.inference_weights import prepare_inference_weights
 
     try:  # an adapter checkpoint comes merged into its base
         ckpt = load_model(path, device=device, backend=backend)
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
         raise UsageError(user_message(e)) from None
-    if weights == "int8":
-        quantize_int8(ckpt.model)
+    prepare_inference_weights(ckpt.model, weights)  # int8 if asked; column-major on the CPU
     return ckpt
 
 

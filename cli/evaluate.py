@@ -165,10 +165,9 @@ def run(args, argv: list[str]) -> int:
     texts = load_texts(args.data, option="--data") if args.data else None
     # LoRA: base + adapters, merged
     ckpt = load_model(args.checkpoint, device=device, backend=args.backend)
-    if args.weights == "int8":
-        from tritonlm.engine.model.int8 import quantize_int8
+    from tritonlm.engine.model.inference_weights import prepare_inference_weights
 
-        quantize_int8(ckpt.model)
+    prepare_inference_weights(ckpt.model, args.weights)  # int8 if asked; CPU: column-major
     max_len = ckpt.model.config.max_seq_len
     if args.context and args.context > max_len:
         raise UsageError(f"--context {args.context} exceeds the model's context {max_len}")

@@ -55,9 +55,22 @@ def test_bench_decode_records_each_variant_and_token_parity(tmp_path):
             "--new-tokens", "4", "--repeats", "1", "--out", str(out)]  # fmt: skip
     run_script("bench_decode.py", *args)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["weights"]) for r in rows] == [("eager", "fp32"), ("eager", "int8")]
+    assert [(r["mode"], r["weights"], r["layout"]) for r in rows] == [
+        ("eager", "fp32", "row"), ("eager", "fp32", "col"),
+        ("eager", "int8", "row"), ("eager", "int8", "col"),
+    ]  # fmt: skip
     assert all(r["decode_tok_s"] > 0 for r in rows)
     assert rows[0]["same_tokens_as_eager_fp32"] is True
+    assert rows[1]["same_tokens_as_eager_fp32"] is True  # the layout changes no token
+
+
+def test_bench_decode_streams_both_layouts(tmp_path):
+    out = tmp_path / "stream.json"
+    run_script("bench_decode.py", "--presets", "seed", "--vocab", "256", "--parts", "stream",
+               "--repeats", "1", "--out", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["row", "col"]
+    assert all(r["gbytes_per_s"] > 0 and r["weight_gbytes"] > 0 for r in rows)
 
 
 def test_autotune_refuses_without_cuda_in_one_line(tmp_path):

@@ -65,3 +65,15 @@ def test_eval_perplexity_cost_of_int8_is_small(ckpt, tmp_path, capsys, restore_t
         scores[weights] = out["text"]["bits_per_byte"]
     assert scores["int8"] == pytest.approx(scores["fp32"], rel=0.05)
     assert scores["int8"] != scores["fp32"]  # the int8 matrices were really used
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_the_chat_and_server_loader_lays_weights_out_column_major(ckpt, weights):
+    """llm-chat and llm-serve load through chat_session.load: on the CPU every matrix comes
+    back column-major (engine.model.inference_weights), int8 or not."""
+    from tritonlm.cli.chat_session import load
+
+    model = load(str(ckpt), torch.device("cpu"), "torch", weights).model
+    mats = [p for p in model.parameters() if p.dim() == 2]
+    mats += [m.q for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(mats) >= 5 and all(t.stride() == (1, t.shape[0]) for t in mats)
