@@ -258,7 +258,9 @@ def ours_model(model, variant: str):
     from tritonlm.engine.model.inference_weights import prepare_inference_weights
 
     weights, _, mode = variant.partition("-")
-    return prepare_inference_weights(copy.deepcopy(model), weights), mode or "eager"
+    mode = mode or "eager"
+    return prepare_inference_weights(copy.deepcopy(model), weights,
+                                     compiled=mode == "compile"), mode  # fmt: skip
 
 
 def ours_speed(model, mode: str, prompt: list[int], n_new: int, threads: int,

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = sampling_from_args(args)
         device = device_and_backend(args)
         apply_threads(args)
-        ckpt = load(args.checkpoint, device, args.backend, args.weights)
+        ckpt = load(args.checkpoint, device, args.backend, args.weights, args.compile)
         from tritonlm.engine.model.cuda_graphs import pick_decode_mode
 
         if not args.raw and ckpt.tokenizer.config.chat_template == "none":

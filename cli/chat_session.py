@@ -78,7 +78,7 @@ class Session:
         return msgs + past + [{"role": "user", "content": user_text}]
 
 
-def load(path: str, device, backend: str, weights: str = "fp32"):
+def load(path: str, device, backend: str, weights: str = "fp32", compiled: bool = False):
     """Load a checkpoint prepared for decoding (engine.model.inference_weights: int8 block
     matrices when ``weights`` is "int8"); errors become UsageError with the engine's
     one-line message."""
@@ -90,7 +90,7 @@ def load(path: str, device, backend: str, weights: str = "fp32"):
         ckpt = load_model(path, device=device, backend=backend)
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
         raise UsageError(user_message(e)) from None
-    prepare_inference_weights(ckpt.model, weights)  # int8 if asked; column-major on the CPU
+    prepare_inference_weights(ckpt.model, weights, compiled=compiled)  # CPU: column-major
     return ckpt
 
 
@@ -250,7 +250,8 @@ def command(session: Session, line: str, out) -> bool:
         if not rest:
             raise CommandError("/load needs a checkpoint path")
         try:
-            ckpt = load(os.path.expanduser(rest), session.device, session.backend, session.weights)
+            ckpt = load(os.path.expanduser(rest), session.device, session.backend, session.weights,
+                        session.decode == "compile")  # fmt: skip
         except UsageError as e:
             raise CommandError(str(e)) from None
         session.checkpoint = ckpt

@@ -131,7 +131,7 @@ def serve(args: argparse.Namespace) -> int:
     from .chat_session import load
     from .serve_app import create_app
 
-    ckpt = load(args.checkpoint, device=device, backend=args.backend)
+    ckpt = load(args.checkpoint, device=device, backend=args.backend, compiled=args.compile)
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
     limits = Limits(name, ckpt.model.config.max_seq_len, args.max_new_tokens_cap)
     metrics = _metrics()

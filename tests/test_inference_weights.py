@@ -68,6 +68,14 @@ def test_int8_matrices_are_laid_out_too(tok):
         torch.testing.assert_close(model(idx)[0], plain(idx)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_compiled_step_keeps_int8_row_major_and_floats_column_major(tok):
+    model = prepare_inference_weights(tiny_model(tok, SHAPE), "int8", compiled=True)
+    qs = [m.q for m in model.modules() if isinstance(m, Int8Linear)]
+    assert qs and all(q.is_contiguous() for q in qs)  # inductor's int8 product prefers it
+    emb = model.tok_emb.weight
+    assert emb.stride() == (1, emb.shape[0])
+
+
 def test_unknown_weight_format_is_a_setting_error(tok):
     with pytest.raises(SettingError, match="weights must be one of"):
         prepare_inference_weights(tiny_model(tok, SHAPE), "int4")
