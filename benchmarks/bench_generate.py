@@ -206,10 +206,10 @@ def main(argv=None) -> int:
         peer = None if args.no_peer else build_peer(cfg, device)
         params = model.num_parameters()
         decoder = None
-        if args.weights == "int8":
-            from tritonlm.engine.model.int8 import quantize_int8
+        if device.type == "cpu" or args.weights == "int8":  # as llm-chat loads it
+            from tritonlm.engine.model.inference_weights import prepare_inference_weights
 
-            quantize_int8(model)
+            prepare_inference_weights(model, args.weights, compiled=args.decode == "compile")
         if args.decode != "eager":  # one step over one cache for every L: compiled once
             from tritonlm.engine.model.decode_step import DecodeStep
 
