@@ -359,18 +359,19 @@ class Transformer(nn.Module):
         can reach the full context; dtype/device default to the model's parameters."""
         device = self.device if device is None else torch.device(device)
         dtype = self.tok_emb.weight.dtype if dtype is None else dtype
-        if pad is None:
-            pad = torch.zeros(batch_size, dtype=torch.long)
-        pad = torch.as_tensor(pad, dtype=torch.long, device=device)
-        if pad.shape != (batch_size,) or bool((pad < 0).any()):
-            raise ValueError(f"pad must be {batch_size} non-negative ints, got {pad.tolist()}")
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
+            if pad.shape != (batch_size,) or bool((pad < 0).any()):
+                raise ValueError(f"pad must be {batch_size} non-negative ints, got {pad.tolist()}")
         if max_len is None:
-            max_len = self.config.max_seq_len + int(pad.max())
+            max_len = self.config.max_seq_len + (0 if pad is None else int(pad.max()))
         shape = (batch_size, self.config.n_kv_heads, max_len, self.config.head_dim)
         itemsize = torch.empty((), dtype=dtype).element_size()
         reason = too_big(cache_bytes(self.config, batch_size, max_len, itemsize), device)
         if reason:  # e.g. a huge context times the server's rows: refuse, never OOM
             raise ConfigError(f"a KV cache of {batch_size} rows x {max_len} positions {reason}")
+        if pad is None:  # only now: a refused size must not allocate even its pad row
+            pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         L = self.config.n_layers
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
