@@ -8,12 +8,15 @@ For each op (RMSNorm forward and backward per hidden-size class, cross-entropy o
 vocabularies, the fused linear cross-entropy's chunk budget) and each dtype, every config
 of ``kernels/configs.py``'s SWEEP_SPACE is first checked against the torch reference (a
 wrong config is dropped, never chosen), then timed (triton.testing.do_bench, median);
-the fastest becomes that (arch, op, dtype, shape class) entry. The table is the only thing
-launchers read at run time, so the search never happens during training. The existing
-table's other archs are kept; this arch's entries are replaced. Every sweep config is
-built ahead of time for sm_80/sm_90 by tests/test_kernel_build.py, so whatever this picks
-compiles without register spills. On the CPU (the interpreter) the timings mean nothing:
-`--quick` only proves the script runs, and writes to benchmarks/results/ by default.
+the fastest becomes that (arch, op, dtype, shape class) entry. Attention (fp16/bf16): the
+forward, packed forward, dk/dv and dq tiles per head-dim class at B*H = 64, T = 4096
+(`--ops attention` alone takes minutes: every point is a new kernel build). The table is
+the only thing launchers read at run time, so the search never happens during training.
+The existing table's other archs are kept; this arch's entries of the tuned ops are
+replaced. Every sweep config is built ahead of time by tests/test_kernel_build.py (RMSNorm
+and cross-entropy for sm_80/sm_90, attention for sm_90), so whatever this picks compiles
+without register spills. On the CPU (the interpreter) the timings mean nothing: `--quick`
+only proves the script runs, and writes to benchmarks/results/ by default.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,11 +36,15 @@ gpu_check_boot.ensure_importable()
 
 import torch  # noqa: E402
 from gpu_check_speed import bench_ms  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+from tritonlm.kernels import attention as attn  # noqa: E402
+from tritonlm.kernels import attention_configs as attn_cfg  # noqa: E402
 from tritonlm.kernels import configs, launch  # noqa: E402
 from tritonlm.kernels import cross_entropy as ce  # noqa: E402
 from tritonlm.kernels import rmsnorm as rms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPS = ("rmsnorm", "cross_entropy", "attention")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -127,10 +135,65 @@ def tune_linear_ce(n: int, d: int, vocab: int, dtype: torch.dtype, device: str) 
     return {k: best[k] for k in configs.SWEEP_SPACE["linear_cross_entropy"]}, timings
 
 
+def _attention_ok(run, refs: tuple, fwd: bool, dtype: torch.dtype) -> bool:
+    """Whether one attention point matches the fp32 reference: the output of a forward
+    run, dq/dk/dv of a backward run (`refs` = out, dq, dk, dv)."""
+    if fwd:
+        return _close(run()[0], refs[0], dtype)
+    return all(_close(a, b, dtype) for a, b in zip(run(), refs[1:], strict=True))
+
+
+def tune_attention(shape: tuple, dtype: torch.dtype, device: str, limit: int | None) -> list:
+    """[(op, class, best cfg, timings)] for the four attention ops at one (B, H, T, D),
+    causal, multi-head; the packed forward on rows of 512-token documents. Each backward
+    point varies one kernel (dk/dv or dq) with the other at the table's tiles, and times
+    the whole backward."""
+    B, H, T, D = shape
+    g = torch.Generator(device=device).manual_seed(D)
+    q, k, v, do = (torch.randn(B, H, T, D, device=device, generator=g).to(dtype)
+                   for _ in range(4))  # fmt: skip
+    ids = (torch.arange(T, device=device) // 512).expand(B, T)
+    start, _ = attn.document_bounds(ids)
+    base = attn_cfg.attention_config(D, dtype, arch=launch.arch(q.device))
+    cls = attn_cfg.attention_class(D)
+    refs = {}
+    for docs in (False, True):
+        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+        out = attn.attention_reference(qr, kr, vr, document_ids=ids if docs else None)
+        out.backward(do.float())
+        refs[docs] = (out.detach(), qr.grad, kr.grad, vr.grad)
+    out, lse = attn.run_forward(q, k, v, None, None, None, base.fwd)
+    results = []
+    for op in attn_cfg.OPS:
+        docs = op.endswith("_docs")
+        ds = start if docs else None
+        timings = []
+        for point in configs.sweep(op, attn_cfg.block_d(D))[:limit]:
+            tiles = attn_cfg.KernelConfig.of(point)
+            fwd = op.startswith("attention_fwd")
+            if fwd:
+                run = lambda t=tiles, ds=ds: attn.run_forward(q, k, v, None, None, ds, t)  # noqa: E731
+            else:
+                cfg = replace(base, **{op.removeprefix("attention_"): tiles})
+                run = lambda c=cfg: attn.run_backward(do, q, k, v, out, lse, None, None,  # noqa: E731
+                                                      None, None, c)  # fmt: skip
+            try:
+                ok = _attention_ok(run, refs[docs], fwd, dtype)
+            except OutOfResources as exc:  # over this GPU's shared memory (an A100's 163 KiB)
+                timings.append({**point, "ok": False, "ms": None, "error": str(exc)[:200]})
+                continue
+            timings.append({**point, "ok": ok, "ms": bench_ms(run) if ok else None})
+        best = _fastest(timings, f"{op} d{D}")
+        results.append((op, cls, {key: best[key] for key in configs.SWEEP_SPACE[op]}, timings))
+    return results
+
+
 def merge(table: dict, arch: str, entries: list[tuple[str, str, str, dict]]) -> dict:
-    """A copy of `table` whose `arch` holds exactly `entries` (op, dtype, class, cfg)."""
+    """A copy of `table` whose `arch` holds exactly `entries` (op, dtype, class, cfg) for
+    the ops they name; the arch's other ops (not tuned in this run) are kept."""
     out = {k: v for k, v in table.items() if k != arch}
-    mine: dict = {}
+    tuned = {op for op, *_ in entries}
+    mine: dict = {op: v for op, v in table.get(arch, {}).items() if op not in tuned}
     for op, dt, cls, cfg in entries:
         mine.setdefault(op, {}).setdefault(dt, {})[cls] = dict(cfg)
     out[arch] = mine
@@ -145,10 +208,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "on CUDA, benchmarks/results/kernel_configs_<arch>.json otherwise)")  # fmt: skip
     p.add_argument("--json", default=None, help="all timings (default: benchmarks/results/"
                    "autotune_<arch>.json)")  # fmt: skip
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)} "
+                   "(default: all)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="time only the first N attention points per op (smoke runs)")  # fmt: skip
     args = p.parse_args(argv)
     bad = set(args.dtypes.split(",")) - set(DTYPES)
     if bad:
         p.error(f"unknown dtype(s) {', '.join(sorted(bad))}; choose from bf16, fp16, fp32")
+    bad = set(args.ops.split(",")) - set(OPS)
+    if bad:
+        p.error(f"unknown op(s) {', '.join(sorted(bad))}; choose from {', '.join(OPS)}")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: give 1 or more")
     return args
 
 
@@ -163,19 +235,34 @@ def main(argv=None) -> int:
     arch = launch.arch(torch.device(device))
     if args.quick:
         hidden, rows, vocabs, lce = [20, 100], 8, [300], (16, 32, 300)
+        attention_shapes = [(1, 1, 40, 32)]
     else:
         hidden, rows, vocabs, lce = [768, 2048, 4096, 8192, 12288], 16384, [32000, 128256], (
             8192, 2048, 128256)  # fmt: skip
+        attention_shapes = [(4, 16, 4096, 64), (4, 16, 4096, 128)]  # B*H = 64 fills an H100
+    ops = args.ops.split(",")
     entries, report = [], {"arch": arch, "device": device, "quick": args.quick, "ops": []}
     t0 = time.perf_counter()
     for dt_name in args.dtypes.split(","):
         dtype = DTYPES[dt_name]
+        if "attention" in ops and dtype != torch.float32:  # fp32 tiles stay reasoned (ieee dots)
+            for shape in attention_shapes:
+                for op, cls, cfg, timings in tune_attention(shape, dtype, device, args.limit):
+                    entries.append((op, dt_name, cls, cfg))
+                    report["ops"].append({"op": op, "dtype": dt_name, "shape": shape,
+                                          "class": cls, "best": cfg,
+                                          "timings": timings})  # fmt: skip
+                    print(f"{op} {dt_name} {cls}: {cfg}", flush=True)
+        if "rmsnorm" not in ops:
+            hidden = []
         for d in hidden:
             for direction, (cls, cfg, timings) in tune_rmsnorm(rows, d, dtype, device).items():
                 entries.append((f"rmsnorm_{direction}", dt_name, cls, cfg))
                 report["ops"].append({"op": f"rmsnorm_{direction}", "dtype": dt_name, "d": d,
                                       "class": cls, "best": cfg, "timings": timings})  # fmt: skip
                 print(f"rmsnorm_{direction} {dt_name} d{d} ({cls}): {cfg}", flush=True)
+        if "cross_entropy" not in ops:
+            continue
         cfg, timings = tune_cross_entropy(rows // 2 or 1, vocabs, dtype, device)
         entries.append(("cross_entropy", dt_name, "large", cfg))
         report["ops"].append({"op": "cross_entropy", "dtype": dt_name, "class": "large",

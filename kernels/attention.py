@@ -39,24 +39,24 @@ applies on top (padding may also be written as a document of its own).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from . import _attention_bwd, _attention_fwd
+from . import _attention_bwd, _attention_fwd, configs
 from ._triton import HAS_TRITON, triton
 from .aot_spec import AotSpec
-from .launch import FLOAT_DTYPES, on_device, triton_type
+from .attention_configs import (
+    SUPPORTED_HEAD_DIMS,
+    AttentionConfig,
+    KernelConfig,
+    attention_config,
+    block_d,
+)
+from .launch import FLOAT_DTYPES, arch, on_device, triton_type
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 LOG2E = 1.4426950408889634
-
-
-def block_d(head_dim: int) -> int:
-    """Columns of a head-dim tile: `head_dim` rounded up to a power of two (tl.arange needs
-    one), so 96 runs in 128-wide tiles whose last 32 columns are masked."""
-    return 1 << (head_dim - 1).bit_length()
+SWEEP_HEAD_DIMS = (64, 128)  # what benchmarks/autotune_kernels.py tunes
 
 
 def group_size(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -118,65 +118,6 @@ def attention_reference(
 
 
 # --------------------------------------------------------------------------------------
-# Block sizes: the one place the launchers AND the AOT build gate take them from.
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch options of one kernel."""
-
-    block_m: int  # query rows per tile
-    block_n: int  # key rows per tile
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    fwd: KernelConfig
-    preprocess: KernelConfig  # block_n unused
-    dkdv: KernelConfig
-    dq: KernelConfig
-
-
-def attention_config(head_dim: int, dtype: torch.dtype, docs: bool = False) -> AttentionConfig:
-    """Block sizes for `head_dim` and `dtype`.
-
-    Every tile dimension is >= 16 (tl.dot on tensor cores). Forward and dq hold a
-    [block_m, D] fp32 accumulator and dk/dv two [block_n, D] ones, so wide heads get more
-    warps / smaller tiles. fp32 inputs use exact ("ieee") dots, which run on CUDA cores
-    (FMA) with far more registers per tile: small 32x32 tiles, 2 stages. In fp16/bf16
-    every multi-head build compiles without register spills for sm_80 and sm_90; the
-    grouped-query dk/dv kernel spills up to 40 bytes (its group loop keeps more live),
-    and some fp32 builds (D >= 64) spill, up to ~1.6 KB on sm_90: see
-    benchmarks/kernel_report.py. Head dim 96 takes 128's tiles (its tiles are 128
-    columns wide). Packed rows (`docs`): the fp16/bf16 forward's document mask keeps more
-    registers live, so it runs 8 warps at D <= 64 (4 spilled 28 bytes on sm_80 at D = 64)
-    and 64-row query tiles with 4 warps at D = 96/128 (128 rows spilled 44-48 bytes).
-    """
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"attention kernels support head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}"
-        )
-    head_dim = block_d(head_dim)
-    preprocess = KernelConfig(64, 16, 4, 1)
-    if dtype == torch.float32:
-        wide = 8 if head_dim == 128 else 4
-        fwd = KernelConfig(32, 32, 4, 2)
-        dkdv = KernelConfig(32, 32, wide, 2)
-        dq = KernelConfig(32, 32, wide, 2)
-        return AttentionConfig(fwd=fwd, preprocess=preprocess, dkdv=dkdv, dq=dq)
-    warps = 4 if head_dim <= 32 else 8
-    fwd = KernelConfig(128, 64, 8 if head_dim == 128 or docs else 4, 3)
-    if docs and head_dim == 128:
-        fwd = KernelConfig(64, 64, 4, 3)
-    dkdv = KernelConfig(32, 64 if head_dim == 128 else 128, warps, 3)
-    dq = KernelConfig(64 if head_dim == 128 else 128, 32, warps, 3)
-    return AttentionConfig(fwd=fwd, preprocess=preprocess, dkdv=dkdv, dq=dq)
-
-
-# --------------------------------------------------------------------------------------
 # Launchers: allocate, pick block sizes, launch. They trust their inputs (attention_triton
 # validates them once).
 # --------------------------------------------------------------------------------------
@@ -225,10 +166,24 @@ def attention_forward(
     denominator of the scaled scores times log2(e)); it is only meant for the backward.
     k, v may have fewer heads (H // Hkv query heads per kv head).
     """
+    docs = doc_start is not None
+    cfg = attention_config(q.shape[-1], q.dtype, docs=docs, arch=arch(q.device)).fwd
+    return run_forward(q, k, v, lengths, scale, doc_start, cfg)
+
+
+def run_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor | None,
+    scale: float | None,
+    doc_start: torch.Tensor | None,
+    cfg: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_forward` with the given tiles (the autotune sweep times each point)."""
     B, H, T, D = q.shape
     group = H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cfg = attention_config(D, q.dtype, docs=doc_start is not None).fwd
     out, lse = _forward_outputs(q)
     if out.numel() == 0:
         return out, lse
@@ -261,11 +216,29 @@ def attention_backward(
     """Gradients (dq, dk, dv), contiguous, in q.dtype, shaped like q, k, v, from `do` and
     the forward's (`out`, `lse`). Padding query rows and keys >= length get exactly zero;
     dk/dv of a kv head sum over the query heads of its group."""
+    grouped = k.shape[1] != q.shape[1]
+    cfg = attention_config(q.shape[-1], q.dtype, arch=arch(q.device), grouped=grouped)
+    return run_backward(do, q, k, v, out, lse, lengths, scale, doc_start, doc_end, cfg)
+
+
+def run_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lengths: torch.Tensor | None,
+    scale: float | None,
+    doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None,
+    cfg: AttentionConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention_backward` with the given tiles (the autotune sweep times each point)."""
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     group, bd = H // H_kv, block_d(D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cfg = attention_config(D, q.dtype)
     precision = _precision(q.dtype)
     lens, has_lens = (q, False) if lengths is None else (lengths, True)
     has_docs = doc_start is not None
@@ -458,57 +431,89 @@ def _strides(*tensors: str) -> list[str]:
 _VARIANTS = {"": (1, False), "_gqa": ("i32", False), "_docs": (1, True), "_docs_gqa": ("i32", True)}
 
 
-def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
-    """AotSpecs of every attention kernel (forward, preprocess, dk/dv, dq) for every
-    supported head dim, with `attention_config`'s block sizes for inputs of `dtype`, on the
-    padded-batch path (HAS_LENS=True, a superset of the unpadded one); forward, dk/dv and
-    dq in every `_VARIANTS` entry (multi-head or grouped-query, with or without documents)."""
+def kernel_spec(
+    kernel: str, D: int, dtype: torch.dtype, cfg: KernelConfig, variant: str = "", tag: str = ""
+) -> AotSpec:
+    """The AotSpec of one attention kernel ("fwd", "preprocess", "dkdv" or "dq") at head
+    dim `D` with tiles `cfg`, in build variant `variant` (a `_VARIANTS` key), on the
+    padded-batch path (HAS_LENS=True, a superset of the unpadded one). Named
+    ``attention_{fwd|bwd_preprocess|bwd_dkdv|bwd_dq}{variant}_d{D}_{dtype}{tag}``."""
     t = triton_type(dtype)
-    precision = _precision(dtype)
-    specs = []
-    for D in SUPPORTED_HEAD_DIMS:
-        cfg = attention_config(D, dtype)
-        packed = attention_config(D, dtype, docs=True)
-
-        def tiles(c, docs, D=D):
-            return {
-                "HAS_LENS": True,
-                "HAS_DOCS": docs,
-                "D": D,
-                "BLOCK_D": block_d(D),
-                "BLOCK_M": c.block_m,
-                "BLOCK_N": c.block_n,
-                "PRECISION": precision,
-            }
-
-        specs.append(_spec(
-            f"attention_bwd_preprocess_d{D}_{t}", _attention_bwd.attn_bwd_preprocess_kernel,
+    bd = block_d(D)
+    if kernel == "preprocess":
+        return _spec(
+            f"attention_bwd_preprocess_d{D}_{t}{tag}", _attention_bwd.attn_bwd_preprocess_kernel,
             {"O": f"*{t}", "DO": f"*{t}", "DELTA": "*fp32"},
             _strides("o", "do"), {"H": "i32", "T": "i32"}, [],
-            {"D": D, "BLOCK_D": block_d(D), "BLOCK_M": cfg.preprocess.block_m},
-            cfg.preprocess,
-        ))  # fmt: skip
-        for variant, (group, docs) in _VARIANTS.items():
-            ints = {"H": "i32", "T": "i32", "GROUP": group}
-            fwd = packed.fwd if docs else cfg.fwd
-            specs.append(_spec(
-                f"attention_fwd{variant}_d{D}_{t}", _attention_fwd.attn_fwd_kernel,
-                {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32",
-                 "LENS": "*i32", "DOC_START": "*i32"},
-                _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles(fwd, docs), fwd,
-            ))  # fmt: skip
-            for kernel, fn, c, outs, bounds in (
-                ("dkdv", _attention_bwd.attn_bwd_dkdv_kernel, cfg.dkdv, ["DK", "DV"],
-                 ["DOC_START", "DOC_END"]),
-                ("dq", _attention_bwd.attn_bwd_dq_kernel, cfg.dq, ["DQ"], ["DOC_START"]),
-            ):  # fmt: skip
-                names = ["Q", "K", "V", "DO", *outs]
-                pointers = {n: f"*{t}" for n in names}
-                pointers |= {"LSE": "*fp32", "DELTA": "*fp32", "LENS": "*i32"}
-                pointers |= {n: "*i32" for n in bounds}
-                strides = _strides(*(n.lower() for n in names))
-                specs.append(_spec(
-                    f"attention_bwd_{kernel}{variant}_d{D}_{t}", fn, pointers, strides, ints,
-                    ["qk_scale", "sm_scale"], tiles(c, docs), c,
-                ))  # fmt: skip
+            {"D": D, "BLOCK_D": bd, "BLOCK_M": cfg.block_m}, cfg,
+        )  # fmt: skip
+    group, docs = _VARIANTS[variant]
+    ints = {"H": "i32", "T": "i32", "GROUP": group}
+    tiles = {"HAS_LENS": True, "HAS_DOCS": docs, "D": D, "BLOCK_D": bd, "BLOCK_M": cfg.block_m,
+             "BLOCK_N": cfg.block_n, "PRECISION": _precision(dtype)}  # fmt: skip
+    if kernel == "fwd":
+        return _spec(
+            f"attention_fwd{variant}_d{D}_{t}{tag}", _attention_fwd.attn_fwd_kernel,
+            {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32",
+             "LENS": "*i32", "DOC_START": "*i32"},
+            _strides("q", "k", "v", "o"), ints, ["qk_scale"], tiles, cfg,
+        )  # fmt: skip
+    fn, outs, bounds = {
+        "dkdv": (_attention_bwd.attn_bwd_dkdv_kernel, ["DK", "DV"], ["DOC_START", "DOC_END"]),
+        "dq": (_attention_bwd.attn_bwd_dq_kernel, ["DQ"], ["DOC_START"]),
+    }[kernel]
+    names = ["Q", "K", "V", "DO", *outs]
+    pointers = {n: f"*{t}" for n in names}
+    pointers |= {"LSE": "*fp32", "DELTA": "*fp32", "LENS": "*i32"}
+    pointers |= {n: "*i32" for n in bounds}
+    strides = _strides(*(n.lower() for n in names))
+    return _spec(
+        f"attention_bwd_{kernel}{variant}_d{D}_{t}{tag}", fn, pointers, strides, ints,
+        ["qk_scale", "sm_scale"], tiles, cfg,
+    )  # fmt: skip
+
+
+def _tag(cfg: KernelConfig) -> str:
+    return f"_m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """AotSpecs of every attention kernel (forward, preprocess, dk/dv, dq) for every
+    supported head dim with the tiles `attention_config` gives inputs of `dtype` on every
+    arch of the table; forward, dk/dv and dq in every `_VARIANTS` entry (multi-head or
+    grouped-query, with or without documents). The "default" arch's builds have plain
+    names; another arch's tiles, where they differ, add a build named with their tiles."""
+    specs: dict[str, AotSpec] = {}
+    plain: dict[tuple, KernelConfig] = {}
+    for arch_key in configs.table_archs():  # "default" first
+        for D in SUPPORTED_HEAD_DIMS:
+            cfg = attention_config(D, dtype, arch=arch_key)
+            packed = attention_config(D, dtype, docs=True, arch=arch_key)
+            gqa_dkdv = attention_config(D, dtype, arch=arch_key, grouped=True).dkdv
+            jobs = [("preprocess", "", cfg.preprocess)]
+            for variant, (group, docs) in _VARIANTS.items():
+                dkdv = cfg.dkdv if group == 1 else gqa_dkdv
+                jobs += [("fwd", variant, packed.fwd if docs else cfg.fwd),
+                         ("dkdv", variant, dkdv), ("dq", variant, cfg.dq)]  # fmt: skip
+            for kernel, variant, c in jobs:
+                first = plain.setdefault((kernel, variant, D), c)
+                spec = kernel_spec(kernel, D, dtype, c, variant, "" if c == first else _tag(c))
+                specs[spec.name] = spec
+    return list(specs.values())
+
+
+def sweep_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """Builds of every point of the autotune sweep space (configs.SWEEP_SPACE) of the
+    multi-head forward, packed forward, dk/dv and dq at the head dims the autotune tunes
+    (SWEEP_HEAD_DIMS: the "d64" and "d128" classes; "d32" keeps the shipped tiles)."""
+    specs = []
+    for D in SWEEP_HEAD_DIMS:
+        for op in configs.SWEEP_SPACE:
+            if not op.startswith("attention_"):
+                continue
+            kernel = op.removeprefix("attention_").removesuffix("_docs")
+            variant = "_docs" if op.endswith("_docs") else ""
+            for point in configs.sweep(op, block_d(D)):
+                cfg = KernelConfig.of(point)
+                specs.append(kernel_spec(kernel, D, dtype, cfg, variant, _tag(cfg)))
     return specs

@@ -20,6 +20,10 @@ Ops and their parameters:
 - ``rmsnorm_bwd``: block_m (rows per tile), num_warps, programs_per_sm (persistent grid)
 - ``cross_entropy``: block_v (vocabulary columns per step), num_warps
 - ``linear_cross_entropy``: chunk_elements (logits one chunk may hold), min_chunk_rows
+- ``attention_fwd``, ``attention_fwd_docs``, ``attention_dkdv``, ``attention_dkdv_gqa``,
+  ``attention_dq``: block_m
+  (query rows), block_n (key rows), num_warps, num_stages; shape class ``d{BLOCK_D}``
+  (read through :func:`.attention_configs.attention_config`)
 
 Every config in the table and in :data:`SWEEP_SPACE` must compile for sm_80 and sm_90
 without register spills: ``tests/test_kernel_build.py`` builds them all.
@@ -44,11 +48,18 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "rmsnorm_bwd": {"block_m": 1, "num_warps": 4, "programs_per_sm": 4},
     "cross_entropy": {"block_v": 4096, "num_warps": 8},
     "linear_cross_entropy": {"chunk_elements": 2**27, "min_chunk_rows": 1},
+    "attention_fwd": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    "attention_fwd_docs": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    "attention_dkdv": {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3},
+    "attention_dkdv_gqa": {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3},
+    "attention_dq": {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 3},
 }
 
 # Largest tile (rows x columns) one RMSNorm program holds in registers: 8192 fp32 values
 # spread over 4-16 warps stays well under 255 registers per thread.
 MAX_TILE = 8192
+
+_ATTENTION_BWD_LAUNCH = {"num_warps": (4, 8), "num_stages": (2, 3)}
 
 # What the autotune sweep tries (per arch, dtype and shape class); each point must also
 # satisfy :func:`valid`.
@@ -57,7 +68,29 @@ SWEEP_SPACE: dict[str, dict[str, tuple[int, ...]]] = {
     "rmsnorm_bwd": {"block_m": (1, 2, 4), "num_warps": (4, 8, 16), "programs_per_sm": (2, 4, 8)},
     "cross_entropy": {"block_v": (2048, 4096, 8192), "num_warps": (4, 8, 16)},
     "linear_cross_entropy": {"chunk_elements": (2**25, 2**26, 2**27), "min_chunk_rows": (1,)},
+    # attention (fp16/bf16): Triton's fused-attention tutorial space for the forward; the
+    # backward kernels hold a long block (keys for dk/dv, queries for dq) and step through
+    # short ones, as the tutorial's backward does. Every point is a kernel build, so the
+    # space is kept to what the build gate can compile in CI (about 100 builds)
+    "attention_fwd": {
+        "block_m": (64, 128),
+        "block_n": (32, 64, 128),
+        "num_warps": (4, 8),
+        "num_stages": (3, 4),
+    },
+    "attention_fwd_docs": {
+        "block_m": (64, 128),
+        "block_n": (32, 64),
+        "num_warps": (4, 8),
+        "num_stages": (3,),
+    },
+    "attention_dkdv": {"block_m": (16, 32, 64), "block_n": (64, 128), **_ATTENTION_BWD_LAUNCH},
+    "attention_dq": {"block_m": (64, 128), "block_n": (16, 32, 64), **_ATTENTION_BWD_LAUNCH},
 }
+
+# Shared memory a block may use: sm_90's 227 KiB (sm_80 has 163 KiB; a config over it
+# fails at launch there and the autotune sweep drops it).
+MAX_SHARED = 232_448
 
 
 def rmsnorm_class(block_n: int, one_pass: bool) -> str:
@@ -88,7 +121,34 @@ def valid(op: str, cfg: dict[str, int], block_n: int = 0) -> bool:
         return tile <= MAX_TILE and (cfg["num_warps"] <= 4 or tile >= 8 * threads)
     if op == "cross_entropy":
         return cfg["num_warps"] <= 4 or cfg["block_v"] >= 8 * 32 * cfg["num_warps"]
+    if op.startswith("attention"):
+        return attention_fits(op, cfg, block_n)
     return True
+
+
+def attention_fits(op: str, cfg: dict[str, int], block_d: int) -> bool:
+    """Whether attention tiles stay in registers and shared memory at head-dim tile
+    `block_d` (fp16/bf16). Register load = fp32 values per thread of the tiles a step keeps
+    live: forward S [m, n] and the accumulator [m, d]; dk/dv its two accumulators [n, d]
+    and S/dS [n, m]; dq its accumulator [m, d] and S/dS [m, n]. Fitted to sm_90 builds of
+    432 configs at d 32/64/128 (stages 2-4): every load <= 128 built without spills
+    except 4 warps at d 128 (one spilled at 128), hence <= 96 there, and dq at 128 with
+    4 stages (16 bytes; the backward space stops at 3). Shared memory: the forward's
+    pipelined K and V tiles num_stages deep plus Q (exact for the builds); for the
+    backward a lower bound, the build gate checks the real figure.
+
+    Example: attention_fwd {"block_m": 128, "block_n": 64, "num_warps": 8,
+    "num_stages": 3} at d 128 -> True (load 96); with 4 warps -> False (load 192).
+    """
+    m, n, warps = cfg["block_m"], cfg["block_n"], cfg["num_warps"]
+    if op.startswith("attention_fwd"):
+        load, shared = m * n + m * block_d, cfg["num_stages"] * n * block_d * 4 + m * block_d * 2
+    elif op.startswith("attention_dkdv"):
+        load, shared = 2 * n * block_d + 2 * n * m, cfg["num_stages"] * m * block_d * 4
+    else:  # attention_dq
+        load, shared = m * block_d + 2 * m * n, cfg["num_stages"] * n * block_d * 4
+    limit = 96 if warps == 4 and block_d >= 128 else 128
+    return load / (32 * warps) <= limit and shared <= MAX_SHARED
 
 
 def sweep(op: str, block_n: int = 0) -> list[dict[str, int]]:

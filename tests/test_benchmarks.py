@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tritonlm.kernels import attention_configs
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -95,14 +97,33 @@ def test_autotune_merge_replaces_only_its_arch():
     new = autotune_kernels.merge(old, "sm90", entries)
     assert new["default"] == old["default"] and new["_about"] == "x"
     assert new["sm90"] == {
+        "cross_entropy": {},
         "rmsnorm_fwd": {
             "bf16": {
                 "n1024": {"block_m": 2, "num_warps": 4},
                 "n2048": {"block_m": 1, "num_warps": 8},
             }
-        }
+        },
     }
-    assert old["sm90"] == {"cross_entropy": {}}  # the input is not modified
+    # ops this run did not tune keep their entries; the input is not modified
+    assert new["sm90"]["cross_entropy"] == {} and old["sm90"] == {"cross_entropy": {}}
+
+
+def test_autotune_quick_attention_checks_times_and_writes_its_entries(tmp_path):
+    """The interpreter run of the attention sweep (2 points per op): each point checked
+    against the reference and timed, the fastest written for the "cpu" arch's d32 class,
+    the shipped table's other entries kept."""
+    table, timings = tmp_path / "t.json", tmp_path / "timings.json"
+    run_script("autotune_kernels.py", "--quick", "--ops", "attention", "--dtypes", "fp16",
+               "--limit", "2", "--out", str(table), "--json", str(timings))  # fmt: skip
+    cpu = json.loads(table.read_text())["cpu"]
+    report = json.loads(timings.read_text())["ops"]
+    assert [r["op"] for r in report] == list(attention_configs.OPS)
+    for r in report:
+        assert len(r["timings"]) == 2 and all(t["ok"] and t["ms"] > 0 for t in r["timings"])
+        assert cpu[r["op"]]["fp16"]["d32"] == r["best"]
+        assert r["best"] in [{k: t[k] for k in r["best"]} for t in r["timings"]]
+    assert "linear_cross_entropy" in cpu  # the arch's untuned op is kept
 
 
 def test_bench_packing_records_padding_and_both_phases(tmp_path):

@@ -250,14 +250,18 @@ def test_launchers_take_block_sizes_from_attention_config(monkeypatch):
     seen = []
     original = attn.attention_config
 
-    def spy(head_dim, dtype, docs=False):
-        seen.append((head_dim, dtype))
-        return original(head_dim, dtype, docs)
+    def spy(head_dim, dtype, docs=False, arch="default", path=None, grouped=False):
+        seen.append((head_dim, dtype, arch, grouped))
+        return original(head_dim, dtype, docs, arch, path, grouped)
 
     monkeypatch.setattr(attn, "attention_config", spy)
     q, k, v, do = _inputs(1, 1, 17, 32, torch.float32, seed=2)
     run_with_grads(attn.attention_triton, [q, k, v], do)
-    assert seen == [(32, torch.float32)] * 2  # forward launcher, backward launcher
+    assert seen == [(32, torch.float32, "cpu", False)] * 2  # forward, backward launcher
+    seen.clear()
+    q, k, v, do = _inputs(1, 4, 17, 32, torch.float32, seed=2, H_kv=2)
+    run_with_grads(attn.attention_triton, [q, k, v], do)
+    assert seen == [(32, torch.float32, "cpu", False), (32, torch.float32, "cpu", True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -270,6 +274,7 @@ def test_aot_specs_cover_every_kernel_with_launcher_block_sizes(dtype):
     for D in attn.SUPPORTED_HEAD_DIMS:
         cfg = attn.attention_config(D, dtype)
         packed = attn.attention_config(D, dtype, docs=True)
+        grouped = attn.attention_config(D, dtype, grouped=True)
         for kernel, kc, variants in (
             ("fwd", cfg.fwd, ("", "_gqa", "_docs", "_docs_gqa")),
             ("bwd_preprocess", cfg.preprocess, ("",)),
@@ -280,6 +285,8 @@ def test_aot_specs_cover_every_kernel_with_launcher_block_sizes(dtype):
                 spec = by_name[f"attention_{kernel}{variant}_d{D}_{t}"]
                 # the packed forward has its own launch config (more warps)
                 c = packed.fwd if kernel == "fwd" and variant.startswith("_docs") else kc
+                # grouped-query dk/dv has its own tiles (its group loop keeps more live)
+                c = grouped.dkdv if kernel == "bwd_dkdv" and variant.endswith("gqa") else c
                 assert spec.constexprs["D"] == D
                 assert spec.constexprs["BLOCK_D"] == attn.block_d(D) >= D
                 assert spec.constexprs["BLOCK_M"] == c.block_m
