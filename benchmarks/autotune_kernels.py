@@ -163,6 +163,17 @@ def tune_attention(shape: tuple, dtype: torch.dtype, device: str, limit: int | N
         out.backward(do.float())
         refs[docs] = (out.detach(), qr.grad, kr.grad, vr.grad)
     out, lse = attn.run_forward(q, k, v, None, None, None, base.fwd)
+    packed_fwd = attn_cfg.attention_config(D, dtype, docs=True, arch=launch.arch(q.device)).fwd
+
+    def shipped_ms(op: str) -> float:
+        """The same op with the tiles the table gave before this run (the baseline)."""
+        if op == "attention_fwd_docs":
+            return bench_ms(lambda: attn.run_forward(q, k, v, None, None, start, packed_fwd))
+        if op == "attention_fwd":
+            return bench_ms(lambda: attn.run_forward(q, k, v, None, None, None, base.fwd))
+        return bench_ms(lambda: attn.run_backward(do, q, k, v, out, lse, None, None, None,
+                                                  None, base))  # fmt: skip
+
     results = []
     for op in attn_cfg.OPS:
         docs = op.endswith("_docs")
@@ -184,8 +195,27 @@ def tune_attention(shape: tuple, dtype: torch.dtype, device: str, limit: int | N
                 continue
             timings.append({**point, "ok": ok, "ms": bench_ms(run) if ok else None})
         best = _fastest(timings, f"{op} d{D}")
-        results.append((op, cls, {key: best[key] for key in configs.SWEEP_SPACE[op]}, timings))
+        results.append((op, cls, {key: best[key] for key in configs.SWEEP_SPACE[op]}, timings,
+                        shipped_ms(op)))  # fmt: skip
     return results
+
+
+def tune_and_use(quick: bool, out_dir: Path) -> dict:
+    """gpu_check --autotune: tune the attention tiles (bf16; quick: fp16, one point per
+    op in the interpreter), write this arch's table to `out_dir`, and make it the table
+    the rest of the process launches with. Returns the check's row."""
+    arch = launch.arch(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    table_out, timings = out_dir / f"kernel_configs_{arch}.json", out_dir / f"autotune_{arch}.json"
+    argv = ["--ops", "attention", "--out", str(table_out), "--json", str(timings)]
+    argv += ["--quick", "--dtypes", "fp16", "--limit", "1"] if quick else ["--dtypes", "bf16"]
+    if main(argv) != 0:
+        raise RuntimeError("autotune_kernels failed (see its output above)")
+    configs.use_table(table_out)
+    ops = [{k: r[k] for k in ("op", "dtype", "class", "best", "best_ms", "shipped_ms")}
+           for r in json.loads(timings.read_text())["ops"]]  # fmt: skip
+    speedups = [r["shipped_ms"] / r["best_ms"] for r in ops]
+    return {"table": str(table_out), "ops": ops, "best_speedup": max(speedups),
+            "worst_speedup": min(speedups)}  # fmt: skip
 
 
 def merge(table: dict, arch: str, entries: list[tuple[str, str, str, dict]]) -> dict:
@@ -247,12 +277,16 @@ def main(argv=None) -> int:
         dtype = DTYPES[dt_name]
         if "attention" in ops and dtype != torch.float32:  # fp32 tiles stay reasoned (ieee dots)
             for shape in attention_shapes:
-                for op, cls, cfg, timings in tune_attention(shape, dtype, device, args.limit):
+                for op, cls, cfg, timings, shipped in tune_attention(shape, dtype, device,
+                                                                     args.limit):  # fmt: skip
+                    best_ms = min(t["ms"] for t in timings if t["ok"])
                     entries.append((op, dt_name, cls, cfg))
                     report["ops"].append({"op": op, "dtype": dt_name, "shape": shape,
-                                          "class": cls, "best": cfg,
+                                          "class": cls, "best": cfg, "best_ms": best_ms,
+                                          "shipped_ms": shipped,
                                           "timings": timings})  # fmt: skip
-                    print(f"{op} {dt_name} {cls}: {cfg}", flush=True)
+                    print(f"{op} {dt_name} {cls}: {cfg} {best_ms:.3f} ms "
+                          f"(shipped tiles {shipped:.3f} ms)", flush=True)  # fmt: skip
         if "rmsnorm" not in ops:
             hidden = []
         for d in hidden:

@@ -44,6 +44,7 @@ SECTIONS = (
     "rmsnorm",
     "lce",
     "decode",
+    "autotune",
 )
 
 
@@ -63,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-speed", action="store_true",
                    help="without CUDA, still run the speed sections (tiny, through the "
                    "interpreter): proves their code runs; the figures mean nothing")  # fmt: skip
+    p.add_argument("--autotune", action="store_true",
+                   help="first tune the attention tiles (benchmarks/autotune_kernels.py, a "
+                   "few minutes) and run every later item with the tuned table, written to "
+                   "results/kernel_configs_<arch>.json")  # fmt: skip
     p.add_argument("--json", default=str(HERE / "results" / "gpu_check.json"))
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="copy the JSON here")
     args = p.parse_args(argv)
@@ -192,6 +197,11 @@ def build_plan(r: Runner, device: str, args) -> None:
     import gpu_check_train as TR
 
     quick, cuda = args.quick, device == "cuda"
+    if args.autotune and (cuda or quick):  # before the speed items, which then use its table
+        import autotune_kernels as AT
+
+        r.add(2.8, "autotune", "attention tiles", 15.0 if quick else 240.0,
+              lambda: AT.tune_and_use(quick, Path(args.json).parent))  # fmt: skip
     # correctness: bf16 tier 0 first, other dtypes of tier 0 later, full shapes last
     first_dtype = None
     for tier, label, fn in K.plan(device, quick):

@@ -12,6 +12,7 @@ Shapes follow FlashAttention's benchmark: B*T = 16k tokens, H*D = 2048.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import statistics
 import time
@@ -20,6 +21,7 @@ import torch
 import triton.testing
 from gpu_check_boot import peer_status
 from tritonlm.kernels import attention as attn
+from tritonlm.kernels import attention_configs, configs, launch
 from tritonlm.kernels import cross_entropy as ce
 from tritonlm.kernels import rmsnorm as rms
 
@@ -98,6 +100,14 @@ def _sdpa_backends():
     return [(n.lower(), getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
 
 
+def tiles_in_use(D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The table our attention launches read and the tiles it gives at this head dim
+    (after `--autotune`, the freshly tuned table)."""
+    cfg = attention_configs.attention_config(D, dtype, arch=launch.arch(device))
+    tiles = {k: list(dataclasses.astuple(getattr(cfg, k))) for k in ("fwd", "dkdv", "dq")}
+    return {"kernel_table": str(configs.table_path()), "tiles": tiles}
+
+
 def attention_speed(T: int, D: int, quick: bool = False) -> dict:
     """Our causal attention vs SDPA's backends, bf16, fwd and fwd+bwd, TFLOP/s."""
     from torch.nn.attention import sdpa_kernel
@@ -115,7 +125,7 @@ def attention_speed(T: int, D: int, quick: bool = False) -> dict:
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    rec = {"B": B, "H": H, "T": T, "D": D}
+    rec = {"B": B, "H": H, "T": T, "D": D, **tiles_in_use(D, dtype, q.device)}
     for name, fn in [("ours", impls["ours"])] + [(f"sdpa_{n}", b) for n, b in _sdpa_backends()]:
         try:
             if name == "ours":

@@ -209,6 +209,12 @@ def print_table(report: dict) -> None:
                 f"ceilings: copy {r['copy_GBps']:.0f} GB/s, "
                 f"matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s ({r['dtype']})"
             )
+    for r in res.get("autotune", []):
+        if "table" in r:
+            lines.append(
+                f"autotune: attention tiles {r['worst_speedup']:.2f}-{r['best_speedup']:.2f}x "
+                f"the shipped ones per kernel; later items ran with {r['table']}"
+            )
     lines += _correctness(res) + _e2e(res) + _attention(res) + _attention_packed(res)
     lines += _train(res) + _kernels(res)
     lines += _profile(res)

@@ -20,9 +20,9 @@ accumulator of at most 64 values per thread (forward and dq hold [block_m, D], d
 [block_n, D]), inside the register rule of ``configs.attention_fits``; each one builds
 without register spills for sm_80 and sm_90 in every variant (grouped-query dk/dv with
 16-row query steps at D >= 64: 32 spilled up to 44 bytes; the packed forward at D = 32
-with 32-key steps: 64 spilled 4 bytes in its grouped-query build on sm_80). fp32 inputs use exact ("ieee")
-dots on CUDA cores with far more registers per tile, so 32x32 tiles and 2 stages (some
-fp32 builds at D >= 64 still spill, up to ~1.6 KB on sm_90: see
+with 32-key steps: 64 spilled 4 bytes in its grouped-query build on sm_80). fp32 inputs
+use exact ("ieee") dots on CUDA cores with far more registers per tile, so 32x32 tiles
+and 2 stages (some fp32 builds at D >= 64 still spill, up to ~1.6 KB on sm_90: see
 benchmarks/kernel_report.py; the build gate covers fp16/bf16).
 """
 

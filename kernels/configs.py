@@ -165,9 +165,25 @@ def _table(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+_active_path: Path | None = None  # set by use_table; None: the shipped TABLE_PATH
+
+
+def use_table(path: Path | None) -> None:
+    """Make `path` the table every later lookup without an explicit path reads (None: the
+    shipped one again). For a benchmark that measures, in the same process, a table it
+    has just tuned (gpu_check --autotune); the launchers never call it."""
+    global _active_path
+    _active_path = None if path is None else Path(path)
+
+
+def table_path() -> Path:
+    """The table lookups read when given no path: the shipped one unless use_table."""
+    return _active_path or TABLE_PATH
+
+
 def table(path: Path | None = None) -> dict[str, Any]:
-    """The parsed table (cached per path)."""
-    return _table(str(path or TABLE_PATH))
+    """The parsed table at `path`, else the one in use (cached per path)."""
+    return _table(str(path or table_path()))
 
 
 def lookup(

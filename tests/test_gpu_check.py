@@ -66,6 +66,8 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     assert res["lce"][0]["chunk_rows"] >= 1
     att = res["attention"][0]
     assert att["ours"]["fwd_bwd_ms"] > 0 and att["ours"]["fwd_bwd_tflops"] > 0
+    assert att["kernel_table"].endswith("kernels/kernel_configs.json")  # no --autotune
+    assert set(att["tiles"]) == {"fwd", "dkdv", "dq"} and len(att["tiles"]["fwd"]) == 4
     packed = res["attention_packed"][0]  # packed rows: document-masked vs unmasked kernel
     assert packed["documents"] > 1 and packed["useful_flops"] > 0
     for impl in ("ours_packed", "ours_unmasked"):
@@ -76,6 +78,27 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     one, sched = res["decode"]  # no CUDA: the graphs fall back to eager, same tokens
     assert one["tokens_match"] and one["graphs_fallback"].startswith("CUDA graph capture failed")
     assert sched["streams"] == 4 and sched["eager_tok_s"] > 0 and sched["graphs_tok_s"] > 0
+
+
+def test_autotune_runs_first_and_later_items_launch_with_its_table(tmp_path):
+    """--autotune (quick: one point per attention op in the interpreter) writes this
+    arch's table next to the JSON and the attention speed item then reads it."""
+    proc = _run("--quick", "--cpu-speed", "--autotune", "--sections", "autotune,attention",
+                "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    (tuned,) = res["autotune"]
+    table = tmp_path / "kernel_configs_cpu.json"
+    assert tuned["table"] == str(table) and table.exists()
+    ops = {r["op"]: r for r in tuned["ops"]}
+    assert set(ops) == {"attention_fwd", "attention_fwd_docs", "attention_dkdv", "attention_dq"}
+    entries = json.loads(table.read_text())["cpu"]
+    for op, r in ops.items():
+        assert r["best_ms"] > 0 and r["shipped_ms"] > 0
+        assert entries[op]["fp16"]["d32"] == r["best"]
+    att = res["attention"][0]
+    assert att["kernel_table"] == str(table) and att["ours"]["fwd_bwd_ms"] > 0
+    assert "autotune: attention tiles" in proc.stdout
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
