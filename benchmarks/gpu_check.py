@@ -257,6 +257,10 @@ def build_plan(r: Runner, device: str, args) -> None:
         for D in (128, 64) if cuda else (32,):
             r.add(3 if i < 3 else 7, "attention", f"T{T} D{D}", 4.0,
                   lambda T=T, D=D: S.attention_speed(T, D, quick))  # fmt: skip
+    # grouped-query attention (Hkv = H/4; quick: H/2) vs SDPA on k/v expanded to H heads
+    T, D, G = (4096, 128, 4) if not quick else ((512, 128, 4) if cuda else (32, 32, 2))
+    r.add(3.1, "attention", f"T{T} D{D} GQA/{G}", 4.0,
+          lambda T=T, D=D, G=G: S.attention_speed(T, D, quick, group=G))  # fmt: skip
     # packed rows (documents of ~T/8 and ~T/32 tokens) vs SDPA with the same mask
     for i, (T, n) in enumerate(((4096, 512), (4096, 128), (8192, 1024))[: 1 if quick else 3]):
         T, n = (T, n) if cuda or not quick else (64, 8)

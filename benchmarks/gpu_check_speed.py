@@ -108,24 +108,27 @@ def tiles_in_use(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     return {"kernel_table": str(configs.table_path()), "tiles": tiles}
 
 
-def attention_speed(T: int, D: int, quick: bool = False) -> dict:
-    """Our causal attention vs SDPA's backends, bf16, fwd and fwd+bwd, TFLOP/s."""
+def attention_speed(T: int, D: int, quick: bool = False, group: int = 1) -> dict:
+    """Our causal attention vs SDPA's backends, bf16, fwd, bwd and fwd+bwd, TFLOP/s.
+    `group` > 1: grouped-query attention, our k/v with H / group heads; SDPA gets them
+    already expanded to H heads (the expansion is not timed)."""
     from torch.nn.attention import sdpa_kernel
 
     device, dtype = _device_dtype()
     B, H = (1, 2) if quick else (max(1, 16384 // T), 2048 // D)
     g = torch.Generator(device=device).manual_seed(T * 1000 + D)
-    q, k, v, do = (
-        torch.randn(B, H, T, D, device=device, generator=g).to(dtype).requires_grad_(i < 3)
-        for i in range(4)
-    )
+    q, do = (torch.randn(B, H, T, D, device=device, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, H // group, T, D, device=device, generator=g).to(dtype)
+            for _ in range(2))  # fmt: skip
+    kx, vx = (t.repeat_interleave(group, dim=1).requires_grad_() for t in (k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     fwd_flops = 4 * B * H * T * T * D / 2  # causal half
     impls = {"ours": lambda: attn.attention_triton(q, k, v)}
 
     def sdpa():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True)
 
-    rec = {"B": B, "H": H, "T": T, "D": D, **tiles_in_use(D, dtype, q.device)}
+    rec = {"B": B, "H": H, "T": T, "D": D, "group": group, **tiles_in_use(D, dtype, q.device)}
     for name, fn in [("ours", impls["ours"])] + [(f"sdpa_{n}", b) for n, b in _sdpa_backends()]:
         try:
             if name == "ours":
@@ -137,11 +140,15 @@ def attention_speed(T: int, D: int, quick: bool = False) -> dict:
             with ctx:
                 run().backward(do)  # raises here if the backend cannot take the shape
                 fwd = bench_ms(lambda run=run: run())
-                both = bench_ms(lambda run=run: run().backward(do), grad_to_none=[q, k, v])
+                both = bench_ms(lambda run=run: run().backward(do),
+                                grad_to_none=[q, k, v, kx, vx])  # fmt: skip
+            bwd = max(both - fwd, 1e-9)  # the backward alone, as fwd+bwd minus fwd
             rec[name] = {
                 "fwd_ms": fwd,
+                "bwd_ms": bwd,
                 "fwd_bwd_ms": both,
                 "fwd_tflops": fwd_flops / (fwd * 1e-3) / 1e12,
+                "bwd_tflops": 2.5 * fwd_flops / (bwd * 1e-3) / 1e12,
                 "fwd_bwd_tflops": 3.5 * fwd_flops / (both * 1e-3) / 1e12,
             }
         except Exception as e:  # a backend that does not support this shape/card

@@ -7,10 +7,24 @@ def goals(report: dict) -> dict:
     """The issue's H100 goals, each True/False, or None where not measured."""
     res = report["results"]
     out: dict[str, bool | None] = {}
-    ratios = [r.get("ours_vs_best_sdpa") for r in res.get("attention", [])
-              if r.get("D") == 128 and r.get("T", 0) >= 2048]  # fmt: skip
-    ratios = [x for x in ratios if x is not None]
-    out["attention >= 0.9x best SDPA (T>=2048, D128)"] = min(ratios) >= 0.9 if ratios else None
+
+    def attention_ratios(D: int, t_min: int, gqa: bool = False) -> list[float]:
+        rows = [r for r in res.get("attention", []) if r.get("D") == D
+                and r.get("T", 0) >= t_min and (r.get("group", 1) > 1) == gqa]  # fmt: skip
+        return [r["ours_vs_best_sdpa"] for r in rows if r.get("ours_vs_best_sdpa") is not None]
+
+    def at_least(xs: list[float], bound: float) -> bool | None:
+        return min(xs) >= bound if xs else None
+
+    out["attention >= 0.9x best SDPA (T>=2048, D128)"] = at_least(attention_ratios(128, 2048), 0.9)
+    out["#21 attention >= 0.9x best SDPA (T>=1024, D128)"] = at_least(
+        attention_ratios(128, 1024), 0.9
+    )
+    d64 = attention_ratios(64, 1024)
+    out["#21 attention >= 1.0x best SDPA (T>=1024, D64)"] = at_least(d64, 1.0)
+    out["#21 GQA attention >= 1.0x SDPA on expanded k/v"] = at_least(
+        attention_ratios(128, 1024, gqa=True), 1.0
+    )
     rms_rows = [r for r in res.get("rmsnorm", []) if "ours" in r]
     fr = [r["ours"].get("frac_of_copy") for r in rms_rows]
     out["rmsnorm >= 80% of copy bandwidth"] = min(fr) >= 0.8 if fr and None not in fr else None
@@ -47,6 +61,17 @@ def goals(report: dict) -> dict:
         if ours and peer and ours["tokens_per_s"] and peer["tokens_per_s"]:
             ok = ours["tokens_per_s"] >= 1.2 * peer["tokens_per_s"]
         out[f"{preset} >= 1.2x transformers tokens/s"] = ok
+    # issue #21: small's Triton backend at least its torch backend, both >= 1.3x transformers
+    names = ("ours triton", "ours torch", "transformers llama sdpa")
+    rate = {k: train[f"small {k}"]["tokens_per_s"] for k in names if f"small {k}" in train}
+    if len(rate) == 3 and all(rate.values()):
+        peer = 1.3 * rate["transformers llama sdpa"]
+        out["#21 small triton >= torch backend"] = rate["ours triton"] >= rate["ours torch"]
+        slower = min(rate["ours triton"], rate["ours torch"])
+        out["#21 small both backends >= 1.3x transformers"] = slower >= peer
+    else:
+        out["#21 small triton >= torch backend"] = None
+        out["#21 small both backends >= 1.3x transformers"] = None
     return out
 
 
@@ -95,12 +120,14 @@ def _attention(res: dict) -> list[str]:
     rows = [r for r in res.get("attention", []) if "ours" in r]
     if not rows:
         return []
-    lines = ["attention causal fwd+bwd TFLOP/s      T    D   ours  best-sdpa  ratio"]
-    for r in sorted(rows, key=lambda r: (r["D"], r["T"])):
-        ours = r["ours"].get("fwd_bwd_tflops")
+    lines = ["attention causal TFLOP/s       T    D  gqa  ours fwd  bwd  fwd+bwd  best-sdpa  ratio"]
+    for r in sorted(rows, key=lambda r: (r["D"], r.get("group", 1), r["T"])):
+        o = r["ours"]
         best = r.get("best_sdpa_fwd_bwd_tflops")
         lines.append(
-            f"{'':34s}{r['T']:6d} {r['D']:4d} {_f(ours, '{:6.0f}')} {_f(best, '{:10.0f}')}"
+            f"{'':25s}{r['T']:6d} {r['D']:4d} {r.get('group', 1):4d} "
+            f"{_f(o.get('fwd_tflops'), '{:8.0f}')} {_f(o.get('bwd_tflops'), '{:4.0f}')} "
+            f"{_f(o.get('fwd_bwd_tflops'), '{:8.0f}')} {_f(best, '{:10.0f}')}"
             f"  {_f(r.get('ours_vs_best_sdpa'), '{:.2f}')}"
         )
     return lines

@@ -68,6 +68,9 @@ def test_quick_run_checks_every_kernel_and_records_every_section(tmp_path):
     assert att["ours"]["fwd_bwd_ms"] > 0 and att["ours"]["fwd_bwd_tflops"] > 0
     assert att["kernel_table"].endswith("kernels/kernel_configs.json")  # no --autotune
     assert set(att["tiles"]) == {"fwd", "dkdv", "dq"} and len(att["tiles"]["fwd"]) == 4
+    (gqa,) = [r for r in res["attention"] if r.get("group", 1) > 1]  # vs SDPA on expanded k/v
+    assert gqa["group"] == 2 and gqa["T"] == att["T"] and gqa["ours"]["bwd_ms"] > 0
+    assert gqa["ours"]["bwd_tflops"] > 0 and "kernel_table" in gqa
     packed = res["attention_packed"][0]  # packed rows: document-masked vs unmasked kernel
     assert packed["documents"] > 1 and packed["useful_flops"] > 0
     for impl in ("ours_packed", "ours_unmasked"):
@@ -238,3 +241,26 @@ def test_profile_table_lines():
     assert "20.00 ms" in lines[1] and "24 calls" in lines[1] and "20.0% step" in lines[1]
     assert "25.0% busy" in lines[1] and lines[1].endswith("x...") and len(lines[1]) < 100
     assert lines[2].endswith("attn_bwd_dkdv")
+
+
+def test_issue_21_goals_read_attention_gqa_and_backend_rows():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_check_table import goals
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    train = [("small ours triton", 400.0), ("small ours torch", 500.0),
+             ("small transformers llama sdpa", 300.0)]  # fmt: skip
+    report = {"results": {
+        "train": [{"item": i, "tokens_per_s": t} for i, t in train],
+        "attention": [{"D": 128, "T": 1024, "ours_vs_best_sdpa": 0.95},
+                      {"D": 128, "T": 4096, "group": 4, "ours_vs_best_sdpa": 0.99},
+                      {"D": 64, "T": 8192, "ours_vs_best_sdpa": 1.2}],
+    }}  # fmt: skip
+    g = goals(report)
+    assert g["#21 attention >= 0.9x best SDPA (T>=1024, D128)"] is True
+    assert g["#21 GQA attention >= 1.0x SDPA on expanded k/v"] is False  # not mixed with MHA
+    assert g["#21 attention >= 1.0x best SDPA (T>=1024, D64)"] is True
+    assert g["#21 small triton >= torch backend"] is False
+    assert g["#21 small both backends >= 1.3x transformers"] is True  # 400 >= 390
+    assert goals({"results": {}})["#21 small triton >= torch backend"] is None
