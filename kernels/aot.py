@@ -234,14 +234,25 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+_USAGE: dict[tuple[int, str], dict[str, Any]] = {}  # (cc, PTX) -> resource_usage
+
+
 def resource_usage(result: AotResult) -> dict[str, Any]:
-    """Registers per thread, spill bytes and shared memory bytes of a build.
+    """Registers per thread, spill bytes and shared memory bytes of a build (remembered
+    per target and PTX: each call runs ptxas, a whole second compile).
 
     Returns {"shared", "num_warps", "registers", "local", "spill_stores", "spill_loads",
     "ptxas"} (keys whose tool is missing are absent).
     Registers and local memory come from cuobjdump on the cubin itself; spill store/load
     bytes from `ptxas -v` on the PTX for the same arch (the cubin has no spill counters).
     """
+    key = (result.cc, result.ptx)
+    if key not in _USAGE:
+        _USAGE[key] = _measure_usage(result)
+    return dict(_USAGE[key])
+
+
+def _measure_usage(result: AotResult) -> dict[str, Any]:
     usage: dict[str, Any] = {"shared": result.shared, "num_warps": result.num_warps}
     with tempfile.TemporaryDirectory(prefix="tritonlm_res_") as tmp:
         cubin = Path(tmp, "k.cubin")

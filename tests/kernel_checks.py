@@ -160,3 +160,33 @@ def assert_close64(
             f"(atol={atol:g}, rtol={rtol:g}); worst at {idx}: {a[idx].item()!r} vs "
             f"{e[idx].item()!r}, max abs err {err.max().item():.3g}"
         )
+
+
+def check_attention_against_float64(
+    attn: types.ModuleType,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    out_tol: tuple[float, float],
+    grad_tol: tuple[float, float],
+    lengths: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """`attn.attention_triton` (poisoned buffers) against `attn.attention_reference` in
+    float64: the output within `out_tol`, dq/dk/dv within `grad_tol` (each (atol, rtol)).
+    Returns the kernel's (out, [dq, dk, dv])."""
+
+    def triton_fn(q_, k_, v_):
+        return attn.attention_triton(q_, k_, v_, lengths, None, document_ids)
+
+    def reference_fn(q_, k_, v_):
+        return attn.attention_reference(q_, k_, v_, lengths, None, document_ids)
+
+    with poisoned_allocations(attn):
+        out, grads = run_with_grads(triton_fn, [q, k, v], do)
+    ref, ref_grads = float64_run(reference_fn, [q, k, v], do)
+    assert_close64(out, ref, *out_tol, name="out")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_close64(g, rg, *grad_tol, name=name)
+    return out, grads

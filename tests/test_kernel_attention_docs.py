@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close64, float64_run, poisoned_allocations, run_with_grads
+from kernel_checks import check_attention_against_float64, run_with_grads
 from tritonlm.kernels import attention as attn
 
 OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3)}
@@ -32,19 +32,8 @@ def _inputs(B, H, H_kv, T, D, dtype, seed):
 
 
 def _check(q, k, v, do, document_ids, lengths=None):
-    def triton_fn(q_, k_, v_):
-        return attn.attention_triton(q_, k_, v_, lengths, None, document_ids)
-
-    def reference_fn(q_, k_, v_):
-        return attn.attention_reference(q_, k_, v_, lengths, None, document_ids)
-
-    with poisoned_allocations(attn):
-        out, grads = run_with_grads(triton_fn, [q, k, v], do)
-    ref, ref_grads = float64_run(reference_fn, [q, k, v], do)
-    assert_close64(out, ref, *OUT_TOL[q.dtype], name="out")
-    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert_close64(g, rg, *GRAD_TOL[q.dtype], name=name)
-    return out, grads
+    return check_attention_against_float64(attn, q, k, v, do, OUT_TOL[q.dtype],
+                                           GRAD_TOL[q.dtype], lengths, document_ids)  # fmt: skip
 
 
 LAYOUTS = {

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from kernel_checks import assert_close64, float64_run, poisoned_allocations, run_with_grads
+from kernel_checks import check_attention_against_float64, run_with_grads
 from tritonlm.kernels import attention as attn
 from tritonlm.kernels import configs
 from tritonlm.kernels.attention_configs import (
@@ -21,21 +21,6 @@ from tritonlm.kernels.attention_configs import (
 )
 
 TOL = (3e-5, 3e-5)  # fp32, exact dots: summation order and exp2 rounding only
-
-
-def _check(q, k, v, do, document_ids=None):
-    def triton_fn(q_, k_, v_):
-        return attn.attention_triton(q_, k_, v_, None, None, document_ids)
-
-    def reference_fn(q_, k_, v_):
-        return attn.attention_reference(q_, k_, v_, None, None, document_ids)
-
-    with poisoned_allocations(attn):
-        out, grads = run_with_grads(triton_fn, [q, k, v], do)
-    ref, ref_grads = float64_run(reference_fn, [q, k, v], do)
-    assert_close64(out, ref, *TOL, name="out")
-    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert_close64(g, rg, *TOL, name=name)
 
 
 def _tile_shapes(op: str) -> list[tuple[int, int]]:
@@ -66,8 +51,8 @@ def test_every_tile_shape_of_the_sweep_matches_the_reference(monkeypatch):
             return replace(cfg, fwd=pick["attention_fwd_docs"]) if docs else cfg
 
         monkeypatch.setattr(attn, "attention_config", tiles)
-        _check(q, k, v, do)
-        _check(q, k, v, do, document_ids[None])
+        check_attention_against_float64(attn, q, k, v, do, TOL, TOL)
+        check_attention_against_float64(attn, q, k, v, do, TOL, TOL, None, document_ids[None])
 
 
 def test_tiles_come_from_the_table_per_arch_dtype_and_head_dim(tmp_path):
