@@ -144,26 +144,26 @@ def _attention_ok(run, refs: tuple, fwd: bool, dtype: torch.dtype) -> bool:
 
 
 def tune_attention(shape: tuple, dtype: torch.dtype, device: str, limit: int | None) -> list:
-    """[(op, class, best cfg, timings)] for the four attention ops at one (B, H, T, D),
-    causal, multi-head; the packed forward on rows of 512-token documents. Each backward
-    point varies one kernel (dk/dv or dq) with the other at the table's tiles, and times
-    the whole backward."""
+    """One record {op, class, best, best_ms, shipped_ms, timings} per attention op at one
+    (B, H, T, D), causal, multi-head; the packed forward on rows of 512-token documents.
+    Each backward point varies one kernel (dk/dv or dq) with the other at the table's
+    tiles, and times the whole backward; shipped_ms is the table's own tiles."""
     B, H, T, D = shape
     g = torch.Generator(device=device).manual_seed(D)
     q, k, v, do = (torch.randn(B, H, T, D, device=device, generator=g).to(dtype)
                    for _ in range(4))  # fmt: skip
     ids = (torch.arange(T, device=device) // 512).expand(B, T)
     start, _ = attn.document_bounds(ids)
-    base = attn_cfg.attention_config(D, dtype, arch=launch.arch(q.device))
-    cls = attn_cfg.attention_class(D)
-    refs = {}
-    for docs in (False, True):
-        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
-        out = attn.attention_reference(qr, kr, vr, document_ids=ids if docs else None)
-        out.backward(do.float())
-        refs[docs] = (out.detach(), qr.grad, kr.grad, vr.grad)
+    arch = launch.arch(q.device)
+    base = attn_cfg.attention_config(D, dtype, arch=arch)
+    packed_fwd = attn_cfg.attention_config(D, dtype, docs=True, arch=arch).fwd
+    # fp32 references: (out, dq, dk, dv) of plain rows; the packed rows' output only
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = attn.attention_reference(qr, kr, vr)
+    out.backward(do.float())
+    packed_ref = attn.attention_reference(q.float(), k.float(), v.float(), document_ids=ids)
+    refs = {False: (out.detach(), qr.grad, kr.grad, vr.grad), True: (packed_ref,)}
     out, lse = attn.run_forward(q, k, v, None, None, None, base.fwd)
-    packed_fwd = attn_cfg.attention_config(D, dtype, docs=True, arch=launch.arch(q.device)).fwd
 
     def shipped_ms(op: str) -> float:
         """The same op with the tiles the table gave before this run (the baseline)."""
@@ -195,8 +195,10 @@ def tune_attention(shape: tuple, dtype: torch.dtype, device: str, limit: int | N
                 continue
             timings.append({**point, "ok": ok, "ms": bench_ms(run) if ok else None})
         best = _fastest(timings, f"{op} d{D}")
-        results.append((op, cls, {key: best[key] for key in configs.SWEEP_SPACE[op]}, timings,
-                        shipped_ms(op)))  # fmt: skip
+        results.append({"op": op, "class": attn_cfg.attention_class(D),
+                        "best": {key: best[key] for key in configs.SWEEP_SPACE[op]},
+                        "best_ms": best["ms"], "shipped_ms": shipped_ms(op),
+                        "timings": timings})  # fmt: skip
     return results
 
 
@@ -269,7 +271,8 @@ def main(argv=None) -> int:
     else:
         hidden, rows, vocabs, lce = [768, 2048, 4096, 8192, 12288], 16384, [32000, 128256], (
             8192, 2048, 128256)  # fmt: skip
-        attention_shapes = [(4, 16, 4096, 64), (4, 16, 4096, 128)]  # B*H = 64 fills an H100
+        # B*H = 64 fills an H100
+        attention_shapes = [(4, 16, 4096, D) for D in attn_cfg.SWEEP_HEAD_DIMS]
     ops = args.ops.split(",")
     entries, report = [], {"arch": arch, "device": device, "quick": args.quick, "ops": []}
     t0 = time.perf_counter()
@@ -277,19 +280,13 @@ def main(argv=None) -> int:
         dtype = DTYPES[dt_name]
         if "attention" in ops and dtype != torch.float32:  # fp32 tiles stay reasoned (ieee dots)
             for shape in attention_shapes:
-                for op, cls, cfg, timings, shipped in tune_attention(shape, dtype, device,
-                                                                     args.limit):  # fmt: skip
-                    best_ms = min(t["ms"] for t in timings if t["ok"])
-                    entries.append((op, dt_name, cls, cfg))
-                    report["ops"].append({"op": op, "dtype": dt_name, "shape": shape,
-                                          "class": cls, "best": cfg, "best_ms": best_ms,
-                                          "shipped_ms": shipped,
-                                          "timings": timings})  # fmt: skip
-                    print(f"{op} {dt_name} {cls}: {cfg} {best_ms:.3f} ms "
-                          f"(shipped tiles {shipped:.3f} ms)", flush=True)  # fmt: skip
-        if "rmsnorm" not in ops:
-            hidden = []
-        for d in hidden:
+                for rec in tune_attention(shape, dtype, device, args.limit):
+                    entries.append((rec["op"], dt_name, rec["class"], rec["best"]))
+                    report["ops"].append({**rec, "dtype": dt_name, "shape": shape})
+                    print(f"{rec['op']} {dt_name} {rec['class']}: {rec['best']} "
+                          f"{rec['best_ms']:.3f} ms (shipped tiles {rec['shipped_ms']:.3f} ms)",
+                          flush=True)  # fmt: skip
+        for d in hidden if "rmsnorm" in ops else []:
             for direction, (cls, cfg, timings) in tune_rmsnorm(rows, d, dtype, device).items():
                 entries.append((f"rmsnorm_{direction}", dt_name, cls, cfg))
                 report["ops"].append({"op": f"rmsnorm_{direction}", "dtype": dt_name, "d": d,

@@ -47,7 +47,9 @@ from . import _attention_bwd, _attention_fwd, configs
 from ._triton import HAS_TRITON, triton
 from .aot_spec import AotSpec
 from .attention_configs import (
+    OPS,
     SUPPORTED_HEAD_DIMS,
+    SWEEP_HEAD_DIMS,
     AttentionConfig,
     KernelConfig,
     attention_config,
@@ -56,7 +58,6 @@ from .attention_configs import (
 from .launch import FLOAT_DTYPES, arch, on_device, triton_type
 
 LOG2E = 1.4426950408889634
-SWEEP_HEAD_DIMS = (64, 128)  # what benchmarks/autotune_kernels.py tunes
 
 
 def group_size(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -508,9 +509,7 @@ def sweep_specs(dtype: torch.dtype) -> list[AotSpec]:
     (SWEEP_HEAD_DIMS: the "d64" and "d128" classes; "d32" keeps the shipped tiles)."""
     specs = []
     for D in SWEEP_HEAD_DIMS:
-        for op in configs.SWEEP_SPACE:
-            if not op.startswith("attention_"):
-                continue
+        for op in OPS:
             kernel = op.removeprefix("attention_").removesuffix("_docs")
             variant = "_docs" if op.endswith("_docs") else ""
             for point in configs.sweep(op, block_d(D)):

@@ -37,8 +37,11 @@ from . import configs
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 
-# Table ops of the three tiled kernels (the preprocess is a plain row sum: fixed below).
+# Table ops the autotune sweep tunes (the preprocess is a plain row sum: fixed below;
+# attention_dkdv_gqa keeps reasoned tiles), and the head dims it tunes them at: the "d64"
+# and "d128" classes ("d32" keeps the shipped tiles).
 OPS = ("attention_fwd", "attention_fwd_docs", "attention_dkdv", "attention_dq")
+SWEEP_HEAD_DIMS = (64, 128)
 
 
 def block_d(head_dim: int) -> int:

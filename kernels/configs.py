@@ -21,9 +21,8 @@ Ops and their parameters:
 - ``cross_entropy``: block_v (vocabulary columns per step), num_warps
 - ``linear_cross_entropy``: chunk_elements (logits one chunk may hold), min_chunk_rows
 - ``attention_fwd``, ``attention_fwd_docs``, ``attention_dkdv``, ``attention_dkdv_gqa``,
-  ``attention_dq``: block_m
-  (query rows), block_n (key rows), num_warps, num_stages; shape class ``d{BLOCK_D}``
-  (read through :func:`.attention_configs.attention_config`)
+  ``attention_dq``: block_m (query rows), block_n (key rows), num_warps, num_stages;
+  shape class ``d{BLOCK_D}`` (read through :func:`.attention_configs.attention_config`)
 
 Every config in the table and in :data:`SWEEP_SPACE` must compile for sm_80 and sm_90
 without register spills: ``tests/test_kernel_build.py`` builds them all.
@@ -104,25 +103,26 @@ def cross_entropy_class(vocab: int) -> str:
     return "small" if vocab <= 4096 else "large"
 
 
-def valid(op: str, cfg: dict[str, int], block_n: int = 0) -> bool:
-    """Whether a config is allowed for a shape with column block `block_n` (RMSNorm): the
+def valid(op: str, cfg: dict[str, int], width: int = 0) -> bool:
+    """Whether a config is allowed at tile width `width`: RMSNorm's column block (below),
+    attention's head-dim tile (:func:`attention_fits`). RMSNorm: the
     tile fits :data:`MAX_TILE`, and beyond 4 warps every thread holds at least 8 elements
     (one 16-byte load of bf16; more warps would only idle). The backward keeps three
     tiles live, so it allows at most 32 elements per thread (the sm_80/sm_90 builds of
     64 spill registers).
 
-    Example: rmsnorm_fwd {"block_m": 2, "num_warps": 8} at block_n 1024 -> True (2048
+    Example: rmsnorm_fwd {"block_m": 2, "num_warps": 8} at width 1024 -> True (2048
     elements, 8 per thread); {"block_m": 1, "num_warps": 8} -> False (4 per thread).
     """
     if op.startswith("rmsnorm"):
-        tile, threads = cfg["block_m"] * block_n, 32 * cfg["num_warps"]
+        tile, threads = cfg["block_m"] * width, 32 * cfg["num_warps"]
         if op == "rmsnorm_bwd" and tile > 32 * threads:
             return False  # x, dy and the dw accumulator: > 32 each per thread spills
         return tile <= MAX_TILE and (cfg["num_warps"] <= 4 or tile >= 8 * threads)
     if op == "cross_entropy":
         return cfg["num_warps"] <= 4 or cfg["block_v"] >= 8 * 32 * cfg["num_warps"]
     if op.startswith("attention"):
-        return attention_fits(op, cfg, block_n)
+        return attention_fits(op, cfg, width)
     return True
 
 
@@ -151,13 +151,13 @@ def attention_fits(op: str, cfg: dict[str, int], block_d: int) -> bool:
     return load / (32 * warps) <= limit and shared <= MAX_SHARED
 
 
-def sweep(op: str, block_n: int = 0) -> list[dict[str, int]]:
-    """Every valid point of the sweep space of `op` (for RMSNorm: at column block
-    `block_n`), in a fixed order."""
+def sweep(op: str, width: int = 0) -> list[dict[str, int]]:
+    """Every valid point of the sweep space of `op` at tile width `width` (RMSNorm: the
+    column block; attention: the head-dim tile), in a fixed order."""
     space = SWEEP_SPACE[op]
     combos = itertools.product(*space.values())
     points = [dict(zip(space, values, strict=True)) for values in combos]
-    return [p for p in points if valid(op, p, block_n)]
+    return [p for p in points if valid(op, p, width)]
 
 
 @functools.cache
