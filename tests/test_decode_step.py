@@ -110,3 +110,23 @@ def test_compiled_step_does_not_compile_per_batch_size(model):
                           torch.zeros(n, dtype=torch.long), window=5)  # fmt: skip
             assert logits.shape == (n, model.config.vocab_size)
     assert len(compiles) == 2
+
+
+def test_compiled_step_reads_new_weight_values():
+    """The compiled step keeps no guards on the model's modules (their checks cost a tenth
+    of a step), but the weights stay inputs: values changed in place after the first
+    call change the logits exactly as they change the eager step's."""
+    m = tiny_model(300, backend="torch", n_heads=4, d_ff=64, max_seq_len=CTX, init_std=0.3)
+    compiled = DecodeStep(m, m.new_cache(1, max_len=CTX), "compile", "eager")
+    eager = DecodeStep(m, m.new_cache(1, max_len=CTX))
+    tok, pad = torch.tensor([7]), torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        compiled(tok, torch.tensor([0]), pad, window=1)
+        eager(tok, torch.tensor([0]), pad, window=1)  # the same slot 0 in both caches
+        before = compiled(tok, torch.tensor([1]), pad, window=2)
+        m.blocks[0].ffn.down.weight.mul_(3.0)
+        m.norm.weight.add_(0.5)
+        after = compiled(tok, torch.tensor([1]), pad, window=2)
+        want = eager(tok, torch.tensor([1]), pad, window=2)
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
+    assert float((after - before).abs().max()) > 1e-2

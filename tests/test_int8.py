@@ -10,7 +10,8 @@ from tritonlm.cli import chat, evaluate
 from tritonlm.engine.inference.generate import generate
 from tritonlm.engine.inference.sampling import SamplingConfig
 from tritonlm.engine.model.config import ModelConfig
-from tritonlm.engine.model.int8 import Int8Linear, quantize_int8
+from tritonlm.engine.model.decode_step import DecodeStep
+from tritonlm.engine.model.int8 import FUSED_ROWS, Int8Linear, quantize_int8
 from tritonlm.engine.model.transformer import Transformer
 
 
@@ -77,3 +78,29 @@ def test_the_chat_and_server_loader_lays_weights_out_column_major(ckpt, weights)
     mats = [p for p in model.parameters() if p.dim() == 2]
     mats += [m.q for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(mats) >= 5 and all(t.stride() == (1, t.shape[0]) for t in mats)
+
+
+@pytest.mark.parametrize("rows", [1, 3, FUSED_ROWS + 1])
+def test_compiled_int8_product_equals_eager(rows):
+    """Under torch.compile a product of up to FUSED_ROWS rows is a multiply-and-sum over
+    the int8 weights (no float copy of the matrix); wider ones stay a matrix product.
+    Both give the eager layer's output."""
+    torch.manual_seed(rows)
+    layer = Int8Linear(torch.randn(29, 45))
+    x = torch.randn(rows, 45)
+    got = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, layer(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, x @ layer.dequantized().T, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_int8_decode_gives_the_eager_tokens():
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      d_ff=128, max_seq_len=32)  # fmt: skip
+    model = Transformer(cfg, backend="torch").eval()
+    quantize_int8(model)
+    sampling = SamplingConfig(temperature=0, max_new_tokens=10)
+    want = generate(model, None, [5, 9, 200], sampling, stop_token_ids=[])
+    decoder = DecodeStep(model, model.new_cache(1, max_len=16), "compile", "eager")
+    got = generate(model, None, [5, 9, 200], sampling, stop_token_ids=[], decoder=decoder)
+    assert got.token_ids == want.token_ids and got.new_tokens == 10

@@ -2,9 +2,13 @@
 
 Why: a one-row decode step reads every weight once, so its time is memory traffic; int8
 weights are a quarter of float32's. Activations stay in float; a matrix product
-dequantizes (``q.to(x.dtype) * scale`` folded into the output: ``(x @ q^T) * scale``), which
-``torch.compile`` fuses into one pass over the int8 weights. The embedding (tied to the
-output projection), norms and RoPE stay in float. Symmetric rounding to [-127, 127].
+dequantizes (``q.to(x.dtype) * scale`` folded into the output: ``(x @ q^T) * scale``). Under
+``torch.compile`` a product of a few rows is written as a multiply-and-sum instead, which
+inductor turns into one loop over the int8 weights; written as a matrix product, inductor
+first copied every matrix to float32 on every step and then called the float product
+(`small`, 1 thread: 1.6-2.0 ms per step before, 1.1 ms after; benchmarks/RESULTS.md).
+The embedding (tied to the output projection), norms and RoPE stay in float. Symmetric
+rounding to [-127, 127].
 
     >>> quantize_int8(model)   # in place; returns the number of matrices converted
     32
@@ -16,10 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Int8Linear", "quantize_int8"]
+__all__ = ["FUSED_ROWS", "Int8Linear", "quantize_int8"]
 
 # The block matrices (names as in transformer.py); everything else stays float.
 _MATRICES = ("attn.qkv", "attn.proj", "ffn.gate_up", "ffn.down")
+# Compiled products of at most this many rows take the multiply-and-sum form (a decode
+# step's rows); wider ones (a prefill) stay matrix products, which reuse each weight.
+FUSED_ROWS = 4
 
 
 class Int8Linear(nn.Module):
@@ -35,7 +42,10 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        w, scale = self.q.to(x.dtype), self.scale.to(x.dtype)
+        if torch.compiler.is_compiling() and x.dim() == 2 and x.shape[0] <= FUSED_ROWS:
+            return (x[:, None, :] * w).sum(-1) * scale  # [n, out]: fused, never materialized
+        return F.linear(x, w) * scale
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer multiplies by (for tests and error estimates)."""
