@@ -130,3 +130,19 @@ def test_compiled_step_reads_new_weight_values():
         want = eager(tok, torch.tensor([1]), pad, window=2)
     torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
     assert float((after - before).abs().max()) > 1e-2
+
+
+def test_compiled_steps_of_two_models_keep_their_own_graphs():
+    """Without module guards, each compiled step must own its graphs: a second model of
+    another structure (int8 layers) and layout (column-major) decodes as it does eagerly."""
+    from tritonlm.engine.model.inference_weights import prepare_inference_weights
+
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    a = tiny_model(300, backend="torch", n_heads=4, d_ff=64, max_seq_len=CTX, init_std=0.3)
+    b = tiny_model(300, backend="torch", n_heads=4, d_ff=64, max_seq_len=CTX, init_std=0.3)
+    prepare_inference_weights(b, "int8")  # int8 and column-major: another graph entirely
+    for m in (a, b, a):
+        want = generate(m, None, prompt_of(5), cfg, stop_token_ids=[])
+        step = DecodeStep(m, m.new_cache(1, max_len=CTX), "compile", "eager")
+        got = generate(m, None, prompt_of(5), cfg, stop_token_ids=[], decoder=step)
+        assert got.token_ids == want.token_ids

@@ -21,6 +21,8 @@ shape for the whole run). Greedy tokens are the eager path's: masked keys add ex
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from tritonlm.kernels import dispatch
@@ -92,6 +94,12 @@ def decode_logits(
     return F.linear(model.norm(x), model.output_weight)
 
 
+def own_copy(fn):
+    """``fn`` with a code object of its own (same body): torch.compile caches per code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)  # fmt: skip
+
+
 class DecodeStep:
     """The decode step over the first rows of one preallocated ``cache``.
 
@@ -112,8 +120,12 @@ class DecodeStep:
             # of a 1 ms step (`small`, int8). Their tensors are still inputs, read afresh
             # each call, so new weight values count; a step assumes the model's structure
             # (which modules, which shapes) stays as it was at its first call.
+            # Dynamo keeps compiled graphs per code object, so the step compiles its own copy
+            # of the function: without module guards, another model's step (other strides,
+            # int8 layers) must never find this one's graphs.
             guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._compiled = torch.compile(decode_logits, backend=compiler, options=guards)
+            self._compiled = torch.compile(own_copy(decode_logits), backend=compiler,
+                                           options=guards)  # fmt: skip
 
     @property
     def max_rows(self) -> int:
