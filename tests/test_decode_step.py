@@ -146,3 +146,27 @@ def test_compiled_steps_of_two_models_keep_their_own_graphs():
         step = DecodeStep(m, m.new_cache(1, max_len=CTX), "compile", "eager")
         got = generate(m, None, prompt_of(5), cfg, stop_token_ids=[], decoder=step)
         assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_one_query_attention_compiled_and_eager_match_float64(hkv):
+    """Compiled (on the CPU: product-softmax-product, traced) and eager (SDPA) attention of
+    one query over masked keys, grouped-query included, against a float64 reference."""
+    from tritonlm.engine.model.decode_step import one_query_attention
+
+    torch.manual_seed(hkv)
+    B, H, W, Dh = 3, 4, 13, 16
+    q, k, v = torch.randn(B, H, Dh), torch.randn(B, hkv, W, Dh), torch.randn(B, hkv, W, Dh)
+    keep = torch.rand(B, W) < 0.6
+    keep[:, 0] = True  # every row sees at least one key
+    mask = keep[:, None, None]
+    kk = k.double().repeat_interleave(H // hkv, dim=1)  # head h reads key head h // (H/Hkv)
+    vv = v.double().repeat_interleave(H // hkv, dim=1)
+    s = torch.einsum("bhd,bhwd->bhw", q.double(), kk) / Dh**0.5
+    p = s.masked_fill(~keep[:, None], float("-inf")).softmax(-1)
+    want = torch.einsum("bhw,bhwd->bhd", p, vv)
+    compiled = torch.compile(one_query_attention, backend="eager", fullgraph=True)
+    for fn in (one_query_attention, compiled):
+        got = fn(q, k, v, mask)
+        assert got.shape == (B, H, Dh)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

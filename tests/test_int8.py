@@ -104,3 +104,36 @@ def test_compiled_int8_decode_gives_the_eager_tokens():
     decoder = DecodeStep(model, model.new_cache(1, max_len=16), "compile", "eager")
     got = generate(model, None, [5, 9, 200], sampling, stop_token_ids=[], decoder=decoder)
     assert got.token_ids == want.token_ids and got.new_tokens == 10
+
+
+def test_int8_head_projects_onto_the_vocabulary():
+    """quantize_int8(head=True) adds an int8 copy of the (tied) output projection, which
+    model.project and so forward use; the embedding stays float; without it, the float
+    projection."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+                      max_seq_len=32)  # fmt: skip
+    model = Transformer(cfg, backend="torch").eval()
+    idx = torch.tensor([[5, 9, 200, 31]])
+    with torch.no_grad():
+        float_logits = model(idx)
+        assert model.int8_head is None
+        assert quantize_int8(model, head=True) == 4 * cfg.n_layers + 1
+        hidden = model.hidden_states(idx)
+        got = model(idx)
+    assert model.tok_emb.weight.dtype == torch.float32  # the lookup side stays float
+    head = model.int8_head.dequantized()
+    torch.testing.assert_close(got, hidden @ head.T, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(head, model.output_weight)  # really the rounded matrix
+    assert float((got - float_logits).abs().max()) < 0.05 * float(float_logits.abs().max())
+
+
+def test_compiled_int8_loader_gives_an_int8_head(ckpt):
+    """llm-chat/llm-serve --weights int8 --compile: the compiled step projects in int8
+    (row-major, as inductor's fused product wants); eager int8 keeps the float head."""
+    from tritonlm.cli.chat_session import load
+
+    compiled = load(str(ckpt), torch.device("cpu"), "torch", "int8", compiled=True).model
+    eager = load(str(ckpt), torch.device("cpu"), "torch", "int8").model
+    assert eager.int8_head is None
+    assert compiled.int8_head is not None and compiled.int8_head.q.is_contiguous()

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import SettingError
 
@@ -89,7 +88,7 @@ def score_rows(model, rows: Sequence[Row], batch_size: int,
             t = len(ids) - 1  # inputs of this row; position p predicts ids[p + 1]
             if not 1 <= n <= t:
                 raise ValueError(f"cannot score {n} tokens of a row of {len(ids)}")
-            logits = F.linear(hidden[r, t - n : t], model.output_weight).float()
+            logits = model.project(hidden[r, t - n : t]).float()
             targets = torch.tensor(ids[t - n + 1 :], dtype=torch.long, device=device)
             logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])
             out[i] = float(logp.double().sum())

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "MAX_TOP_CHAT",
@@ -73,7 +72,7 @@ def prompt_logprobs(model, ids: list[int], top: int) -> list[TokenLogprob]:
     if len(ids) < 2:
         return entries
     hidden = model.hidden_states(torch.tensor([ids[:-1]], dtype=torch.long, device=device))
-    logits = F.linear(hidden[0], model.output_weight)
+    logits = model.project(hidden[0])
     targets = torch.tensor(ids[1:], dtype=torch.long, device=device)
     return entries + step_logprobs(logits, targets, [top] * len(targets))
 

@@ -30,9 +30,16 @@ from tritonlm.kernels import dispatch
 from .kv_cache import KVCache
 from .transformer import apply_rope
 
-__all__ = ["DECODE_MODES", "DecodeStep", "decode_logits", "next_bucket"]
+__all__ = ["DECODE_MODES", "DecodeStep", "decode_logits", "next_bucket", "one_query_attention"]
 
 DECODE_MODES = ("eager", "compile")
+
+# Inductor keeps a value computed inline in every loop that reads it unless its formula is
+# long (default: more than 30 ops); inside a one-row product's loop over a weight matrix
+# that meant the RMSNorm (and residual adds) recomputed for every output row. At 8 the
+# normed row is stored once and read back: `small` int8 steps took half the time
+# (benchmarks/RESULTS.md, "Decode step").
+INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
 
 
 def next_bucket(n: int, limit: int) -> int:
@@ -44,6 +51,29 @@ def next_bucket(n: int, limit: int) -> int:
     if not 0 < n <= limit:
         raise ValueError(f"need 1..{limit} rows, got {n}")
     return min(limit, 1 << (n - 1).bit_length())
+
+
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query per row and head, q [B, H, Dh], over k/v [B, Hkv, W, Dh] where
+    ``mask`` [B, 1, 1, W] is True; returns [B, H, Dh]. Query head h reads key head h // (H/Hkv).
+
+    Eager (and under CUDA graphs): torch's fused SDPA, one op. Compiled on the CPU: the
+    plain product-softmax-product, which inductor fuses with the rest of the layer into
+    one loop nest; SDPA stays an opaque call there (~30 us a layer for 192 keys of `small`,
+    a sixth of its compiled int8 step; benchmarks/RESULTS.md).
+    """
+    B, H, Dh = q.shape
+    Hkv = k.shape[1]
+    if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
+        y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
+                                           enable_gqa=Hkv != H)  # fmt: skip
+        return y[:, :, 0]
+    q = q.view(B, Hkv, H // Hkv, Dh)  # the query heads of each key head, side by side
+    scores = torch.matmul(q, k.transpose(-1, -2)) * Dh**-0.5  # [B, Hkv, H/Hkv, W]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(B, H, Dh)
 
 
 def decode_logits(
@@ -81,17 +111,11 @@ def decode_logits(
         kc, vc = k_cache[layer], v_cache[layer]
         kc[rows, :, slots] = k.to(kc.dtype)  # the cache write: (b, :, slots[b]) per row
         vc[rows, :, slots] = v.view(B, Hkv, Dh).to(vc.dtype)
-        y = F.scaled_dot_product_attention(
-            q[:, :, None].to(kc.dtype),
-            kc[:, :, :window],
-            vc[:, :, :window],
-            attn_mask=mask,
-            enable_gqa=Hkv != H,
-        )
+        y = one_query_attention(q.to(kc.dtype), kc[:, :, :window], vc[:, :, :window], mask)
         x = x + attn.proj(y.reshape(B, H * Dh).to(x.dtype))
         h = dispatch.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps, backend)
         x = x + block.ffn(h)
-    return F.linear(model.norm(x), model.output_weight)
+    return model.project(model.norm(x))
 
 
 def own_copy(fn):
@@ -123,9 +147,11 @@ class DecodeStep:
             # Dynamo keeps compiled graphs per code object, so the step compiles its own copy
             # of the function: without module guards, another model's step (other strides,
             # int8 layers) must never find this one's graphs.
-            guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            if compiler == "inductor":
+                options.update(INDUCTOR_OPTIONS)
             self._compiled = torch.compile(own_copy(decode_logits), backend=compiler,
-                                           options=guards)  # fmt: skip
+                                           options=options)  # fmt: skip
 
     @property
     def max_rows(self) -> int:

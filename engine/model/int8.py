@@ -52,10 +52,16 @@ class Int8Linear(nn.Module):
         return self.q.float() * self.scale.float()[:, None]
 
 
-def quantize_int8(model: nn.Module) -> int:
+def quantize_int8(model: nn.Module, head: bool = False) -> int:
     """Replace every block's q/k/v, output, gate/up and down matrices by Int8Linear, in
-    place (inference only: the int8 weights have no gradient). Returns how many."""
+    place (inference only: the int8 weights have no gradient). ``head``: also give the
+    model an int8 copy of its output projection (``model.int8_head``, used by
+    ``model.project``; the float matrix stays for the embedding it is tied to). Returns
+    how many matrices were quantized."""
     n = 0
+    if head and model.int8_head is None:
+        model.int8_head = Int8Linear(model.output_weight)
+        n += 1
     for block in model.blocks:
         for path in _MATRICES:
             parent_name, name = path.split(".")

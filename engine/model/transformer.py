@@ -174,6 +174,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.backend = backend
+        self.int8_head = None  # an int8 output projection for inference (int8.quantize_int8)
         self.reset_parameters()
 
     # -- setup ---------------------------------------------------------------------------
@@ -222,6 +223,13 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         """The [V, d] output projection (the embedding matrix when tied)."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] for hidden states [..., d]: the output projection, or its int8
+        copy when ``quantize_int8(..., head=True)`` made one (inference only)."""
+        if self.int8_head is not None:
+            return self.int8_head(hidden)
+        return F.linear(hidden, self.output_weight)
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -307,7 +315,7 @@ class Transformer(nn.Module):
         """Logits [B, T, V] for token ids idx [B, T] (see hidden_states for lengths, pad
         and document_ids)."""
         hidden = self.hidden_states(idx, lengths, pad, document_ids)
-        return F.linear(hidden, self.output_weight)
+        return self.project(hidden)
 
     def loss(
         self,
@@ -409,7 +417,7 @@ class Transformer(nn.Module):
             hidden = hidden[torch.arange(B, device=idx.device), at.to(idx.device)][:, None]
         elif last_only:
             hidden = hidden[:, -1:]
-        logits = F.linear(hidden, self.output_weight)
+        logits = self.project(hidden)
         cache.pos += T
         if cache.lengths is not None:
             cache.lengths += 1
