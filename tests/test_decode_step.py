@@ -96,7 +96,8 @@ def test_compiled_step_traces_whole_and_gives_the_same_tokens(model):
 
 def test_compiled_step_does_not_compile_per_batch_size(model):
     """The server's batch size changes every few steps: torch.compile must not compile a
-    step per size (one static compile, then one with a symbolic batch dimension)."""
+    step per size (one static compile, then one with a symbolic batch dimension for each
+    product form: up to FUSED_ROWS rows fused, more as matrix products)."""
     compiles = []
 
     def counting_backend(graph_module, example_inputs):
@@ -109,7 +110,7 @@ def test_compiled_step_does_not_compile_per_batch_size(model):
             logits = step(torch.ones(n, dtype=torch.long), torch.full((n,), 4),
                           torch.zeros(n, dtype=torch.long), window=5)  # fmt: skip
             assert logits.shape == (n, model.config.vocab_size)
-    assert len(compiles) == 2
+    assert len(compiles) == 3
 
 
 def test_compiled_step_reads_new_weight_values():
@@ -170,3 +171,25 @@ def test_one_query_attention_compiled_and_eager_match_float64(hkv):
         got = fn(q, k, v, mask)
         assert got.shape == (B, H, Dh)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_rows_fuses_only_compiled_few_row_products():
+    """linear_rows: under compile (CPU, <= FUSED_ROWS rows, plain bias-free Linear) the
+    multiply-and-sum, else the layer itself; both equal the layer's output."""
+    from tritonlm.engine.model.row_products import FUSED_ROWS, fuse_rows, linear_rows
+
+    torch.manual_seed(3)
+    layer = torch.nn.Linear(21, 17, bias=False)
+    seen = []
+
+    def probe(x):
+        seen.append(fuse_rows(x))
+        return linear_rows(layer, x)
+
+    compiled = torch.compile(probe, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for rows in (1, FUSED_ROWS, FUSED_ROWS + 3):
+            x = torch.randn(rows, 21)
+            torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(probe(x), layer(x))
+    assert seen == [True, False, True, False, False, False]

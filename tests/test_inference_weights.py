@@ -68,12 +68,15 @@ def test_int8_matrices_are_laid_out_too(tok):
         torch.testing.assert_close(model(idx)[0], plain(idx)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_step_keeps_int8_row_major_and_floats_column_major(tok):
-    model = prepare_inference_weights(tiny_model(tok, SHAPE), "int8", compiled=True)
-    qs = [m.q for m in model.modules() if isinstance(m, Int8Linear)]
-    assert qs and all(q.is_contiguous() for q in qs)  # inductor's int8 product prefers it
-    emb = model.tok_emb.weight
-    assert emb.stride() == (1, emb.shape[0])
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_compiled_step_keeps_every_matrix_row_major(tok, weights):
+    """The compiled step's fused products read one weight row per output (row_products):
+    nothing is re-laid out, int8 or float, and a compiled int8 step has an int8 head."""
+    model = prepare_inference_weights(tiny_model(tok, SHAPE), weights, compiled=True)
+    mats = [p for p in model.parameters() if p.dim() == 2]
+    mats += [m.q for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(mats) >= 5 and all(t.is_contiguous() for t in mats)
+    assert (model.int8_head is not None) == (weights == "int8")
 
 
 def test_unknown_weight_format_is_a_setting_error(tok):

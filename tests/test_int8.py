@@ -11,7 +11,8 @@ from tritonlm.engine.inference.generate import generate
 from tritonlm.engine.inference.sampling import SamplingConfig
 from tritonlm.engine.model.config import ModelConfig
 from tritonlm.engine.model.decode_step import DecodeStep
-from tritonlm.engine.model.int8 import FUSED_ROWS, Int8Linear, quantize_int8
+from tritonlm.engine.model.int8 import Int8Linear, quantize_int8
+from tritonlm.engine.model.row_products import FUSED_ROWS
 from tritonlm.engine.model.transformer import Transformer
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tritonlm.kernels import dispatch
 
 from .kv_cache import KVCache
+from .row_products import linear_rows
 from .transformer import apply_rope
 
 __all__ = ["DECODE_MODES", "DecodeStep", "decode_logits", "next_bucket", "one_query_attention"]
@@ -105,14 +106,14 @@ def decode_logits(
     for layer, block in enumerate(model.blocks):
         attn = block.attn
         h = dispatch.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps, backend)
-        qk, v = attn.qkv(h).split(((H + Hkv) * Dh, Hkv * Dh), dim=-1)
+        qk, v = linear_rows(attn.qkv, h).split(((H + Hkv) * Dh, Hkv * Dh), dim=-1)
         # one RoPE over the query and key heads together: half the small ops of two calls
         q, k = apply_rope(qk.view(B, H + Hkv, Dh), cos, sin).split((H, Hkv), dim=1)
         kc, vc = k_cache[layer], v_cache[layer]
         kc[rows, :, slots] = k.to(kc.dtype)  # the cache write: (b, :, slots[b]) per row
         vc[rows, :, slots] = v.view(B, Hkv, Dh).to(vc.dtype)
         y = one_query_attention(q.to(kc.dtype), kc[:, :, :window], vc[:, :, :window], mask)
-        x = x + attn.proj(y.reshape(B, H * Dh).to(x.dtype))
+        x = x + linear_rows(attn.proj, y.reshape(B, H * Dh).to(x.dtype))
         h = dispatch.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps, backend)
         x = x + block.ffn(h)
     return model.project(model.norm(x))

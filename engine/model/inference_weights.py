@@ -45,16 +45,18 @@ def prepare_inference_weights(
     model: torch.nn.Module, weights: str = "fp32", *, compiled: bool = False
 ) -> torch.nn.Module:
     """``model`` ready to decode: its block matrices in int8 when ``weights`` is "int8",
-    and on the CPU every matrix column-major; except the int8 ones when the decode step is
-    ``compiled``: inductor's int8 product ran 0.56x as fast over column-major int8 as over
-    row-major (`small`, benchmarks/RESULTS.md). A compiled int8 step also projects onto
-    the vocabulary in int8 (in eager steps the int8 product pays a float copy of the matrix,
-    which for the output projection costs more than it saves). Returns the model (changed
-    in place)."""
+    and on the CPU every matrix column-major for the eager step's matrix products. A
+    ``compiled`` step keeps the weights as trained, row-major: its fused multiply-and-sum
+    products (:mod:`.row_products`) read one weight row per output, and ran 1.4-1.6x as
+    fast row-major in float32 as column-major matrix products (`small`, 1 thread;
+    benchmarks/RESULTS.md). A compiled int8 step also projects onto the vocabulary in int8
+    (an eager int8 product pays a float copy of its matrix, which for the output projection
+    costs more than it saves). Returns the model (changed in place)."""
     if weights not in WEIGHT_FORMATS:
         raise SettingError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}",
                            field="weights")  # fmt: skip
     if weights == "int8":
         quantize_int8(model, head=compiled)
-    column_major(model, int8=not compiled)
+    if not compiled:
+        column_major(model)
     return model

@@ -2,13 +2,10 @@
 
 Why: a one-row decode step reads every weight once, so its time is memory traffic; int8
 weights are a quarter of float32's. Activations stay in float; a matrix product
-dequantizes (``q.to(x.dtype) * scale`` folded into the output: ``(x @ q^T) * scale``). Under
-``torch.compile`` a product of a few rows is written as a multiply-and-sum instead, which
-inductor turns into one loop over the int8 weights; written as a matrix product, inductor
-first copied every matrix to float32 on every step and then called the float product
-(`small`, 1 thread: 1.6-2.0 ms per step before, 1.1 ms after; benchmarks/RESULTS.md).
-The embedding (tied to the output projection), norms and RoPE stay in float. Symmetric
-rounding to [-127, 127].
+dequantizes (``q.to(x.dtype) * scale`` folded into the output: ``(x @ q^T) * scale``); a
+compiled decode step's product of a few rows is a multiply-and-sum instead
+(:mod:`.row_products`), one fused pass over the int8 weights. The embedding, norms and
+RoPE stay in float. Symmetric rounding to [-127, 127].
 
     >>> quantize_int8(model)   # in place; returns the number of matrices converted
     32
@@ -20,13 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FUSED_ROWS", "Int8Linear", "quantize_int8"]
+from .row_products import fuse_rows, rows_product
+
+__all__ = ["Int8Linear", "quantize_int8"]
 
 # The block matrices (names as in transformer.py); everything else stays float.
 _MATRICES = ("attn.qkv", "attn.proj", "ffn.gate_up", "ffn.down")
-# Compiled products of at most this many rows take the multiply-and-sum form (a decode
-# step's rows); wider ones (a prefill) stay matrix products, which reuse each weight.
-FUSED_ROWS = 4
 
 
 class Int8Linear(nn.Module):
@@ -43,8 +39,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.q.to(x.dtype), self.scale.to(x.dtype)
-        if torch.compiler.is_compiling() and x.dim() == 2 and x.shape[0] <= FUSED_ROWS:
-            return (x[:, None, :] * w).sum(-1) * scale  # [n, out]: fused, never materialized
+        if fuse_rows(x):  # compiled decode: w is converted in registers, never stored
+            return rows_product(x, w) * scale
         return F.linear(x, w) * scale
 
     def dequantized(self) -> torch.Tensor:

@@ -40,6 +40,7 @@ from tritonlm.kernels.attention import document_bounds
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache
 from .memory import cache_bytes, too_big
+from .row_products import fuse_rows, linear_rows, rows_product
 
 IGNORE_INDEX = -100
 
@@ -126,8 +127,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate, up = linear_rows(self.gate_up, x).chunk(2, dim=-1)
+        return linear_rows(self.down, F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -229,6 +230,8 @@ class Transformer(nn.Module):
         copy when ``quantize_int8(..., head=True)`` made one (inference only)."""
         if self.int8_head is not None:
             return self.int8_head(hidden)
+        if fuse_rows(hidden):  # a compiled decode step (see row_products)
+            return rows_product(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
 
     # -- accounting ----------------------------------------------------------------------
