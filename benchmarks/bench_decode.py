@@ -63,7 +63,7 @@ def build(preset, vocab, weights, layout="row"):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset, vocab_size=vocab), backend="torch").eval()
     if weights == "int8":
-        quantize_int8(model)
+        quantize_int8(model, head=True)  # as the inference commands load int8
     if layout == "col":
         column_major(model)
     return model

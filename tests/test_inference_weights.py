@@ -61,7 +61,7 @@ def test_int8_matrices_are_laid_out_too(tok):
         if isinstance(mod, Int8Linear):
             mod.q = mod.q.contiguous()
     qs = [m.q for m in model.modules() if isinstance(m, Int8Linear)]
-    assert len(qs) == 4 * SHAPE["n_layers"]
+    assert len(qs) == 4 * SHAPE["n_layers"] + 1  # the blocks and the output projection
     assert all(q.stride() == (1, q.shape[0]) for q in qs)
     idx = torch.randint(0, tok.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -129,12 +129,14 @@ def test_int8_head_projects_onto_the_vocabulary():
     assert float((got - float_logits).abs().max()) < 0.05 * float(float_logits.abs().max())
 
 
-def test_compiled_int8_loader_gives_an_int8_head(ckpt):
-    """llm-chat/llm-serve --weights int8 --compile: the compiled step projects in int8
-    (row-major, as inductor's fused product wants); eager int8 keeps the float head."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int8_loader_gives_an_int8_head(ckpt, compiled):
+    """llm-chat/llm-serve/llm-eval --weights int8 project onto the vocabulary in int8 too,
+    compiled or not (one set of weights scored and decoded); row-major for the compiled
+    step's fused product, column-major for the eager one's matrix product."""
     from tritonlm.cli.chat_session import load
 
-    compiled = load(str(ckpt), torch.device("cpu"), "torch", "int8", compiled=True).model
-    eager = load(str(ckpt), torch.device("cpu"), "torch", "int8").model
-    assert eager.int8_head is None
-    assert compiled.int8_head is not None and compiled.int8_head.q.is_contiguous()
+    model = load(str(ckpt), torch.device("cpu"), "torch", "int8", compiled=compiled).model
+    q = model.int8_head.q
+    assert q.is_contiguous() == compiled and q.shape == model.output_weight.shape
+    assert load(str(ckpt), torch.device("cpu"), "torch", "fp32").model.int8_head is None
