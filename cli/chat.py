@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(g2)
     add_threads_flag(g2)
     g2.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
-                    help="int8: weight-only int8 block matrices (smaller; see README)")  # fmt: skip
+                    help="int8: weight-only int8 matrices and output projection (smaller; "
+                         "fastest with --compile; see README)")  # fmt: skip
     g2.add_argument(
         "--compile",
         action="store_true",

@@ -105,7 +105,7 @@ def build_parser() -> Parser:
     add_device_flags(r)
     add_threads_flag(r)
     r.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
-                   help="int8: weight-only int8 block matrices (as llm-chat)")  # fmt: skip
+                   help="int8: weight-only int8 matrices and head (as llm-chat)")  # fmt: skip
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--report", metavar="DIR", help="append the results to DIR/report.md")
     r.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip

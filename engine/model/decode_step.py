@@ -35,11 +35,11 @@ __all__ = ["DECODE_MODES", "DecodeStep", "decode_logits", "next_bucket", "one_qu
 
 DECODE_MODES = ("eager", "compile")
 
-# Inductor keeps a value computed inline in every loop that reads it unless its formula is
-# long (default: more than 30 ops); inside a one-row product's loop over a weight matrix
-# that meant the RMSNorm (and residual adds) recomputed for every output row. At 8 the
-# normed row is stored once and read back: `small` int8 steps took half the time
-# (benchmarks/RESULTS.md, "Decode step").
+# For a compiled step on the CPU. Inductor recomputes a value inline in every loop that
+# reads it unless its formula is long (default: more than 30 ops); inside a one-row
+# product's loop over a weight matrix, that meant the RMSNorm (and residual adds) redone
+# for every output row. At 8 the normed row is stored once and read back: `small` int8
+# steps took half the time (benchmarks/RESULTS.md, "Decode step").
 INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
 
 
@@ -129,10 +129,11 @@ class DecodeStep:
     """The decode step over the first rows of one preallocated ``cache``.
 
     ``mode``: "eager" (the smallest key window, run as plain PyTorch) or "compile"
-    (``torch.compile`` of the whole step over the whole cache: a fixed key window, fused
-    elementwise ops; the first call compiles for its batch size, and a second batch size
-    recompiles once with the batch dimension symbolic, torch's automatic dynamic shapes, so
-    a server whose batch varies does not compile per size).
+    (``torch.compile`` of the whole step over the whole cache: a fixed key window; on the
+    CPU its products, attention and elementwise ops fuse into a few loop nests, see
+    :mod:`.row_products`; the first call compiles for its batch size, and other sizes
+    recompile once with the batch dimension symbolic, torch's automatic dynamic shapes, on
+    each side of ``FUSED_ROWS``, so a server whose batch varies does not compile per size).
     """
 
     def __init__(self, model, cache: KVCache, mode: str = "eager", compiler: str = "inductor"):
@@ -149,8 +150,8 @@ class DecodeStep:
             # of the function: without module guards, another model's step (other strides,
             # int8 layers) must never find this one's graphs.
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            if compiler == "inductor":
-                options.update(INDUCTOR_OPTIONS)
+            if compiler == "inductor" and cache.k[0].device.type == "cpu":
+                options.update(INDUCTOR_OPTIONS)  # measured on the CPU only
             self._compiled = torch.compile(own_copy(decode_logits), backend=compiler,
                                            options=options)  # fmt: skip
 

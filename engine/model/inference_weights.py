@@ -44,13 +44,14 @@ def column_major(model: torch.nn.Module, int8: bool = True) -> int:
 def prepare_inference_weights(
     model: torch.nn.Module, weights: str = "fp32", *, compiled: bool = False
 ) -> torch.nn.Module:
-    """``model`` ready to decode: its block matrices in int8 when ``weights`` is "int8",
+    """``model`` ready to decode: its matrices in int8 when ``weights`` is "int8",
     and on the CPU every matrix column-major for the eager step's matrix products. A
     ``compiled`` step keeps the weights as trained, row-major: its fused multiply-and-sum
     products (:mod:`.row_products`) read one weight row per output (the fused float32 step
     of `small` made 519-704 tokens/s against 290-377 for the column-major matrix products
-    before; 1 thread, benchmarks/RESULTS.md). int8 covers the output projection too (``model.int8_head``; the
-    embedding lookup stays float), so every front end scores and decodes the same weights.
+    before; 1 thread, benchmarks/RESULTS.md). int8 covers the output projection too
+    (``model.int8_head``; the embedding lookup stays float), so every front end scores and
+    decodes the same weights.
     Returns the model (changed in place)."""
     if weights not in WEIGHT_FORMATS:
         raise SettingError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}",

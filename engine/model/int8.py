@@ -21,7 +21,8 @@ from .row_products import fuse_rows, rows_product
 
 __all__ = ["Int8Linear", "quantize_int8"]
 
-# The block matrices (names as in transformer.py); everything else stays float.
+# The block matrices (names as in transformer.py); the output projection is quantize_int8's
+# ``head``; everything else stays float.
 _MATRICES = ("attn.qkv", "attn.proj", "ffn.gate_up", "ffn.down")
 
 
