@@ -62,8 +62,9 @@ def one_query_attention(
 
     Eager (and under CUDA graphs): torch's fused SDPA, one op. Compiled on the CPU: the
     plain product-softmax-product, which inductor fuses with the rest of the layer into
-    one loop nest; SDPA stays an opaque call there (~30 us a layer for 192 keys of `small`,
-    a sixth of its compiled int8 step; benchmarks/RESULTS.md).
+    one loop nest, where SDPA stays an opaque call (24-32 us a layer for 192 keys of
+    `small`). Best compiled `small` step, fused vs SDPA: 0.461 vs 0.454 ms in int8, 1.06
+    vs 1.21 ms in float32 (benchmarks/RESULTS.md, "Decode step").
     """
     B, H, Dh = q.shape
     Hkv = k.shape[1]
