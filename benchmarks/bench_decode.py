@@ -10,8 +10,9 @@ after a warm-up, the contenders interleaved (noise on a shared machine only adds
             spins on a core (``python -c "while True: pass"``)
   step      1 thread: the eager step, the compiled step (``torch.compile`` of the whole
             step, compiled once before timing), each with float32 and int8 weights, each
-            with the weights as trained (row-major, "row") and as the inference commands
-            load them on the CPU (column-major, "col": engine.model.inference_weights)
+            with the weights as trained (row-major, "row", as the commands load them for
+            a compiled step) and column-major ("col", as they load them for an eager
+            step: engine.model.inference_weights); int8 includes the output projection
   stream    1 thread: every weight matrix of the preset multiplied by one row in turn
             (what a decode step reads), F.linear with row- vs column-major storage, in
             GB/s of weights read

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tritonlm.kernels import dispatch
 
 from .kv_cache import KVCache
-from .row_products import linear_rows
+from .row_products import compiling_on_cpu, linear_rows
 from .transformer import apply_rope
 
 __all__ = ["DECODE_MODES", "DecodeStep", "decode_logits", "next_bucket", "one_query_attention"]
@@ -68,7 +68,7 @@ def one_query_attention(
     """
     B, H, Dh = q.shape
     Hkv = k.shape[1]
-    if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
+    if not compiling_on_cpu(q):
         y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
                                            enable_gqa=Hkv != H)  # fmt: skip
         return y[:, :, 0]

@@ -1,4 +1,5 @@
-"""Weights prepared for inference: optional int8, and a column-major layout on the CPU.
+"""Weights prepared for inference: optional int8, and a column-major layout on the CPU
+for eager decode steps (a compiled step keeps row-major weights for its fused products).
 
 Why the layout: a decode step multiplies one row by every weight matrix, so its time is
 the weights streamed from memory. torch's CPU kernel for ``x @ W^T`` reads a row-major
@@ -25,9 +26,9 @@ __all__ = ["WEIGHT_FORMATS", "column_major", "prepare_inference_weights"]
 WEIGHT_FORMATS = ("fp32", "int8")  # --weights of the inference commands
 
 
-def column_major(model: torch.nn.Module, int8: bool = True) -> int:
-    """In place: every 2-D weight of ``model`` that lives on the CPU stored column-major
-    (the int8 matrices too, unless ``int8`` is False). Returns how many tensors changed."""
+def column_major(model: torch.nn.Module) -> int:
+    """In place: every 2-D weight of ``model`` that lives on the CPU stored column-major,
+    the int8 matrices too. Returns how many tensors changed."""
     done: set[int] = set()
     with torch.no_grad():
         for mod in model.modules():
@@ -35,7 +36,7 @@ def column_major(model: torch.nn.Module, int8: bool = True) -> int:
                 if p.dim() == 2 and p.device.type == "cpu" and id(p) not in done:
                     done.add(id(p))  # a tied weight is one Parameter: re-laid out once
                     p.data = p.data.t().contiguous().t()  # [out, in], strides (1, out)
-            if int8 and isinstance(mod, Int8Linear) and mod.q.device.type == "cpu":
+            if isinstance(mod, Int8Linear) and mod.q.device.type == "cpu":
                 done.add(id(mod))
                 mod.q = mod.q.t().contiguous().t()  # q.to(float) keeps these strides
     return len(done)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FUSED_ROWS", "fuse_rows", "linear_rows", "rows_product"]
+__all__ = ["FUSED_ROWS", "compiling_on_cpu", "fuse_rows", "linear_rows", "rows_product"]
 
 # Products of at most this many rows take the multiply-and-sum form (a decode step's rows
 # up to a small batch); each extra row reads the matrix once more, where a matrix product
@@ -25,14 +25,14 @@ __all__ = ["FUSED_ROWS", "fuse_rows", "linear_rows", "rows_product"]
 FUSED_ROWS = 4
 
 
+def compiling_on_cpu(x: torch.Tensor) -> bool:
+    """True while torch.compile traces code on CPU tensors (inductor's C++ loops)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 def fuse_rows(x: torch.Tensor) -> bool:
     """True while torch.compile traces a product of x [n, in], n <= FUSED_ROWS, on the CPU."""
-    return (
-        torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and x.dim() == 2
-        and x.shape[0] <= FUSED_ROWS
-    )
+    return compiling_on_cpu(x) and x.dim() == 2 and x.shape[0] <= FUSED_ROWS
 
 
 def rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
